@@ -1,0 +1,538 @@
+//! Interface configuration: one TOML file per interface.
+//!
+//! Parsing happens in two steps: serde reads the raw shape (rejecting unknown
+//! fields), then `validate` turns strings into typed values and checks what
+//! only makes sense across fields. Every error names the file and the field.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv6Net};
+use serde::Deserialize;
+
+use crate::identity::{PrivateKey, PublicKey};
+
+pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// 1500 minus the outer IPv6 (40) + UDP (8) + WireGuard data (32) headers.
+pub const DEFAULT_MTU: u16 = 1420;
+/// IPv6 requires every link to carry 1280-byte packets.
+pub const MIN_MTU: u16 = 1280;
+const MAX_INTERFACE_NAME: usize = 15;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// Dotted path of the offending field, e.g. `peer[1] "site-b".endpoint`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: RawInterface,
+    #[serde(default, rename = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    private_key: Option<String>,
+    private_key_file: Option<PathBuf>,
+    name: Option<String>,
+    listen_port: Option<u16>,
+    mtu: Option<u16>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    control_socket: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: Option<String>,
+    public_key: String,
+    endpoint: Option<String>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
+    persistent_keepalive: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub interface: InterfaceConfig,
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InterfaceConfig {
+    pub private_key: PrivateKey,
+    pub name: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    /// Extra addresses on the TUN besides the mesh address (site-to-site).
+    pub addresses: Vec<IpNet>,
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    /// Subnets routed through this peer, besides its mesh /128.
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl PeerConfig {
+    pub fn mesh_net(&self) -> IpNet {
+        IpNet::V6(Ipv6Net::new(self.public_key.mesh_address(), 128).expect("128 is a valid prefix"))
+    }
+
+    /// Everything this peer may use as a source address: its mesh /128 and
+    /// its configured subnets.
+    pub fn all_allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
+        std::iter::once(self.mesh_net()).chain(self.allowed_ips.iter().copied())
+    }
+}
+
+pub fn default_control_socket(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/run/veilmesh/{interface}.sock"))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            field: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// `file` names the source in errors; relative key file paths are taken
+    /// relative to its directory.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            field: String::new(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        Validator { file }.validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: self.file.to_owned(), field: field.into(), message: message.into() }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let interface = self.interface(raw.interface)?;
+        let own_key = interface.private_key.public_key();
+        let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peers.len());
+        for (index, raw_peer) in raw.peers.into_iter().enumerate() {
+            let peer = self.peer(index, raw_peer)?;
+            let label = peer_label(index, &peer.name);
+            if peer.public_key == own_key {
+                return Err(self.err(
+                    format!("{label}.public_key"),
+                    "is this node's own public key; a node cannot be its own peer",
+                ));
+            }
+            for (other_index, other) in peers.iter().enumerate() {
+                let other_label = peer_label(other_index, &other.name);
+                if other.public_key == peer.public_key {
+                    return Err(self.err(
+                        format!("{label}.public_key"),
+                        format!("duplicate: the same key is already used by {other_label}"),
+                    ));
+                }
+                if other.name == peer.name {
+                    return Err(self.err(
+                        format!("{label}.name"),
+                        format!("duplicate: {other_label} has the same name"),
+                    ));
+                }
+                if let Some((mine, theirs)) = first_overlap(&peer, other) {
+                    return Err(self.err(
+                        format!("{label}.allowed_ips"),
+                        format!(
+                            "{mine} overlaps {theirs} of {other_label}; \
+                             every address must route to exactly one peer"
+                        ),
+                    ));
+                }
+            }
+            peers.push(peer);
+        }
+        Ok(Config { file: self.file.to_owned(), interface, peers })
+    }
+
+    fn interface(&self, raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
+        let private_key = match (raw.private_key, raw.private_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "interface",
+                    "set either private_key or private_key_file, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err("interface", "missing private_key_file (or private_key)"))
+            }
+            (Some(text), None) => PrivateKey::parse(&text)
+                .map_err(|e| self.err("interface.private_key", e.to_string()))?,
+            (None, Some(path)) => {
+                let path = self.relative_to_config(&path);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    self.err(
+                        "interface.private_key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                PrivateKey::parse(&text).map_err(|e| {
+                    self.err("interface.private_key_file", format!("{}: {e}", path.display()))
+                })?
+            }
+        };
+        let name = raw.name.unwrap_or_else(|| DEFAULT_INTERFACE_NAME.to_owned());
+        if name.is_empty()
+            || name.len() > MAX_INTERFACE_NAME
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.err(
+                "interface.name",
+                format!(
+                    "`{name}` is not a valid interface name \
+                     (1-{MAX_INTERFACE_NAME} characters of a-z, A-Z, 0-9, -, _, .)"
+                ),
+            ));
+        }
+        let mtu = raw.mtu.unwrap_or(DEFAULT_MTU);
+        if mtu < MIN_MTU {
+            return Err(self.err(
+                "interface.mtu",
+                format!("{mtu} is below {MIN_MTU}, the minimum IPv6 requires"),
+            ));
+        }
+        let addresses = raw
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                text.parse::<IpNet>().map_err(|_| {
+                    self.err(
+                        format!("interface.addresses[{i}]"),
+                        format!("`{text}` is not an address with prefix length, like 10.10.1.1/24"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let control_socket = raw
+            .control_socket
+            .map(|p| self.relative_to_config(&p))
+            .unwrap_or_else(|| default_control_socket(&name));
+        Ok(InterfaceConfig {
+            private_key,
+            name,
+            listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
+            mtu,
+            addresses,
+            control_socket,
+        })
+    }
+
+    fn peer(&self, index: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
+        let provisional = peer_label(index, raw.name.as_deref().unwrap_or(""));
+        let public_key = PublicKey::parse(&raw.public_key)
+            .map_err(|e| self.err(format!("{provisional}.public_key"), e.to_string()))?;
+        // An unnamed peer is called by the start of its key, as `wg show` does.
+        let name = raw.name.unwrap_or_else(|| public_key.to_base64()[..8].to_owned());
+        let label = peer_label(index, &name);
+        let endpoint = raw
+            .endpoint
+            .map(|text| parse_endpoint(&text).map_err(|m| self.err(format!("{label}.endpoint"), m)))
+            .transpose()?;
+        let allowed_ips = raw
+            .allowed_ips
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse_net(text).map_err(|m| self.err(format!("{label}.allowed_ips[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(PeerConfig {
+            name,
+            public_key,
+            endpoint,
+            allowed_ips,
+            persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
+        })
+    }
+
+    fn relative_to_config(&self, path: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+}
+
+fn peer_label(index: usize, name: &str) -> String {
+    if name.is_empty() {
+        format!("peer[{index}]")
+    } else {
+        format!("peer[{index}] \"{name}\"")
+    }
+}
+
+fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"));
+    }
+    let mut resolved = (host, port.parse::<u16>().unwrap_or(0))
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?;
+    resolved.next().ok_or_else(|| format!("`{host}` resolves to no address"))
+}
+
+/// Accepts `10.0.0.0/8`, a bare address (taken as /32 or /128), and nets with
+/// host bits set (masked, as WireGuard does).
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{text}` is not an IP network like 192.168.50.0/24"))
+}
+
+fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn first_overlap(a: &PeerConfig, b: &PeerConfig) -> Option<(IpNet, IpNet)> {
+    a.all_allowed_ips()
+        .flat_map(|x| b.all_allowed_ips().map(move |y| (x, y)))
+        .find(|(x, y)| nets_overlap(x, y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=";
+    const PUB_B: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    const PUB_C: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/veilmesh/test.toml"))
+    }
+
+    fn with_peers(peers: &str) -> String {
+        format!("[interface]\nprivate_key = \"{KEY_A}\"\n{peers}")
+    }
+
+    fn expect_error(text: &str, field: &str, needle: &str) {
+        let err = parse(text).expect_err("config must be rejected");
+        assert_eq!(err.file, Path::new("/etc/veilmesh/test.toml"));
+        assert_eq!(err.field, field, "wrong field in: {err}");
+        assert!(err.message.contains(needle), "`{needle}` not in: {err}");
+        assert!(err.to_string().starts_with("/etc/veilmesh/test.toml: "), "{err}");
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let cfg = parse(&with_peers(&format!(
+            "[[peer]]\nname = \"site-b\"\npublic_key = \"{PUB_B}\"\nendpoint = \"198.51.100.7:51820\"\n\
+             allowed_ips = [\"192.168.50.0/24\"]\npersistent_keepalive = 25\n"
+        )))
+        .unwrap();
+        assert_eq!(cfg.interface.name, "veil0");
+        assert_eq!(cfg.interface.listen_port, 51820);
+        assert_eq!(cfg.interface.mtu, 1420);
+        assert_eq!(cfg.interface.control_socket, Path::new("/run/veilmesh/veil0.sock"));
+        let p = &cfg.peers[0];
+        assert_eq!(p.endpoint, Some("198.51.100.7:51820".parse().unwrap()));
+        assert_eq!(p.persistent_keepalive, Some(25));
+        let all: Vec<IpNet> = p.all_allowed_ips().collect();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].prefix_len(), 128);
+    }
+
+    #[test]
+    fn bad_base64_is_named() {
+        expect_error(
+            &with_peers("[[peer]]\nname = \"b\"\npublic_key = \"***\"\n"),
+            "peer[0] \"b\".public_key",
+            "not valid base64",
+        );
+    }
+
+    #[test]
+    fn wrong_key_length_is_named() {
+        expect_error(
+            &with_peers("[[peer]]\npublic_key = \"AAAA\"\n"),
+            "peer[0].public_key",
+            "decodes to 3 bytes, a key is 32",
+        );
+        expect_error("[interface]\nprivate_key = \"AAAA\"\n", "interface.private_key", "3 bytes");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse(&with_peers("[[peer]]\npublic_key = \"x\"\nendpiont = \"1.2.3.4:5\"\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `endpiont`"), "{err}");
+        let err = parse("[interface]\nprivate_key = \"x\"\nlisten = 1\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `listen`"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_peer_key_is_named() {
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n[[peer]]\nname = \"c\"\npublic_key = \"{PUB_B}\"\n"
+            )),
+            "peer[1] \"c\".public_key",
+            "already used by peer[0] \"b\"",
+        );
+    }
+
+    #[test]
+    fn own_key_as_peer_is_rejected() {
+        let own = PrivateKey::parse(KEY_A).unwrap().public_key();
+        expect_error(
+            &with_peers(&format!("[[peer]]\nname = \"me\"\npublic_key = \"{own}\"\n")),
+            "peer[0] \"me\".public_key",
+            "own public key",
+        );
+    }
+
+    #[test]
+    fn overlapping_allowed_ips_are_rejected() {
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nallowed_ips = [\"192.168.0.0/16\"]\n\
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"192.168.50.0/24\"]\n"
+            )),
+            "peer[1] \"c\".allowed_ips",
+            "192.168.50.0/24 overlaps 192.168.0.0/16 of peer[0] \"b\"",
+        );
+        // Claiming the whole mesh prefix swallows the other peer's address.
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n\
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"fd60:db4d:ddb5::/48\"]\n"
+            )),
+            "peer[1] \"c\".allowed_ips",
+            "overlaps",
+        );
+    }
+
+    #[test]
+    fn bad_endpoint_is_named() {
+        for bad in ["198.51.100.7", "198.51.100.7:99999", ":51820", "[::1]:x"] {
+            expect_error(
+                &with_peers(&format!("[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nendpoint = \"{bad}\"\n")),
+                "peer[0] \"b\".endpoint",
+                bad,
+            );
+        }
+        let cfg = parse(&with_peers(&format!(
+            "[[peer]]\npublic_key = \"{PUB_B}\"\nendpoint = \"[2001:db8::7]:51820\"\n"
+        )))
+        .unwrap();
+        assert_eq!(cfg.peers[0].endpoint, Some("[2001:db8::7]:51820".parse().unwrap()));
+    }
+
+    #[test]
+    fn unreadable_key_file_is_named() {
+        expect_error(
+            "[interface]\nprivate_key_file = \"/nonexistent/veil0.key\"\n",
+            "interface.private_key_file",
+            "cannot read /nonexistent/veil0.key",
+        );
+    }
+
+    #[test]
+    fn key_file_is_read_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("node.key"), format!("{KEY_A}\n")).unwrap();
+        let cfg = Config::parse(
+            "[interface]\nprivate_key_file = \"node.key\"\n",
+            &dir.path().join("veil0.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.interface.private_key.to_base64(), KEY_A);
+    }
+
+    #[test]
+    fn interface_mistakes_are_named() {
+        expect_error("[interface]\n", "interface", "missing private_key_file");
+        expect_error(
+            &format!("[interface]\nprivate_key = \"{KEY_A}\"\nprivate_key_file = \"k\"\n"),
+            "interface",
+            "not both",
+        );
+        expect_error(
+            &format!("[interface]\nprivate_key = \"{KEY_A}\"\nname = \"a-very-long-interface\"\n"),
+            "interface.name",
+            "not a valid interface name",
+        );
+        expect_error(
+            &format!("[interface]\nprivate_key = \"{KEY_A}\"\nmtu = 576\n"),
+            "interface.mtu",
+            "below 1280",
+        );
+        expect_error(
+            &format!("[interface]\nprivate_key = \"{KEY_A}\"\naddresses = [\"10.10.1.1\"]\n"),
+            "interface.addresses[0]",
+            "prefix length",
+        );
+    }
+
+    #[test]
+    fn allowed_ips_are_normalised() {
+        let cfg = parse(&with_peers(&format!(
+            "[[peer]]\npublic_key = \"{PUB_B}\"\nallowed_ips = [\"192.168.50.7/24\", \"10.0.0.1\"]\n"
+        )))
+        .unwrap();
+        assert_eq!(
+            cfg.peers[0].allowed_ips,
+            vec!["192.168.50.0/24".parse::<IpNet>().unwrap(), "10.0.0.1/32".parse().unwrap()]
+        );
+        assert_eq!(cfg.peers[0].name, &PUB_B[..8]);
+    }
+
+    #[test]
+    fn garbage_toml_is_an_error_not_a_panic() {
+        for text in ["", "[[[", "interface = 3", "\u{0}\u{1}", "[interface]\nmtu = \"big\""] {
+            assert!(parse(text).is_err(), "{text:?}");
+        }
+    }
+}

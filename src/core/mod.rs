@@ -1,0 +1,543 @@
+//! The sans-IO core: peers, their Noise sessions, cryptokey routing and
+//! timers. It never touches a socket or a clock; the event loop hands it
+//! packets and `now`, and sends what it returns.
+//!
+//! boringtun keeps its own monotonic clock for handshake and rekey timers;
+//! everything veilmesh decides itself (timer ticks, roaming, statistics)
+//! runs on the `now` passed in.
+
+pub mod packet;
+pub mod routing;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use ipnet::IpNet;
+use serde::Serialize;
+use veilmesh_transport::{DatagramLimits, PeerAddr};
+
+use crate::config::PeerConfig;
+use crate::identity::{PrivateKey, PublicKey};
+use packet::{IpInfo, Unreachable};
+use routing::RoutingTable;
+
+/// WireGuard data message overhead: 16-byte header + 16-byte tag.
+pub const NOISE_OVERHEAD: usize = 32;
+/// How often boringtun's timers are driven (as its own device does).
+const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake initiations accepted per second before cookies are demanded.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Peer ids live in the top 24 bits of boringtun's session indices.
+const MAX_PEERS: usize = 1 << 24;
+
+pub type PeerId = usize;
+
+/// Counters kept per peer; all monotonic.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerCounters {
+    /// Decrypted packets whose source is not among the peer's allowed IPs.
+    pub spoofed_source: u64,
+    /// Packets for this peer while no path to it is known.
+    pub no_route: u64,
+    /// Packets larger than the path in use carries.
+    pub oversize: u64,
+    /// Datagrams from this peer that failed to authenticate or parse.
+    pub bad_packet: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// Counters for what cannot be pinned on a configured peer.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Handshakes from keys not in the config.
+    pub unknown_peer_handshakes: u64,
+    /// Datagrams that are not WireGuard messages, or name no session of ours.
+    pub bad_packet: u64,
+    /// TUN packets to an address no peer owns.
+    pub no_route: u64,
+    /// Unparseable packets read from the TUN.
+    pub bad_tun_packet: u64,
+    /// Multicast/broadcast from the kernel (router solicitations, MLD, ...).
+    pub multicast_ignored: u64,
+    /// Cookie replies sent because handshakes arrived too fast.
+    pub cookies_sent: u64,
+    /// Datagrams the transport refused (queue full, socket error).
+    pub send_errors: u64,
+}
+
+/// Why a packet went nowhere; each is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    BadPacket,
+    Multicast,
+    NoRoute,
+    Oversize,
+    Spoofed,
+    UnknownPeer,
+    Queued,
+}
+
+/// What to do with a packet read from the TUN.
+#[derive(Debug)]
+pub enum FromTun<'a> {
+    /// Send this datagram on the path to the peer.
+    Send { to: PeerAddr, datagram: &'a [u8] },
+    /// Write this (ICMP) packet back to the TUN.
+    Reply(&'a [u8]),
+    /// Nothing to do now; `Queued` means held until the handshake completes.
+    Done(DropReason),
+}
+
+/// What to do with a datagram from a transport.
+#[derive(Debug)]
+pub enum FromNetwork<'a> {
+    /// Write this decrypted IP packet to the TUN.
+    ToTun(&'a [u8]),
+    /// Nothing for the TUN (handshake, keepalive, or a counted drop); check
+    /// `poll_transmit` for replies.
+    Consumed,
+    Dropped(DropReason),
+}
+
+/// A datagram the core wants sent, outside the per-packet fast path
+/// (handshakes, keepalives, cookies, packets flushed after a handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: PeerAddr,
+    pub payload: Vec<u8>,
+}
+
+struct Peer {
+    config: PeerConfig,
+    tunn: Tunn,
+    /// Where replies go: the configured endpoint until the peer is heard
+    /// from somewhere else (roaming).
+    path: Option<PeerAddr>,
+    counters: PeerCounters,
+}
+
+pub struct Node {
+    private: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    mesh_address: Ipv6Addr,
+    local_v4: Option<Ipv4Addr>,
+    peers: Vec<Peer>,
+    by_key: HashMap<[u8; 32], PeerId>,
+    routes: RoutingTable<PeerId>,
+    rate_limiter: Arc<RateLimiter>,
+    counters: NodeCounters,
+    transmits: VecDeque<Transmit>,
+    next_tick: Instant,
+    next_rate_limit_reset: Instant,
+    scratch: Vec<u8>,
+}
+
+/// Room for the largest datagram any transport carries plus Noise overhead.
+pub const BUFFER_SIZE: usize = 65_536 + NOISE_OVERHEAD + 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("too many peers: {0} (at most {MAX_PEERS})")]
+    TooManyPeers(usize),
+}
+
+impl Node {
+    /// `addresses` are the TUN's extra addresses; the first IPv4 one is the
+    /// source of ICMPv4 errors.
+    pub fn new(
+        private_key: &PrivateKey,
+        addresses: &[IpNet],
+        peers: Vec<PeerConfig>,
+        now: Instant,
+    ) -> Result<Node, NodeError> {
+        if peers.len() >= MAX_PEERS {
+            return Err(NodeError::TooManyPeers(peers.len()));
+        }
+        let private = private_key.to_x25519();
+        let public = x25519::PublicKey::from(&private);
+        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let mut node = Node {
+            mesh_address: PublicKey(public.to_bytes()).mesh_address(),
+            local_v4: addresses.iter().find_map(|n| match n.addr() {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            }),
+            private,
+            public,
+            peers: Vec::with_capacity(peers.len()),
+            by_key: HashMap::new(),
+            routes: RoutingTable::default(),
+            rate_limiter,
+            counters: NodeCounters::default(),
+            transmits: VecDeque::new(),
+            next_tick: now,
+            next_rate_limit_reset: now + Duration::from_secs(1),
+            scratch: vec![0u8; BUFFER_SIZE],
+        };
+        for config in peers {
+            node.add_peer(config);
+        }
+        Ok(node)
+    }
+
+    fn add_peer(&mut self, config: PeerConfig) {
+        let id = self.peers.len();
+        let tunn = Tunn::new(
+            self.private.clone(),
+            config.public_key.to_x25519(),
+            None,
+            config.persistent_keepalive,
+            id as u32,
+            Some(self.rate_limiter.clone()),
+        );
+        for net in config.all_allowed_ips() {
+            self.routes.insert(net, id);
+        }
+        self.by_key.insert(config.public_key.0, id);
+        self.peers.push(Peer {
+            path: config.endpoint.map(PeerAddr::Udp),
+            tunn,
+            config,
+            counters: PeerCounters::default(),
+        });
+    }
+
+    pub fn mesh_address(&self) -> Ipv6Addr {
+        self.mesh_address
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    pub fn counters(&self) -> &NodeCounters {
+        &self.counters
+    }
+
+    pub fn record_send_error(&mut self) {
+        self.counters.send_errors += 1;
+    }
+
+    /// Handles one IP packet read from the TUN. `limits` tells how large a
+    /// datagram the path carries; `out` must hold `BUFFER_SIZE` bytes.
+    pub fn handle_tun_packet<'a>(
+        &mut self,
+        packet: &[u8],
+        limits: impl Fn(&PeerAddr) -> DatagramLimits,
+        out: &'a mut [u8],
+    ) -> FromTun<'a> {
+        let info = match packet::parse(packet) {
+            Ok(info) => info,
+            Err(error) => {
+                self.counters.bad_tun_packet += 1;
+                tracing::trace!(%error, "unparseable packet from the TUN");
+                return FromTun::Done(DropReason::BadPacket);
+            }
+        };
+        let packet = &packet[..info.total_len];
+        if packet::is_multicast_or_broadcast(&info.dst) {
+            self.counters.multicast_ignored += 1;
+            return FromTun::Done(DropReason::Multicast);
+        }
+        let Some(&id) = self.routes.lookup(info.dst) else {
+            self.counters.no_route += 1;
+            tracing::trace!(dst = %info.dst, "no peer owns the destination");
+            return self.unreachable(packet, &info, Unreachable::NoRoute, out);
+        };
+        let peer = &mut self.peers[id];
+        let Some(path) = peer.path.clone() else {
+            peer.counters.no_route += 1;
+            tracing::trace!(peer = %peer.config.name, "no path to peer");
+            return self.unreachable(packet, &info, Unreachable::NoPath, out);
+        };
+        let limits = limits(&path);
+        let may_fragment_below = matches!(info.dst, IpAddr::V4(_)) && !info.dont_fragment;
+        let carried = if may_fragment_below { limits.absolute } else { limits.unfragmented };
+        if packet.len() + NOISE_OVERHEAD > carried {
+            peer.counters.oversize += 1;
+            let mtu = limits.unfragmented.saturating_sub(NOISE_OVERHEAD);
+            tracing::trace!(peer = %peer.config.name, len = packet.len(), mtu, "packet too big for path");
+            return match packet::packet_too_big(packet, &info, mtu, self.local_v4, self.mesh_address, out) {
+                Some(n) => FromTun::Reply(&out[..n]),
+                None => FromTun::Done(DropReason::Oversize),
+            };
+        }
+        match peer.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                peer.counters.tx_packets += 1;
+                FromTun::Send { to: path, datagram }
+            }
+            TunnResult::Done => FromTun::Done(DropReason::Queued),
+            TunnResult::Err(error) => {
+                tracing::debug!(peer = %peer.config.name, ?error, "encapsulate failed");
+                FromTun::Done(DropReason::BadPacket)
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                FromTun::Done(DropReason::BadPacket)
+            }
+        }
+    }
+
+    fn unreachable<'a>(
+        &self,
+        packet: &[u8],
+        info: &IpInfo,
+        why: Unreachable,
+        out: &'a mut [u8],
+    ) -> FromTun<'a> {
+        match packet::destination_unreachable(packet, info, why, self.local_v4, self.mesh_address, out) {
+            Some(n) => FromTun::Reply(&out[..n]),
+            None => FromTun::Done(DropReason::NoRoute),
+        }
+    }
+
+    /// Which configured peer a WireGuard message belongs to, or the drop.
+    fn identify_sender(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                self.counters.bad_packet += 1;
+                return Err(DropReason::BadPacket);
+            }
+        };
+        let receiver_idx = match parsed {
+            Packet::HandshakeInit(_) => return self.identify_initiator(from, datagram),
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        let id = (receiver_idx >> 8) as usize;
+        if id < self.peers.len() {
+            Ok(id)
+        } else {
+            self.counters.bad_packet += 1;
+            Err(DropReason::BadPacket)
+        }
+    }
+
+    /// A handshake initiation names its sender only inside the encrypted
+    /// static key: check the MAC (and the rate limit) first, then decrypt it.
+    fn identify_initiator(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
+        let verified = self.rate_limiter.verify_packet(from.ip(), datagram, &mut self.scratch);
+        let init = match verified {
+            Ok(Packet::HandshakeInit(init)) => init,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.counters.cookies_sent += 1;
+                self.transmits.push_back(Transmit { to: from.clone(), payload: cookie.to_vec() });
+                return Err(DropReason::UnknownPeer);
+            }
+            _ => {
+                self.counters.bad_packet += 1;
+                return Err(DropReason::BadPacket);
+            }
+        };
+        let half = parse_handshake_anon(&self.private, &self.public, &init).map_err(|_| {
+            self.counters.bad_packet += 1;
+            DropReason::BadPacket
+        })?;
+        match self.by_key.get(&half.peer_static_public) {
+            Some(&id) => Ok(id),
+            None => {
+                self.counters.unknown_peer_handshakes += 1;
+                tracing::debug!(%from, "handshake from a key not in the config");
+                Err(DropReason::UnknownPeer)
+            }
+        }
+    }
+
+    /// Handles one datagram from a transport; `out` must hold `BUFFER_SIZE`.
+    pub fn handle_datagram<'a>(
+        &mut self,
+        from: &PeerAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> FromNetwork<'a> {
+        let id = match self.identify_sender(from, datagram) {
+            Ok(id) => id,
+            Err(drop) => return FromNetwork::Dropped(drop),
+        };
+        let peer = &mut self.peers[id];
+        match peer.tunn.decapsulate(from.ip(), datagram, out) {
+            TunnResult::WriteToTunnelV4(packet, src) => {
+                Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V4(src))
+            }
+            TunnResult::WriteToTunnelV6(packet, src) => {
+                Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V6(src))
+            }
+            TunnResult::WriteToNetwork(reply) => {
+                // Cookie replies answer unauthenticated packets: no roaming on those.
+                if message_type(reply) != Some(COOKIE_REPLY) {
+                    Self::roam(peer, from);
+                }
+                self.transmits.push_back(Transmit { to: from.clone(), payload: reply.to_vec() });
+                self.flush_queued(id);
+                FromNetwork::Consumed
+            }
+            TunnResult::Done => {
+                // A keepalive or cookie; only data messages authenticate the sender.
+                if message_type(datagram) == Some(DATA) {
+                    Self::roam(peer, from);
+                }
+                FromNetwork::Consumed
+            }
+            TunnResult::Err(error) => {
+                peer.counters.bad_packet += 1;
+                log_decapsulate_error(&peer.config.name, from, &error);
+                FromNetwork::Dropped(DropReason::BadPacket)
+            }
+        }
+    }
+
+    fn accept_inbound<'a>(
+        routes: &RoutingTable<PeerId>,
+        peer: &mut Peer,
+        id: PeerId,
+        from: &PeerAddr,
+        packet: &'a [u8],
+        src: IpAddr,
+    ) -> FromNetwork<'a> {
+        // Authenticated: the peer may have moved, whatever the payload says.
+        Self::roam(peer, from);
+        if routes.lookup(src) != Some(&id) {
+            peer.counters.spoofed_source += 1;
+            tracing::debug!(peer = %peer.config.name, %src, "dropped packet with a source outside the peer's allowed IPs");
+            return FromNetwork::Dropped(DropReason::Spoofed);
+        }
+        peer.counters.rx_packets += 1;
+        FromNetwork::ToTun(packet)
+    }
+
+    fn roam(peer: &mut Peer, from: &PeerAddr) {
+        if peer.path.as_ref() != Some(from) {
+            tracing::info!(peer = %peer.config.name, path = %from, "peer path changed");
+            peer.path = Some(from.clone());
+        }
+    }
+
+    /// After a handshake, boringtun releases the packets it held.
+    fn flush_queued(&mut self, id: PeerId) {
+        let peer = &mut self.peers[id];
+        let Some(path) = peer.path.clone() else { return };
+        loop {
+            match peer.tunn.decapsulate(None, &[], &mut self.scratch) {
+                TunnResult::WriteToNetwork(datagram) => {
+                    peer.counters.tx_packets += 1;
+                    self.transmits.push_back(Transmit { to: path.clone(), payload: datagram.to_vec() });
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Drives timers: handshake retries, rekeys, keepalives.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_rate_limit_reset {
+            self.rate_limiter.reset_count();
+            self.next_rate_limit_reset = now + Duration::from_secs(1);
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        for peer in &mut self.peers {
+            match peer.tunn.update_timers(&mut self.scratch) {
+                TunnResult::WriteToNetwork(datagram) => match &peer.path {
+                    Some(path) => self.transmits.push_back(Transmit {
+                        to: path.clone(),
+                        payload: datagram.to_vec(),
+                    }),
+                    None => peer.counters.no_route += 1,
+                },
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(error) => {
+                    tracing::debug!(peer = %peer.config.name, ?error, "timer error");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// When `handle_timeout` wants to run next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick.min(self.next_rate_limit_reset)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            public_key: self.public_key().to_base64(),
+            mesh_address: self.mesh_address,
+            counters: self.counters.clone(),
+            peers: self
+                .peers
+                .iter()
+                .map(|p| {
+                    let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p.tunn.stats();
+                    PeerStatus {
+                        name: p.config.name.clone(),
+                        public_key: p.config.public_key.to_base64(),
+                        mesh_address: p.config.public_key.mesh_address(),
+                        allowed_ips: p.config.all_allowed_ips().collect(),
+                        path: p.path.as_ref().map(|a| a.to_string()),
+                        seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
+                        rx_bytes: rx_bytes as u64,
+                        tx_bytes: tx_bytes as u64,
+                        counters: p.counters.clone(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+const COOKIE_REPLY: u32 = 3;
+const DATA: u32 = 4;
+
+fn message_type(datagram: &[u8]) -> Option<u32> {
+    datagram.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn log_decapsulate_error(peer: &str, from: &PeerAddr, error: &WireGuardError) {
+    match error {
+        // Reordering and retransmits on a lossy path; not worth a log line.
+        WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+            tracing::trace!(peer, %from, ?error, "stale datagram")
+        }
+        _ => tracing::debug!(peer, %from, ?error, "datagram failed to authenticate"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub public_key: String,
+    pub mesh_address: Ipv6Addr,
+    pub counters: NodeCounters,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: String,
+    pub mesh_address: Ipv6Addr,
+    pub allowed_ips: Vec<IpNet>,
+    pub path: Option<String>,
+    pub seconds_since_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub counters: PeerCounters,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+//! The core driven without sockets: two or three nodes exchange datagrams
+//! in memory.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use proptest::prelude::*;
+
+use super::packet::tests::{ipv4_udp, ipv6_echo};
+use super::*;
+
+const UDP_LIMITS: DatagramLimits = DatagramLimits { unfragmented: 1472, absolute: 65_507 };
+
+fn limits(_: &PeerAddr) -> DatagramLimits {
+    UDP_LIMITS
+}
+
+fn udp(s: &str) -> PeerAddr {
+    PeerAddr::Udp(s.parse::<SocketAddr>().unwrap())
+}
+
+struct Side {
+    key: PrivateKey,
+    addr: PeerAddr,
+}
+
+impl Side {
+    fn new(addr: &str) -> Side {
+        Side { key: PrivateKey::generate().unwrap(), addr: udp(addr) }
+    }
+    fn mesh(&self) -> Ipv6Addr {
+        self.key.public_key().mesh_address()
+    }
+    fn as_peer(&self, name: &str, endpoint: bool, allowed: &[&str]) -> PeerConfig {
+        PeerConfig {
+            name: name.into(),
+            public_key: self.key.public_key(),
+            endpoint: match (&self.addr, endpoint) {
+                (PeerAddr::Udp(sa), true) => Some(*sa),
+                _ => None,
+            },
+            allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        }
+    }
+}
+
+struct Mesh {
+    a: Side,
+    b: Side,
+    node_a: Node,
+    node_b: Node,
+    buf: Vec<u8>,
+}
+
+/// A knows B's endpoint; B learns A's by roaming. B routes 192.168.50.0/24.
+fn mesh() -> Mesh {
+    let now = Instant::now();
+    let a = Side::new("198.18.0.1:51820");
+    let b = Side::new("198.18.0.2:51820");
+    let node_a = Node::new(
+        &a.key,
+        &["10.10.1.1/24".parse().unwrap()],
+        vec![b.as_peer("b", true, &["192.168.50.0/24"])],
+        now,
+    )
+    .unwrap();
+    let node_b = Node::new(&b.key, &[], vec![a.as_peer("a", false, &["10.10.1.1/32"])], now).unwrap();
+    Mesh { a, b, node_a, node_b, buf: vec![0u8; BUFFER_SIZE] }
+}
+
+/// Delivers every pending transmit between the two nodes until both are
+/// quiet; returns the packets each wrote to its TUN.
+fn pump(m: &mut Mesh, first: Option<(bool, Vec<u8>)>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut to_tun_a = Vec::new();
+    let mut to_tun_b = Vec::new();
+    let mut in_flight: VecDeque<(bool, Vec<u8>)> = first.into_iter().collect();
+    for _ in 0..100 {
+        while let Some(t) = m.node_a.poll_transmit() {
+            assert_eq!(t.to, m.b.addr);
+            in_flight.push_back((true, t.payload));
+        }
+        while let Some(t) = m.node_b.poll_transmit() {
+            assert_eq!(t.to, m.a.addr);
+            in_flight.push_back((false, t.payload));
+        }
+        let Some((to_b, datagram)) = in_flight.pop_front() else { break };
+        let (node, from, sink) = if to_b {
+            (&mut m.node_b, &m.a.addr, &mut to_tun_b)
+        } else {
+            (&mut m.node_a, &m.b.addr, &mut to_tun_a)
+        };
+        if let FromNetwork::ToTun(p) = node.handle_datagram(from, &datagram, &mut m.buf) {
+            sink.push(p.to_vec());
+        }
+    }
+    (to_tun_a, to_tun_b)
+}
+
+fn send_from_a(m: &mut Mesh, packet: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let first = match m.node_a.handle_tun_packet(packet, limits, &mut out) {
+        FromTun::Send { to, datagram } => {
+            assert_eq!(to, m.b.addr);
+            Some((true, datagram.to_vec()))
+        }
+        FromTun::Done(DropReason::Queued) => None,
+        other => panic!("unexpected {other:?}"),
+    };
+    pump(m, first)
+}
+
+#[test]
+fn first_packet_survives_the_handshake_and_arrives_intact() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 56);
+    let (_, at_b) = send_from_a(&mut m, &ping);
+    assert_eq!(at_b, vec![ping]);
+    // B learned A's address from the authenticated handshake and can answer.
+    let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 56);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let datagram = match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+        FromTun::Send { to, datagram } => {
+            assert_eq!(to, m.a.addr);
+            datagram.to_vec()
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    let got = m.node_a.handle_datagram(&m.b.addr, &datagram, &mut m.buf);
+    assert!(matches!(got, FromNetwork::ToTun(p) if p == &reply[..]));
+    let status = m.node_b.status();
+    assert_eq!(status.peers[0].path.as_deref(), Some("udp 198.18.0.1:51820"));
+    assert_eq!(status.peers[0].counters.rx_packets, 1);
+    assert!(status.peers[0].seconds_since_handshake.is_some());
+}
+
+#[test]
+fn site_to_site_subnet_is_routed_to_its_peer() {
+    let mut m = mesh();
+    let p = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 100, true);
+    let (_, at_b) = send_from_a(&mut m, &p);
+    assert_eq!(at_b, vec![p]);
+}
+
+#[test]
+fn spoofed_source_is_dropped_and_counted() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    // A's side sends with a source B does not allow for A.
+    let spoofed = ipv4_udp(Ipv4Addr::new(10, 66, 0, 1), Ipv4Addr::new(192, 168, 50, 2), 20, true);
+    let (_, at_b) = send_from_a(&mut m, &spoofed);
+    assert!(at_b.is_empty());
+    assert_eq!(m.node_b.status().peers[0].counters.spoofed_source, 1);
+}
+
+#[test]
+fn handshake_from_unknown_key_is_dropped_and_counted() {
+    let mut m = mesh();
+    let stranger = Side::new("198.18.0.9:51820");
+    let mut node_s = Node::new(&stranger.key, &[], vec![m.b.as_peer("b", true, &[])], Instant::now()).unwrap();
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let init = match node_s.handle_tun_packet(&ipv6_echo(stranger.mesh(), m.b.mesh(), 8), limits, &mut out) {
+        FromTun::Send { datagram, .. } => datagram.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let got = m.node_b.handle_datagram(&stranger.addr, &init, &mut m.buf);
+    assert!(matches!(got, FromNetwork::Dropped(DropReason::UnknownPeer)));
+    assert_eq!(m.node_b.counters().unknown_peer_handshakes, 1);
+    assert!(m.node_b.poll_transmit().is_none(), "nothing may be sent to a stranger");
+}
+
+#[test]
+fn unowned_mesh_address_gets_icmpv6_unreachable() {
+    let mut m = mesh();
+    let nobody: Ipv6Addr = "fd60:db4d:ddb5::1234".parse().unwrap();
+    let ping = ipv6_echo(m.a.mesh(), nobody, 8);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    match m.node_a.handle_tun_packet(&ping, limits, &mut out) {
+        FromTun::Reply(icmp) => {
+            let info = packet::parse(icmp).unwrap();
+            assert_eq!(info.dst, IpAddr::V6(m.a.mesh()));
+            assert_eq!((icmp[40], icmp[41]), (1, 0));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(m.node_a.counters().no_route, 1);
+}
+
+#[test]
+fn peer_without_path_gets_address_unreachable() {
+    let mut m = mesh();
+    // B has never heard from A, and has no endpoint for it.
+    let ping = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    match m.node_b.handle_tun_packet(&ping, limits, &mut out) {
+        FromTun::Reply(icmp) => assert_eq!((icmp[40], icmp[41]), (1, 3)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(m.node_b.status().peers[0].counters.no_route, 1);
+}
+
+#[test]
+fn oversize_packets_get_packet_too_big_with_the_path_mtu() {
+    let mut m = mesh();
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let big6 = ipv6_echo(m.a.mesh(), m.b.mesh(), 1500);
+    match m.node_a.handle_tun_packet(&big6, limits, &mut out) {
+        FromTun::Reply(icmp) => {
+            assert_eq!(icmp[40], 2);
+            assert_eq!(u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]), 1440);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let big4 = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 1500, true);
+    match m.node_a.handle_tun_packet(&big4, limits, &mut out) {
+        FromTun::Reply(icmp) => assert_eq!((icmp[20], icmp[21]), (3, 4)),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(m.node_a.status().peers[0].counters.oversize, 2);
+    // Without DF the outer datagram may be fragmented: it goes through.
+    let big4_frag = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 1500, false);
+    let (_, at_b) = send_from_a(&mut m, &big4_frag);
+    assert_eq!(at_b, vec![big4_frag]);
+}
+
+#[test]
+fn authenticated_traffic_from_a_new_address_moves_the_path() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let datagram = match m.node_a.handle_tun_packet(&ipv6_echo(m.a.mesh(), m.b.mesh(), 8), limits, &mut out) {
+        FromTun::Send { datagram, .. } => datagram.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let moved = udp("198.18.0.77:40000");
+    // Garbage from the new address must not move the path...
+    let _ = m.node_b.handle_datagram(&moved, &[4, 0, 0, 0, 1, 2, 3], &mut m.buf);
+    assert_eq!(m.node_b.status().peers[0].path.as_deref(), Some("udp 198.18.0.1:51820"));
+    // ...an authenticated packet does.
+    assert!(matches!(m.node_b.handle_datagram(&moved, &datagram, &mut m.buf), FromNetwork::ToTun(_)));
+    assert_eq!(m.node_b.status().peers[0].path.as_deref(), Some("udp 198.18.0.77:40000"));
+}
+
+#[test]
+fn kernel_multicast_is_ignored_and_counted() {
+    let mut m = mesh();
+    let mut rs = ipv6_echo("fe80::1".parse().unwrap(), "ff02::2".parse().unwrap(), 8);
+    rs[40] = 133;
+    let mut out = vec![0u8; BUFFER_SIZE];
+    assert!(matches!(m.node_a.handle_tun_packet(&rs, limits, &mut out), FromTun::Done(DropReason::Multicast)));
+    assert_eq!(m.node_a.counters().multicast_ignored, 1);
+}
+
+#[test]
+fn timers_start_a_handshake_for_keepalive_peers() {
+    let a = Side::new("198.18.0.1:51820");
+    let b = Side::new("198.18.0.2:51820");
+    let mut peer = b.as_peer("b", true, &[]);
+    peer.persistent_keepalive = Some(1);
+    let start = Instant::now();
+    let mut node = Node::new(&a.key, &[], vec![peer], start).unwrap();
+    assert!(node.poll_timeout() <= start);
+    // boringtun's keepalive timer reads its own clock; give it a second.
+    std::thread::sleep(Duration::from_millis(1100));
+    node.handle_timeout(start + Duration::from_millis(1100));
+    let t = node.poll_transmit().expect("a handshake initiation");
+    assert_eq!(t.to, b.addr);
+    assert_eq!(message_type(&t.payload), Some(1));
+    assert!(node.poll_timeout() > start + Duration::from_millis(1100));
+}
+
+proptest! {
+    #[test]
+    fn garbage_datagrams_never_panic_and_are_counted(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        kind in 0u8..6,
+    ) {
+        let mut m = mesh();
+        let mut datagram = bytes;
+        // Bias towards valid message types so the deeper parsers are reached.
+        if kind < 4 && datagram.len() >= 4 {
+            datagram[..4].copy_from_slice(&u32::from(kind + 1).to_le_bytes());
+        }
+        let before = m.node_b.counters().clone();
+        let got = m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf);
+        prop_assert!(matches!(got, FromNetwork::Dropped(_)), "{:?}", got);
+        let after = m.node_b.counters();
+        let peer_bad = m.node_b.status().peers[0].counters.bad_packet;
+        prop_assert!(after.bad_packet + peer_bad + after.unknown_peer_handshakes
+            > before.bad_packet + before.unknown_peer_handshakes);
+    }
+
+    #[test]
+    fn garbage_tun_packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let mut m = mesh();
+        let mut out = vec![0u8; BUFFER_SIZE];
+        let _ = m.node_a.handle_tun_packet(&bytes, limits, &mut out);
+    }
+}

@@ -1,0 +1,9 @@
+//! veilmesh: a mesh VPN daemon. The binary in `main.rs` is a thin CLI over
+//! these modules; the integration tests and benchmarks use them too.
+
+pub mod config;
+pub mod control;
+pub mod core;
+pub mod daemon;
+pub mod identity;
+pub mod netdev;

@@ -1,0 +1,190 @@
+//! The one small interface every veilmesh transport implements.
+//!
+//! A transport is a dumb pipe for opaque datagrams (Noise messages) between
+//! this node and a peer, addressed by a typed [`PeerAddr`]. It knows nothing
+//! about sessions, routing or keys: the daemon's core owns those, so a peer can
+//! move between transports without a new handshake.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The kinds of transport veilmesh knows, in the default order of preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TransportKind {
+    Udp,
+    Tox,
+    I2p,
+}
+
+impl TransportKind {
+    pub const ALL: [TransportKind; 3] = [TransportKind::Udp, TransportKind::Tox, TransportKind::I2p];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Udp => "udp",
+            TransportKind::Tox => "tox",
+            TransportKind::I2p => "i2p",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TransportKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TransportKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown transport `{s}` (expected one of: udp, tox, i2p)"))
+    }
+}
+
+/// A Tox friend's long-term DHT public key (the first 32 bytes of its Tox ID).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToxPublicKey(pub [u8; 32]);
+
+impl fmt::Debug for ToxPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..4] {
+            write!(f, "{b:02X}")?;
+        }
+        f.write_str("…")
+    }
+}
+
+/// An I2P destination in its binary form (public key, signing key, certificate).
+/// Shared, because it is several hundred bytes and copied into every send.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct I2pDestination(pub Arc<[u8]>);
+
+impl fmt::Debug for I2pDestination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "I2pDestination({} bytes)", self.0.len())
+    }
+}
+
+/// Where a datagram goes to or came from, typed by transport.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub enum PeerAddr {
+    Udp(SocketAddr),
+    Tox(ToxPublicKey),
+    I2p(I2pDestination),
+}
+
+impl PeerAddr {
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            PeerAddr::Udp(_) => TransportKind::Udp,
+            PeerAddr::Tox(_) => TransportKind::Tox,
+            PeerAddr::I2p(_) => TransportKind::I2p,
+        }
+    }
+
+    /// The IP address the datagram came from, where the transport reveals one.
+    /// Used for cookie (DoS) replies; never for anonymous transports.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            PeerAddr::Udp(sa) => Some(sa.ip()),
+            PeerAddr::Tox(_) | PeerAddr::I2p(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Udp(sa) => write!(f, "udp {sa}"),
+            PeerAddr::Tox(pk) => write!(f, "tox {pk:?}"),
+            PeerAddr::I2p(d) => write!(f, "i2p {d:?}"),
+        }
+    }
+}
+
+/// How big a datagram a path carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DatagramLimits {
+    /// Largest datagram that crosses the path without being fragmented
+    /// underneath. Inner packets that must not be fragmented (IPv6, IPv4 with
+    /// DF) are held to this.
+    pub unfragmented: usize,
+    /// Largest datagram the transport accepts at all.
+    pub absolute: usize,
+}
+
+/// Why a datagram could not be handed to the transport. The caller counts it;
+/// nothing here is fatal for the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("the transport's send queue is full")]
+    Backpressure,
+    #[error("datagram of {len} bytes exceeds the transport maximum of {max}")]
+    TooBig { len: usize, max: usize },
+    #[error("address {0} belongs to another transport")]
+    WrongTransport(PeerAddr),
+    #[error("transport not ready: {0}")]
+    NotReady(&'static str),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One datagram received: who sent it and how many bytes of the buffer it fills.
+#[derive(Debug)]
+pub struct Received {
+    pub from: PeerAddr,
+    pub len: usize,
+}
+
+/// An opaque datagram pipe. Implementations never block: `send` queues or
+/// sends at once and reports backpressure; `poll_recv` is driven by the
+/// daemon's single event loop.
+pub trait Transport: Send {
+    fn kind(&self) -> TransportKind;
+
+    /// Size limits of datagrams to `to`. Pure: the core asks it per packet.
+    fn limits(&self, to: &PeerAddr) -> DatagramLimits;
+
+    /// Hand one datagram to the transport.
+    fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError>;
+
+    /// Receive one datagram into `buf`. Datagrams longer than `buf` are
+    /// dropped by the transport (the daemon's buffer fits every legal one).
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>>;
+
+    /// Non-blocking receive; `Ok(None)` when nothing is waiting. Lets the
+    /// event loop drain a batch after one wake-up.
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>>;
+
+    /// One-line human description of the transport's own state (bound port,
+    /// session, ...), for `veilmesh show`.
+    fn describe(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_kind_round_trips_through_its_name() {
+        for k in TransportKind::ALL {
+            assert_eq!(k.as_str().parse::<TransportKind>().unwrap(), k);
+        }
+        let err = "carrier-pigeon".parse::<TransportKind>().unwrap_err();
+        assert!(err.contains("carrier-pigeon"), "{err}");
+    }
+
+    #[test]
+    fn only_udp_addresses_reveal_an_ip() {
+        let udp = PeerAddr::Udp("198.18.0.1:51820".parse().unwrap());
+        assert_eq!(udp.ip(), Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(PeerAddr::Tox(ToxPublicKey([7; 32])).ip(), None);
+        assert_eq!(PeerAddr::I2p(I2pDestination(Arc::from(vec![1u8; 391]))).ip(), None);
+    }
+}
