@@ -1,0 +1,232 @@
+//! The one event loop: it owns the TUN, the transports, the control socket
+//! and the timer, and drives the sans-IO core with them.
+
+use std::future::poll_fn;
+use std::io;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
+use veilmesh_udp::{UdpConfig, UdpTransport};
+
+use crate::config::Config;
+use crate::control::{self, DaemonStatus, Request, Response};
+use crate::core::{FromNetwork, FromTun, Node, BUFFER_SIZE};
+use crate::netdev::NetDevice;
+
+/// Packets handled per wake-up of one source before the loop looks at the
+/// others, so a flood on one side cannot starve timers or the other side.
+const BATCH: usize = 64;
+
+/// The transports this node runs, reached by the kind of a peer address.
+struct Transports {
+    all: Vec<Box<dyn Transport>>,
+    /// Where `poll_recv` starts, rotated for fairness.
+    next: usize,
+}
+
+impl Transports {
+    fn get(&mut self, kind: TransportKind) -> Option<&mut Box<dyn Transport>> {
+        self.all.iter_mut().find(|t| t.kind() == kind)
+    }
+
+    fn limits(&self, to: &PeerAddr) -> DatagramLimits {
+        self.all
+            .iter()
+            .find(|t| t.kind() == to.kind())
+            .map(|t| t.limits(to))
+            // No transport for this kind: nothing fits.
+            .unwrap_or(DatagramLimits { unfragmented: 0, absolute: 0 })
+    }
+
+    fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
+        match self.get(to.kind()) {
+            Some(t) => t.send(to, datagram),
+            None => Err(SendError::NotReady("transport not enabled")),
+        }
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        let n = self.all.len();
+        for i in 0..n {
+            let index = (self.next + i) % n;
+            if let Poll::Ready(r) = self.all[index].poll_recv(cx, buf) {
+                self.next = (index + 1) % n;
+                return Poll::Ready(r);
+            }
+        }
+        Poll::Pending
+    }
+
+    fn describe(&self) -> Vec<String> {
+        self.all.iter().map(|t| t.describe()).collect()
+    }
+}
+
+type ControlRequest = (Request, oneshot::Sender<Response>);
+
+/// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let iface = &config.interface;
+    // The control socket goes first: it is how a second `up` finds the first.
+    let listener = control::bind(&iface.control_socket)?;
+    let _socket_file = control::SocketFile(iface.control_socket.clone());
+    crate::netdev::ensure_absent(&iface.name)?;
+    let udp = UdpTransport::bind(UdpConfig { listen_port: iface.listen_port, ..UdpConfig::default() })
+        .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
+    let mut transports = Transports { all: vec![Box::new(udp)], next: 0 };
+
+    let now = Instant::now();
+    let mut node = Node::new(&iface.private_key, &iface.addresses, config.peers.clone(), now)?;
+    let routes: Vec<_> = config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect();
+    let device = NetDevice::create(&iface.name, iface.mtu, node.mesh_address(), &iface.addresses, routes)?;
+
+    let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
+    let acceptor = tokio::spawn(accept_control(listener, control_tx));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    tracing::info!(
+        interface = %iface.name,
+        mesh_address = %node.mesh_address(),
+        peers = config.peers.len(),
+        "veilmesh running"
+    );
+
+    let mut tun_buf = vec![0u8; BUFFER_SIZE];
+    let mut net_buf = vec![0u8; BUFFER_SIZE];
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let tun = &device.tun;
+    loop {
+        let deadline = tokio::time::Instant::from_std(node.poll_timeout());
+        tokio::select! {
+            biased;
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
+            Some((request, reply)) = control_rx.recv() => {
+                let response = match request {
+                    Request::Show => Response::Status(DaemonStatus {
+                        interface: device.name().to_owned(),
+                        transports: transports.describe(),
+                        node: node.status(),
+                    }),
+                };
+                let _ = reply.send(response);
+            }
+            readable = tun.readable() => {
+                readable.context("TUN device failed")?;
+                for _ in 0..BATCH {
+                    let n = match tun.try_recv(&mut tun_buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e).context("reading from the TUN device"),
+                    };
+                    match node.handle_tun_packet(&tun_buf[..n], |to| transports.limits(to), &mut out) {
+                        FromTun::Send { to, datagram } => {
+                            if let Err(error) = transports.send(&to, datagram) {
+                                node.record_send_error();
+                                tracing::trace!(%to, %error, "send failed");
+                            }
+                        }
+                        FromTun::Reply(packet) => write_tun(tun, packet).await,
+                        FromTun::Done(_) => {}
+                    }
+                    flush_transmits(&mut node, &mut transports);
+                }
+            }
+            received = poll_fn(|cx| transports.poll_recv(cx, &mut net_buf)) => {
+                let mut received = Some(received);
+                for _ in 0..BATCH {
+                    let got = match received.take() {
+                        Some(r) => r,
+                        None => match transports.all.iter_mut().find_map(|t| t.try_recv(&mut net_buf).transpose()) {
+                            Some(r) => r,
+                            None => break,
+                        },
+                    };
+                    let got = match got {
+                        Ok(got) => got,
+                        Err(error) => {
+                            // Transient (ICMP errors reported on the socket, ENOBUFS): keep serving.
+                            tracing::debug!(%error, "receive error");
+                            break;
+                        }
+                    };
+                    if let FromNetwork::ToTun(packet) = node.handle_datagram(&got.from, &net_buf[..got.len], &mut out) {
+                        write_tun(tun, packet).await;
+                    }
+                    flush_transmits(&mut node, &mut transports);
+                }
+            }
+        }
+        flush_transmits(&mut node, &mut transports);
+    }
+    acceptor.abort();
+    drop(device);
+    tracing::info!("veilmesh stopped");
+    Ok(())
+}
+
+fn flush_transmits(node: &mut Node, transports: &mut Transports) {
+    while let Some(t) = node.poll_transmit() {
+        if let Err(error) = transports.send(&t.to, &t.payload) {
+            node.record_send_error();
+            tracing::debug!(to = %t.to, %error, "send failed");
+        }
+    }
+}
+
+async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
+    if let Err(error) = tun.send(packet).await {
+        tracing::debug!(%error, len = packet.len(), "TUN write failed");
+    }
+}
+
+/// Accepts control connections; each gets its own task so a slow or
+/// malicious client never stalls the data path.
+async fn accept_control(listener: tokio::net::UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_control(stream, requests.clone()));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "control socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(4097));
+    let read_line = reader.read_line(&mut line);
+    let response = match tokio::time::timeout(std::time::Duration::from_secs(5), read_line).await {
+        Ok(Ok(_)) => match control::parse_request(&line) {
+            Ok(request) => {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((request, tx)).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            }
+            Err(message) => Response::Error { message },
+        },
+        Ok(Err(error)) => Response::Error { message: format!("read error: {error}") },
+        Err(_) => Response::Error { message: "timed out waiting for a request".into() },
+    };
+    if let Ok(mut text) = serde_json::to_string(&response) {
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+}

@@ -1,1 +1,131 @@
-fn main(){}
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use veilmesh::config::{default_control_socket, Config, DEFAULT_INTERFACE_NAME};
+use veilmesh::control;
+use veilmesh::identity::{PrivateKey, PublicKey};
+
+/// Mesh VPN daemon: a TUN interface onto a private mesh of peers, each with a
+/// stable IPv6 address in fd60:db4d:ddb5::/48 derived from its public key.
+#[derive(Parser)]
+#[command(name = "veilmesh", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new private key (WireGuard base64 format).
+    Genkey,
+    /// Read a private key on stdin, print its public key.
+    Pubkey,
+    /// Print the mesh address of a public key.
+    Addr {
+        /// Public key in base64; read from stdin when absent.
+        public_key: Option<String>,
+    },
+    /// Run the daemon in the foreground until SIGINT/SIGTERM.
+    Up {
+        /// Interface configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Log filter, e.g. `info`, `debug`, `veilmesh=trace`. RUST_LOG overrides.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Show the running daemon's state: keys, peers, paths, counters.
+    Show {
+        /// Output JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Find the daemon through this interface configuration file.
+        #[arg(short, long, conflicts_with_all = ["socket", "interface"])]
+        config: Option<PathBuf>,
+        /// Control socket path.
+        #[arg(long, conflicts_with = "interface")]
+        socket: Option<PathBuf>,
+        /// Interface name (uses /run/veilmesh/NAME.sock).
+        #[arg(short, long)]
+        interface: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("veilmesh: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Genkey => {
+            let key = PrivateKey::generate()
+                .map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+            println!("{}", key.to_base64());
+        }
+        Command::Pubkey => {
+            let key = PrivateKey::parse(&read_stdin()?).context("private key on stdin")?;
+            println!("{}", key.public_key());
+        }
+        Command::Addr { public_key } => {
+            let text = match public_key {
+                Some(text) => text,
+                None => read_stdin()?,
+            };
+            let key = PublicKey::parse(&text).context("public key")?;
+            println!("{}", key.mesh_address());
+        }
+        Command::Up { config, log_level } => {
+            init_logging(&log_level);
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(veilmesh::daemon::run(config))?;
+        }
+        Command::Show { json, config, socket, interface } => {
+            let socket = match (config, socket, interface) {
+                (Some(path), _, _) => Config::load(&path)?.interface.control_socket,
+                (_, Some(socket), _) => socket,
+                (_, _, Some(name)) => default_control_socket(&name),
+                _ => default_control_socket(DEFAULT_INTERFACE_NAME),
+            };
+            let status = control::query(&socket, &control::Request::Show)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", control::render(&status));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin().take(4096).read_to_string(&mut text).context("cannot read stdin")?;
+    Ok(text)
+}
+
+/// Under systemd (JOURNAL_STREAM set) journald adds timestamps itself.
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().with_ansi(false).init();
+    } else {
+        builder.init();
+    }
+}

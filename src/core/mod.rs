@@ -20,7 +20,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use veilmesh_transport::{DatagramLimits, PeerAddr};
 
 use crate::config::PeerConfig;
@@ -40,7 +40,7 @@ const MAX_PEERS: usize = 1 << 24;
 pub type PeerId = usize;
 
 /// Counters kept per peer; all monotonic.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerCounters {
     /// Decrypted packets whose source is not among the peer's allowed IPs.
     pub spoofed_source: u64,
@@ -55,7 +55,7 @@ pub struct PeerCounters {
 }
 
 /// Counters for what cannot be pinned on a configured peer.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeCounters {
     /// Handshakes from keys not in the config.
     pub unknown_peer_handshakes: u64,
@@ -518,7 +518,7 @@ fn log_decapsulate_error(peer: &str, from: &PeerAddr, error: &WireGuardError) {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub public_key: String,
     pub mesh_address: Ipv6Addr,
@@ -526,7 +526,7 @@ pub struct NodeStatus {
     pub peers: Vec<PeerStatus>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: String,
     pub public_key: String,
