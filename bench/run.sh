@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): iperf3 TCP throughput and ping RTT between two
+# network namespaces over
+#   1. the raw veth link,
+#   2. wireguard-go (Debian's userspace WireGuard),
+#   3. veilmesh,
+# all in the same run, printing Gbit/s, RTT and the ratios. Needs root.
+#
+#   BENCH_SECONDS=10 BENCH_ROUNDS=1 bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+seconds=${BENCH_SECONDS:-10}
+rounds=${BENCH_ROUNDS:-1}
+umask 077
+
+scripts/install-deps.sh
+cargo build --release --locked --quiet
+bin=$PWD/target/release/veilmesh
+
+A=vmbench-$$-a; B=vmbench-$$-b
+work=$(mktemp -d /tmp/veilmesh-bench.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+for n in $A $B; do ip netns add $n; ip -n $n link set lo up; done
+ip link add eth0 netns $A type veth peer name eth0 netns $B
+ip -n $A addr add 198.18.1.1/24 dev eth0; ip -n $A link set eth0 up
+ip -n $B addr add 198.18.1.2/24 dev eth0; ip -n $B link set eth0 up
+
+in_a() { ip netns exec $A "$@"; }
+in_b() { ip netns exec $B "$@"; }
+
+# throughput DEST -> Gbit/s (receiver side), RTT DEST -> avg ms
+throughput() {
+  ip netns exec $B iperf3 -s -1 -B "$1" >/dev/null 2>&1 & local server=$!
+  sleep 0.3
+  in_a iperf3 -c "$1" -t "$seconds" -J > "$work/iperf.json"
+  wait $server || true
+  python3 -c 'import json,sys; print("%.3f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$work/iperf.json"
+}
+rtt() {
+  in_a ping -n -q -c 200 -i 0.005 "$1" | awk -F'/' '/^rtt/ {print $5}'
+}
+
+# --- wireguard-go ---------------------------------------------------------
+wg genkey > "$work/wga.key"; wg genkey > "$work/wgb.key"
+# wireguard-go keeps its control socket in /var/run/wireguard/NAME.sock, which
+# namespaces share: each side needs its own interface name.
+WG_PROCESS_FOREGROUND=1 ip netns exec $A wireguard-go wga0 >/dev/null 2>&1 & pids+=($!)
+WG_PROCESS_FOREGROUND=1 ip netns exec $B wireguard-go wgb0 >/dev/null 2>&1 & pids+=($!)
+for _ in $(seq 50); do ip -n $A link show wga0 >/dev/null 2>&1 && ip -n $B link show wgb0 >/dev/null 2>&1 && break; sleep 0.1; done
+in_a wg set wga0 private-key "$work/wga.key" listen-port 51821 \
+  peer "$(wg pubkey < "$work/wgb.key")" allowed-ips 198.19.0.2/32 endpoint 198.18.1.2:51821
+in_b wg set wgb0 private-key "$work/wgb.key" listen-port 51821 \
+  peer "$(wg pubkey < "$work/wga.key")" allowed-ips 198.19.0.1/32 endpoint 198.18.1.1:51821
+ip -n $A addr add 198.19.0.1/24 dev wga0; ip -n $A link set wga0 mtu 1420 up
+ip -n $B addr add 198.19.0.2/24 dev wgb0; ip -n $B link set wgb0 mtu 1420 up
+
+# --- veilmesh -------------------------------------------------------------
+"$bin" genkey > "$work/a.key"; "$bin" genkey > "$work/b.key"
+for side in a b; do
+  other=b; addr=198.19.1.1/24; peer_ip=198.19.1.2/32; endpoint=198.18.1.2
+  [ $side = b ] && { other=a; addr=198.19.1.2/24; peer_ip=198.19.1.1/32; endpoint=198.18.1.1; }
+  cat > "$work/$side.toml" <<CONF
+[interface]
+private_key_file = "$work/$side.key"
+control_socket = "$work/$side.sock"
+addresses = ["$addr"]
+[[peer]]
+name = "$other"
+public_key = "$("$bin" pubkey < "$work/$other.key")"
+endpoint = "$endpoint:51820"
+allowed_ips = ["$peer_ip"]
+CONF
+done
+# Started directly (not through a shell function) so $! is the daemon's PID.
+ip netns exec $A "$bin" up --config "$work/a.toml" 2> "$work/a.log" & pids+=($!)
+ip netns exec $B "$bin" up --config "$work/b.toml" 2> "$work/b.log" & pids+=($!)
+for _ in $(seq 50); do "$bin" show --socket "$work/b.sock" >/dev/null 2>&1 && break; sleep 0.1; done
+
+# Warm up both tunnels (handshakes) before measuring.
+in_a ping -c 2 -i 0.2 -q 198.19.0.2 >/dev/null
+in_a ping -c 2 -i 0.2 -q 198.19.1.2 >/dev/null
+
+declare -A tput rt
+for r in $(seq "$rounds"); do
+  for path in veth wireguard-go veilmesh; do
+    case $path in
+      veth) dst=198.18.1.2 ;;
+      wireguard-go) dst=198.19.0.2 ;;
+      veilmesh) dst=198.19.1.2 ;;
+    esac
+    g=$(throughput $dst); t=$(rtt $dst)
+    tput[$path]="${tput[$path]:-} $g"; rt[$path]="${rt[$path]:-} $t"
+    echo "round $r: $path: $g Gbit/s, rtt $t ms" >&2
+  done
+done
+
+avg() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print("%.3f" % (sum(v)/len(v)))' $1; }
+veth_g=$(avg "${tput[veth]}"); wg_g=$(avg "${tput[wireguard-go]}"); vm_g=$(avg "${tput[veilmesh]}")
+veth_r=$(avg "${rt[veth]}"); wg_r=$(avg "${rt[wireguard-go]}"); vm_r=$(avg "${rt[veilmesh]}")
+echo
+printf '%-14s %12s %12s\n' path "Gbit/s" "rtt ms"
+printf '%-14s %12s %12s\n' veth "$veth_g" "$veth_r"
+printf '%-14s %12s %12s\n' wireguard-go "$wg_g" "$wg_r"
+printf '%-14s %12s %12s\n' veilmesh "$vm_g" "$vm_r"
+python3 - "$veth_g" "$wg_g" "$vm_g" "$veth_r" "$wg_r" "$vm_r" <<'PY'
+import sys
+veth_g, wg_g, vm_g, veth_r, wg_r, vm_r = map(float, sys.argv[1:])
+print()
+print("throughput veilmesh / wireguard-go: %.2f" % (vm_g / wg_g))
+print("throughput veilmesh / veth:         %.2f" % (vm_g / veth_g))
+print("added rtt veilmesh - veth:          %.3f ms" % (vm_r - veth_r))
+print("added rtt wireguard-go - veth:      %.3f ms" % (wg_r - veth_r))
+PY

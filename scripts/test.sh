@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, property and end-to-end tests in network
+# namespaces (needs root, as CI runs it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the end-to-end tests create network namespaces and TUN devices" >&2; exit 1; }
+scripts/install-deps.sh
+cargo test --workspace --locked --color never

@@ -1,0 +1,118 @@
+//! The command line as a user meets it.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn veilmesh(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn genkey_pubkey_addr_chain() {
+    let (ok, private, _) = veilmesh(&["genkey"], "");
+    assert!(ok);
+    assert_eq!(private.len(), 44);
+    let (ok, public, _) = veilmesh(&["pubkey"], &format!("{private}\n"));
+    assert!(ok);
+    let (ok, addr, _) = veilmesh(&["addr", &public], "");
+    assert!(ok);
+    assert!(addr.starts_with("fd60:db4d:ddb5:"), "{addr}");
+    let (ok, addr_stdin, _) = veilmesh(&["addr"], &public);
+    assert!(ok);
+    assert_eq!(addr, addr_stdin);
+}
+
+#[test]
+fn pinned_address_vector_from_the_readme() {
+    // RFC 7748 Alice's public key; README.md shows the same derivation by hand.
+    let (ok, addr, _) = veilmesh(&["addr", "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="], "");
+    assert!(ok);
+    assert_eq!(addr, "fd60:db4d:ddb5:ded5:a4e:fe1b:58bd:dc4f");
+}
+
+#[test]
+fn keys_are_interchangeable_with_wireguard_tools() {
+    let wg_key = must(&["wg", "genkey"]);
+    let wg_pub = {
+        let mut child = Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("wg (wireguard-tools) is installed by .ci/run");
+        child.stdin.take().unwrap().write_all(wg_key.as_bytes()).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let (ok, ours, _) = veilmesh(&["pubkey"], &wg_key);
+    assert!(ok);
+    assert_eq!(ours, wg_pub.trim());
+    // And a veilmesh key works with wg.
+    let (_, private, _) = veilmesh(&["genkey"], "");
+    let (_, public, _) = veilmesh(&["pubkey"], &private);
+    let mut child = Command::new("wg")
+        .arg("pubkey")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
+    let wg_view = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(wg_view.trim(), public);
+}
+
+#[test]
+fn bad_keys_on_the_command_line_are_explained() {
+    let (ok, _, err) = veilmesh(&["pubkey"], "not a key");
+    assert!(!ok);
+    assert!(err.contains("private key on stdin") && err.contains("base64"), "{err}");
+    let (ok, _, err) = veilmesh(&["addr", "AAAA"], "");
+    assert!(!ok);
+    assert!(err.contains("3 bytes, a key is 32"), "{err}");
+}
+
+#[test]
+fn up_with_a_bad_config_names_file_and_field_and_creates_nothing() {
+    require_root();
+    reap_stale();
+    let ns = Netns::new("cli-bad");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("veil0.toml");
+    std::fs::write(
+        &path,
+        "[interface]\nprivate_key = \"YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=\"\n\
+         [[peer]]\nname = \"b\"\npublic_key = \"hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=\"\n\
+         endpoint = \"198.51.100.7\"\n",
+    )
+    .unwrap();
+    let out = ns.exec(&[BIN, "up", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}: peer[0] \"b\".endpoint", path.display())), "{err}");
+    assert!(!ns.has_link("veil0"));
+}
+
+#[test]
+fn show_without_a_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let (ok, _, err) = veilmesh(&["show", "--socket", socket.to_str().unwrap()], "");
+    assert!(!ok);
+    assert!(err.contains("is `veilmesh up` running?"), "{err}");
+}

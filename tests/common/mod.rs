@@ -1,0 +1,284 @@
+//! Test harness: real network namespaces, veth links, bridges and real
+//! veilmesh daemons. Everything created here is torn down on drop, also when
+//! a test fails (panics unwind through the guards).
+//!
+//! Namespaces are named `vmt-<pid>-<role>`; leftovers of a test process that
+//! was killed outright are removed by the next run (`reap_stale`).
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use veilmesh::control::{self, DaemonStatus, Request};
+use veilmesh::identity::PrivateKey;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_veilmesh");
+const PREFIX: &str = "vmt-";
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, TUN devices); CI runs it as root"
+    );
+}
+
+/// Runs a command, returning its output; panics only if it cannot start.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn must(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deletes namespaces left by test processes that no longer exist.
+pub fn reap_stale() {
+    let list = must(&["ip", "netns", "list"]);
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let pid: i32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if pid > 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(&["ip", "netns", "del", name]);
+        }
+    }
+}
+
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// `role` must be unique within the test binary (tests run in parallel).
+    pub fn new(role: &str) -> Netns {
+        let name = format!("{PREFIX}{}-{role}", std::process::id());
+        let _ = run(&["ip", "netns", "del", &name]);
+        must(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        // No namespace of ours may reach anything outside the test topology.
+        ns.sysctl("net.ipv6.conf.all.accept_ra", "0");
+        ns
+    }
+
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-n", &self.name];
+        full.extend_from_slice(args);
+        must(&full)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let out = self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
+        assert!(out.status.success(), "sysctl {key}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// ping; returns (transmitted, received, full output).
+    pub fn ping(&self, args: &[&str]) -> (u32, u32, String) {
+        let mut full = vec!["ping", "-n"];
+        full.extend_from_slice(args);
+        let out = self.exec(&full);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let stats = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .map(|l| {
+                let nums: Vec<u32> = l
+                    .split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                (nums.first().copied().unwrap_or(0), nums.get(1).copied().unwrap_or(0))
+            })
+            .unwrap_or((0, 0));
+        (stats.0, stats.1, text)
+    }
+
+    pub fn has_link(&self, name: &str) -> bool {
+        run(&["ip", "-n", &self.name, "link", "show", name]).status.success()
+    }
+
+    /// Reads a counter of an interface inside the namespace.
+    pub fn link_stat(&self, link: &str, stat: &str) -> u64 {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{link}/statistics/{stat}")]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// Links two namespaces with a veth pair.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    must(&["ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A bridge namespace hosts `br0`; `attach` plugs a host into it.
+pub struct Bridge {
+    pub ns: Netns,
+    ports: usize,
+}
+
+impl Bridge {
+    pub fn new(role: &str) -> Bridge {
+        let ns = Netns::new(role);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Bridge { ns, ports: 0 }
+    }
+
+    /// Gives `host` an `eth0` on the bridge with `cidr`.
+    pub fn attach(&mut self, host: &Netns, cidr: &str) {
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
+        veth(&self.ns, &port, host, "eth0");
+        self.ns.ip(&["link", "set", &port, "master", "br0"]);
+        host.ip(&["addr", "add", cidr, "dev", "eth0"]);
+    }
+}
+
+/// A node's identity and files.
+pub struct NodeFiles {
+    pub key: PrivateKey,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl NodeFiles {
+    pub fn new(dir: &Path, name: &str) -> NodeFiles {
+        let key = PrivateKey::generate().expect("randomness");
+        let dir = dir.join(name);
+        fs::create_dir_all(&dir).unwrap();
+        NodeFiles { config: dir.join("veil0.toml"), socket: dir.join("control.sock"), key, dir }
+    }
+
+    pub fn public(&self) -> String {
+        self.key.public_key().to_base64()
+    }
+
+    pub fn mesh(&self) -> Ipv6Addr {
+        self.key.public_key().mesh_address()
+    }
+
+    /// Writes the config: `interface_extra` lines go into [interface],
+    /// `peers` is appended verbatim.
+    pub fn write_config(&self, interface_extra: &str, peers: &str) {
+        let key_file = self.dir.join("veil0.key");
+        fs::write(&key_file, format!("{}\n", self.key.to_base64())).unwrap();
+        let text = format!(
+            "[interface]\nprivate_key_file = \"{}\"\ncontrol_socket = \"{}\"\n{interface_extra}\n{peers}",
+            key_file.display(),
+            self.socket.display()
+        );
+        fs::write(&self.config, text).unwrap();
+    }
+
+    /// A `[[peer]]` block describing this node.
+    pub fn peer_block(&self, name: &str, endpoint: Option<&str>, allowed: &[&str]) -> String {
+        let mut s = format!("[[peer]]\nname = \"{name}\"\npublic_key = \"{}\"\n", self.public());
+        if let Some(e) = endpoint {
+            s += &format!("endpoint = \"{e}\"\n");
+        }
+        if !allowed.is_empty() {
+            let list: Vec<String> = allowed.iter().map(|a| format!("\"{a}\"")).collect();
+            s += &format!("allowed_ips = [{}]\n", list.join(", "));
+        }
+        s
+    }
+}
+
+/// A running `veilmesh up`, killed on drop if still alive.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon in `ns` and waits until its control socket answers.
+    pub fn start(ns: &Netns, files: &NodeFiles) -> Daemon {
+        let log = files.dir.join("daemon.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, BIN, "up", "--config"])
+            .arg(&files.config)
+            .args(["--log-level", "debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start veilmesh");
+        let mut daemon = Daemon { child, socket: files.socket.clone(), log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if control::query(&daemon.socket, &Request::Show).is_ok() {
+                return daemon;
+            }
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("veilmesh exited at start ({status}):\n{}", daemon.log_text());
+            }
+            assert!(Instant::now() < deadline, "veilmesh did not answer in 10 s:\n{}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn show(&self) -> DaemonStatus {
+        control::query(&self.socket, &Request::Show).expect("show")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGTERM and wait (at most 10 s) for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "veilmesh ignored SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
