@@ -117,7 +117,10 @@ impl Transport for UdpTransport {
 
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
         let dest = self.to_socket_addr(to)?;
-        match self.socket.try_send_to(datagram, dest) {
+        // Straight to the non-blocking socket: tokio's try_send_to refuses
+        // until its reactor has seen the socket writable once, which drops
+        // the first datagrams after bind.
+        match socket2::SockRef::from(&self.socket).send_to(datagram, &dest.into()) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(SendError::Backpressure),
             Err(e) => Err(SendError::Io(e)),
