@@ -79,10 +79,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::netdev::ensure_absent(&iface.name)?;
     let udp = UdpTransport::bind(UdpConfig { listen_port: iface.listen_port, ..UdpConfig::default() })
         .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
-    let mut transports = Transports { all: vec![Box::new(udp)], next: 0 };
+    let transports = Transports { all: vec![Box::new(udp)], next: 0 };
 
     let now = Instant::now();
-    let mut node = Node::new(&iface.private_key, &iface.addresses, config.peers.clone(), now)?;
+    let node = Node::new(&iface.private_key, &iface.addresses, config.peers.clone(), now)?;
     let routes: Vec<_> = config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect();
     let device = NetDevice::create(&iface.name, iface.mtu, node.mesh_address(), &iface.addresses, routes)?;
 
@@ -97,86 +97,130 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "veilmesh running"
     );
 
-    let mut tun_buf = vec![0u8; BUFFER_SIZE];
-    let mut net_buf = vec![0u8; BUFFER_SIZE];
-    let mut out = vec![0u8; BUFFER_SIZE];
-    let tun = &device.tun;
+    let mut path = DataPath {
+        node,
+        transports,
+        device,
+        tun_buf: vec![0u8; BUFFER_SIZE],
+        net_buf: vec![0u8; BUFFER_SIZE],
+        out: vec![0u8; BUFFER_SIZE],
+    };
     loop {
-        let deadline = tokio::time::Instant::from_std(node.poll_timeout());
+        let deadline = tokio::time::Instant::from_std(path.node.poll_timeout());
+        let tun = &path.device.tun;
+        let transports = &mut path.transports;
+        let net_buf = &mut path.net_buf;
         tokio::select! {
             biased;
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            _ = tokio::time::sleep_until(deadline) => node.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(deadline) => path.node.handle_timeout(Instant::now()),
             Some((request, reply)) = control_rx.recv() => {
-                let response = match request {
-                    Request::Show => Response::Status(DaemonStatus {
-                        interface: device.name().to_owned(),
-                        transports: transports.describe(),
-                        node: node.status(),
-                    }),
-                };
-                let _ = reply.send(response);
+                let _ = reply.send(path.answer(request));
             }
             readable = tun.readable() => {
                 readable.context("TUN device failed")?;
-                for _ in 0..BATCH {
-                    let n = match tun.try_recv(&mut tun_buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e).context("reading from the TUN device"),
-                    };
-                    match node.handle_tun_packet(&tun_buf[..n], |to| transports.limits(to), &mut out) {
-                        FromTun::Send { to, datagram } => {
-                            if let Err(error) = transports.send(&to, datagram) {
-                                node.record_send_error();
-                                tracing::trace!(%to, %error, "send failed");
-                            }
-                        }
-                        FromTun::Reply(packet) => write_tun(tun, packet).await,
-                        FromTun::Done(_) => {}
-                    }
-                    flush_transmits(&mut node, &mut transports);
-                }
+                path.drain_tun().await?;
             }
-            received = poll_fn(|cx| transports.poll_recv(cx, &mut net_buf)) => {
-                let mut received = Some(received);
-                for _ in 0..BATCH {
-                    let got = match received.take() {
-                        Some(r) => r,
-                        None => match transports.all.iter_mut().find_map(|t| t.try_recv(&mut net_buf).transpose()) {
-                            Some(r) => r,
-                            None => break,
-                        },
-                    };
-                    let got = match got {
-                        Ok(got) => got,
-                        Err(error) => {
-                            // Transient (ICMP errors reported on the socket, ENOBUFS): keep serving.
-                            tracing::debug!(%error, "receive error");
-                            break;
-                        }
-                    };
-                    if let FromNetwork::ToTun(packet) = node.handle_datagram(&got.from, &net_buf[..got.len], &mut out) {
-                        write_tun(tun, packet).await;
-                    }
-                    flush_transmits(&mut node, &mut transports);
-                }
+            received = poll_fn(|cx| transports.poll_recv(cx, net_buf)) => {
+                path.on_received(received).await;
+                path.drain_network().await;
             }
         }
-        flush_transmits(&mut node, &mut transports);
     }
     acceptor.abort();
-    drop(device);
+    drop(path);
     tracing::info!("veilmesh stopped");
     Ok(())
 }
 
-fn flush_transmits(node: &mut Node, transports: &mut Transports) {
-    while let Some(t) = node.poll_transmit() {
-        if let Err(error) = transports.send(&t.to, &t.payload) {
-            node.record_send_error();
-            tracing::debug!(to = %t.to, %error, "send failed");
+/// The TUN, the transports and the core, with the buffers that carry
+/// packets between them.
+struct DataPath {
+    node: Node,
+    transports: Transports,
+    device: NetDevice,
+    tun_buf: Vec<u8>,
+    net_buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl DataPath {
+    fn answer(&self, request: Request) -> Response {
+        match request {
+            Request::Show => Response::Status(DaemonStatus {
+                interface: self.device.name().to_owned(),
+                transports: self.transports.describe(),
+                node: self.node.status(),
+            }),
+        }
+    }
+
+    /// Reads and handles up to `BATCH` packets from the TUN; returns how many.
+    async fn drain_tun(&mut self) -> anyhow::Result<usize> {
+        for handled in 0..BATCH {
+            let Some(n) = self.read_tun().context("reading from the TUN device")? else {
+                return Ok(handled);
+            };
+            let transports = &self.transports;
+            match self.node.handle_tun_packet(&self.tun_buf[..n], |to| transports.limits(to), &mut self.out) {
+                FromTun::Send { to, datagram } => {
+                    if let Err(error) = self.transports.send(&to, datagram) {
+                        self.node.record_send_error();
+                        tracing::trace!(%to, %error, "send failed");
+                    }
+                }
+                FromTun::Reply(packet) => write_tun(&self.device.tun, packet).await,
+                FromTun::Done(_) => {}
+            }
+            self.flush_transmits();
+        }
+        Ok(BATCH)
+    }
+
+    /// One packet from the TUN, if one is waiting. tokio's `try_recv`
+    /// clears its readiness cache on EAGAIN, which re-arms `readable()`.
+    fn read_tun(&mut self) -> io::Result<Option<usize>> {
+        match self.device.tun.try_recv(&mut self.tun_buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Handles up to `BATCH` waiting datagrams; returns how many.
+    async fn drain_network(&mut self) -> usize {
+        for handled in 0..BATCH {
+            let next = self.transports.all.iter_mut().find_map(|t| t.try_recv(&mut self.net_buf).transpose());
+            match next {
+                Some(received) => self.on_received(received).await,
+                None => return handled,
+            }
+        }
+        BATCH
+    }
+
+    async fn on_received(&mut self, received: io::Result<Received>) {
+        let got = match received {
+            Ok(got) => got,
+            Err(error) => {
+                // Transient (ICMP errors reported on the socket, ENOBUFS): keep serving.
+                tracing::debug!(%error, "receive error");
+                return;
+            }
+        };
+        if let FromNetwork::ToTun(packet) = self.node.handle_datagram(&got.from, &self.net_buf[..got.len], &mut self.out) {
+            write_tun(&self.device.tun, packet).await;
+        }
+        self.flush_transmits();
+    }
+
+    fn flush_transmits(&mut self) {
+        while let Some(t) = self.node.poll_transmit() {
+            if let Err(error) = self.transports.send(&t.to, &t.payload) {
+                self.node.record_send_error();
+                tracing::debug!(to = %t.to, %error, "send failed");
+            }
         }
     }
 }
