@@ -105,8 +105,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         net_buf: vec![0u8; BUFFER_SIZE],
         out: vec![0u8; BUFFER_SIZE],
     };
+    // One timer, moved only when the core's deadline changes.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(path.node.poll_timeout()));
+    tokio::pin!(timer);
     loop {
         let deadline = tokio::time::Instant::from_std(path.node.poll_timeout());
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         let tun = &path.device.tun;
         let transports = &mut path.transports;
         let net_buf = &mut path.net_buf;
@@ -114,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             biased;
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
-            _ = tokio::time::sleep_until(deadline) => path.node.handle_timeout(Instant::now()),
+            _ = &mut timer => path.node.handle_timeout(Instant::now()),
             Some((request, reply)) = control_rx.recv() => {
                 let _ = reply.send(path.answer(request));
             }

@@ -139,15 +139,10 @@ impl Transport for UdpTransport {
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        // SAFETY: viewing initialised bytes as MaybeUninit is always sound;
-        // recv_from only writes initialised bytes into them.
-        let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
-        // Straight to the kernel, for the same reason as in `send`.
-        match socket2::SockRef::from(&self.socket).recv_from(uninit) {
-            Ok((len, from)) => {
-                let from = from.as_socket().ok_or_else(|| io::Error::other("non-IP sender"))?;
-                Ok(Some(Received { from: PeerAddr::Udp(canonical(from)), len }))
-            }
+        // Through tokio's readiness cache: the EAGAIN that ends a batch also
+        // clears it, so the next poll_recv waits instead of asking again.
+        match self.socket.try_recv_from(buf) {
+            Ok((len, from)) => Ok(Some(Received { from: PeerAddr::Udp(canonical(from)), len })),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
