@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
-use crate::core::NodeStatus;
+use crate::core::{NodeStatus, ReconfigureReport};
 
 /// Longest request line accepted; a request is a few dozen bytes.
 const MAX_REQUEST: usize = 4096;
@@ -21,12 +21,15 @@ const MAX_REQUEST: usize = 4096;
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Show,
+    /// Re-read the config file and apply peer changes.
+    Reload,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(DaemonStatus),
+    Reloaded(ReconfigureReport),
     Error { message: String },
 }
 
@@ -85,7 +88,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 }
 
 /// Client side: sends one request and waits for the answer.
-pub fn query(path: &Path, request: &Request) -> anyhow::Result<DaemonStatus> {
+pub fn request(path: &Path, request: &Request) -> anyhow::Result<Response> {
     let mut stream = StdUnixStream::connect(path).with_context(|| {
         format!("cannot reach the daemon at {} (is `veilmesh up` running? are you root?)", path.display())
     })?;
@@ -96,8 +99,16 @@ pub fn query(path: &Path, request: &Request) -> anyhow::Result<DaemonStatus> {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).context("no answer from the daemon")?;
     match serde_json::from_str::<Response>(&answer).context("malformed answer from the daemon")? {
+        Response::Error { message } => bail!("{message}"),
+        response => Ok(response),
+    }
+}
+
+/// `show` as a client call.
+pub fn show(path: &Path) -> anyhow::Result<DaemonStatus> {
+    match request(path, &Request::Show)? {
         Response::Status(status) => Ok(status),
-        Response::Error { message } => bail!("daemon: {message}"),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
     }
 }
 

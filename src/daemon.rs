@@ -16,7 +16,7 @@ use veilmesh_udp::{UdpConfig, UdpTransport};
 
 use crate::config::Config;
 use crate::control::{self, DaemonStatus, Request, Response};
-use crate::core::{FromNetwork, FromTun, Node, BUFFER_SIZE};
+use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::netdev::NetDevice;
 
 /// Packets handled per wake-up of one source before the loop looks at the
@@ -90,6 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let acceptor = tokio::spawn(accept_control(listener, control_tx));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     tracing::info!(
         interface = %iface.name,
         mesh_address = %node.mesh_address(),
@@ -98,6 +99,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut path = DataPath {
+        config: config.clone(),
         node,
         transports,
         device,
@@ -120,6 +122,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             biased;
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading {}", path.config.file.display());
+                let _ = path.reload();
+            }
             _ = &mut timer => path.node.handle_timeout(Instant::now()),
             Some((request, reply)) = control_rx.recv() => {
                 let _ = reply.send(path.answer(request));
@@ -143,6 +149,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// The TUN, the transports and the core, with the buffers that carry
 /// packets between them.
 struct DataPath {
+    /// The configuration in force (the last one that loaded cleanly).
+    config: Config,
     node: Node,
     transports: Transports,
     device: NetDevice,
@@ -152,14 +160,58 @@ struct DataPath {
 }
 
 impl DataPath {
-    fn answer(&self, request: Request) -> Response {
+    fn answer(&mut self, request: Request) -> Response {
         match request {
             Request::Show => Response::Status(DaemonStatus {
                 interface: self.device.name().to_owned(),
                 transports: self.transports.describe(),
                 node: self.node.status(),
             }),
+            Request::Reload => match self.reload() {
+                Ok(report) => Response::Reloaded(report),
+                Err(error) => Response::Error { message: format!("{error:#}") },
+            },
         }
+    }
+
+    /// Re-reads the config file and applies its peers. A config that does
+    /// not load, or that changes what only a restart can change, is refused
+    /// and the running one stays.
+    fn reload(&mut self) -> anyhow::Result<ReconfigureReport> {
+        let result = self.try_reload();
+        match &result {
+            Ok(r) => tracing::info!(
+                added = ?r.added, removed = ?r.removed, changed = ?r.changed,
+                unchanged = r.unchanged.len(), "config reloaded"
+            ),
+            Err(error) => tracing::error!("reload refused, running config kept: {error:#}"),
+        }
+        result
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<ReconfigureReport> {
+        let new = Config::load(&self.config.file)?;
+        let (old_if, new_if) = (&self.config.interface, &new.interface);
+        let restart_only = [
+            ("private key", old_if.private_key.public_key() != new_if.private_key.public_key()),
+            ("name", old_if.name != new_if.name),
+            ("listen_port", old_if.listen_port != new_if.listen_port),
+            ("mtu", old_if.mtu != new_if.mtu),
+            ("addresses", old_if.addresses != new_if.addresses),
+            ("control_socket", old_if.control_socket != new_if.control_socket),
+        ];
+        let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
+        if !changed.is_empty() {
+            anyhow::bail!(
+                "{}: [interface] {} changed; that takes a restart (nothing was reloaded)",
+                new.file.display(),
+                changed.join(", ")
+            );
+        }
+        self.device.sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
+        let report = self.node.reconfigure(new.peers.clone())?;
+        self.config = new;
+        Ok(report)
     }
 
     /// Reads and handles up to `BATCH` packets from the TUN; returns how many.

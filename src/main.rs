@@ -44,16 +44,40 @@ enum Command {
         /// Output JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// Find the daemon through this interface configuration file.
-        #[arg(short, long, conflicts_with_all = ["socket", "interface"])]
-        config: Option<PathBuf>,
-        /// Control socket path.
-        #[arg(long, conflicts_with = "interface")]
-        socket: Option<PathBuf>,
-        /// Interface name (uses /run/veilmesh/NAME.sock).
-        #[arg(short, long)]
-        interface: Option<String>,
+        #[command(flatten)]
+        target: Target,
     },
+    /// Make the running daemon re-read its config file (as SIGHUP does).
+    /// Unchanged peers keep their sessions; a bad config is refused.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which running daemon to talk to (default: interface veil0).
+#[derive(clap::Args)]
+struct Target {
+    /// Find the daemon through this interface configuration file.
+    #[arg(short, long, conflicts_with_all = ["socket", "interface"])]
+    config: Option<PathBuf>,
+    /// Control socket path.
+    #[arg(long, conflicts_with = "interface")]
+    socket: Option<PathBuf>,
+    /// Interface name (uses /run/veilmesh/NAME.sock).
+    #[arg(short, long)]
+    interface: Option<String>,
+}
+
+impl Target {
+    fn control_socket(self) -> anyhow::Result<PathBuf> {
+        Ok(match (self.config, self.socket, self.interface) {
+            (Some(path), _, _) => Config::load(&path)?.interface.control_socket,
+            (_, Some(socket), _) => socket,
+            (_, _, Some(name)) => default_control_socket(&name),
+            _ => default_control_socket(DEFAULT_INTERFACE_NAME),
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -95,18 +119,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?;
             runtime.block_on(veilmesh::daemon::run(config))?;
         }
-        Command::Show { json, config, socket, interface } => {
-            let socket = match (config, socket, interface) {
-                (Some(path), _, _) => Config::load(&path)?.interface.control_socket,
-                (_, Some(socket), _) => socket,
-                (_, _, Some(name)) => default_control_socket(&name),
-                _ => default_control_socket(DEFAULT_INTERFACE_NAME),
-            };
-            let status = control::query(&socket, &control::Request::Show)?;
+        Command::Show { json, target } => {
+            let status = control::show(&target.control_socket()?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", control::render(&status));
+            }
+        }
+        Command::Reload { target } => {
+            match control::request(&target.control_socket()?, &control::Request::Reload)? {
+                control::Response::Reloaded(r) => println!(
+                    "reloaded: {} added, {} removed, {} changed, {} unchanged",
+                    r.added.len(),
+                    r.removed.len(),
+                    r.changed.len(),
+                    r.unchanged.len()
+                ),
+                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
     }

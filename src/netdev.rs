@@ -64,23 +64,39 @@ impl NetDevice {
             };
             result.with_context(|| format!("cannot add address {net} to {name}"))?;
         }
-        let mesh = IpNet::V6(mesh_prefix());
-        for net in routes {
-            if mesh.contains(&net) {
-                continue;
-            }
-            device.add_route(net)?;
-        }
+        device.sync_routes(routes)?;
         tracing::info!(interface = name, %mesh_address, mtu, "TUN device up");
         Ok(device)
     }
 
-    fn add_route(&mut self, net: IpNet) -> anyhow::Result<()> {
-        ip_route("add", net, &self.name).with_context(|| {
-            format!("cannot add route {net} dev {}: another interface or VPN may own it", self.name)
-        })?;
-        tracing::info!(route = %net, interface = %self.name, "route added");
-        self.routes.push(net);
+    /// Makes the routes through this device exactly `wanted` (less what the
+    /// mesh /48 already covers). New routes go in first; if one fails, the
+    /// ones just added are taken out again and the old set stays.
+    pub fn sync_routes(&mut self, wanted: impl IntoIterator<Item = IpNet>) -> anyhow::Result<()> {
+        let mesh = IpNet::V6(mesh_prefix());
+        let mut wanted: Vec<IpNet> = wanted.into_iter().filter(|n| !mesh.contains(n)).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut added = Vec::new();
+        for net in wanted.iter().filter(|n| !self.routes.contains(n)) {
+            if let Err(error) = ip_route("add", *net, &self.name) {
+                for undo in added {
+                    let _ = ip_route("del", undo, &self.name);
+                }
+                return Err(error).with_context(|| {
+                    format!("cannot add route {net} dev {}: another interface or VPN may own it", self.name)
+                });
+            }
+            tracing::info!(route = %net, interface = %self.name, "route added");
+            added.push(*net);
+        }
+        for net in self.routes.iter().filter(|n| !wanted.contains(n)) {
+            match ip_route("del", *net, &self.name) {
+                Ok(()) => tracing::info!(route = %net, interface = %self.name, "route removed"),
+                Err(error) => tracing::warn!(route = %net, %error, "could not remove route"),
+            }
+        }
+        self.routes = wanted;
         Ok(())
     }
 
@@ -91,11 +107,7 @@ impl NetDevice {
 
 impl Drop for NetDevice {
     fn drop(&mut self) {
-        for net in self.routes.drain(..).rev() {
-            if let Err(error) = ip_route("del", net, &self.name) {
-                tracing::warn!(route = %net, %error, "could not remove route");
-            }
-        }
+        let _ = self.sync_routes([]);
         tracing::info!(interface = %self.name, "TUN device removed");
     }
 }

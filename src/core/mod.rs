@@ -129,7 +129,9 @@ pub struct Node {
     public: x25519::PublicKey,
     mesh_address: Ipv6Addr,
     local_v4: Option<Ipv4Addr>,
-    peers: Vec<Peer>,
+    /// Indexed by peer id. Ids are never reused: they live on in session
+    /// indices of messages still in flight after a peer is removed.
+    peers: Vec<Option<Peer>>,
     by_key: HashMap<[u8; 32], PeerId>,
     routes: RoutingTable<PeerId>,
     rate_limiter: Arc<RateLimiter>,
@@ -182,14 +184,11 @@ impl Node {
             next_rate_limit_reset: now + Duration::from_secs(1),
             scratch: vec![0u8; BUFFER_SIZE],
         };
-        for config in peers {
-            node.add_peer(config);
-        }
+        node.reconfigure(peers)?;
         Ok(node)
     }
 
-    fn add_peer(&mut self, config: PeerConfig) {
-        let id = self.peers.len();
+    fn new_peer(&self, id: PeerId, config: PeerConfig) -> Peer {
         let tunn = Tunn::new(
             self.private.clone(),
             config.public_key.to_x25519(),
@@ -198,16 +197,76 @@ impl Node {
             id as u32,
             Some(self.rate_limiter.clone()),
         );
-        for net in config.all_allowed_ips() {
-            self.routes.insert(net, id);
+        Peer { path: config.endpoint.map(PeerAddr::Udp), tunn, config, counters: PeerCounters::default() }
+    }
+
+    /// Applies a new peer list (a config reload). Peers whose configuration
+    /// is unchanged keep their session, path and counters; a changed peer
+    /// keeps its session too, unless its keepalive changed (boringtun fixes
+    /// that at creation). Removed peers are forgotten.
+    pub fn reconfigure(&mut self, peers: Vec<PeerConfig>) -> Result<ReconfigureReport, NodeError> {
+        let mut report = ReconfigureReport::default();
+        let mut wanted: HashMap<[u8; 32], PeerConfig> =
+            peers.into_iter().map(|p| (p.public_key.0, p)).collect();
+        for slot in &mut self.peers {
+            let Some(peer) = slot else { continue };
+            match wanted.remove(&peer.config.public_key.0) {
+                None => {
+                    report.removed.push(peer.config.name.clone());
+                    *slot = None;
+                }
+                Some(config) if config == peer.config => report.unchanged.push(config.name),
+                Some(config) => {
+                    report.changed.push(config.name.clone());
+                    if config.endpoint != peer.config.endpoint {
+                        peer.path = config.endpoint.map(PeerAddr::Udp).or(peer.path.take());
+                    }
+                    peer.config = config;
+                }
+            }
         }
-        self.by_key.insert(config.public_key.0, id);
-        self.peers.push(Peer {
-            path: config.endpoint.map(PeerAddr::Udp),
-            tunn,
-            config,
-            counters: PeerCounters::default(),
-        });
+        let keepalive_changed: Vec<PeerId> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter_map(|(id, p)| {
+                let p = p.as_ref()?;
+                (p.tunn.persistent_keepalive() != p.config.persistent_keepalive).then_some(id)
+            })
+            .collect();
+        for id in keepalive_changed {
+            if let Some(old) = self.peers[id].take() {
+                let mut fresh = self.new_peer(id, old.config);
+                fresh.path = old.path;
+                fresh.counters = old.counters;
+                self.peers[id] = Some(fresh);
+            }
+        }
+        let mut added: Vec<PeerConfig> = wanted.into_values().collect();
+        added.sort_by(|a, b| a.name.cmp(&b.name));
+        if self.peers.len() + added.len() >= MAX_PEERS {
+            return Err(NodeError::TooManyPeers(self.peers.len() + added.len()));
+        }
+        for config in added {
+            report.added.push(config.name.clone());
+            let id = self.peers.len();
+            let peer = self.new_peer(id, config);
+            self.peers.push(Some(peer));
+        }
+        self.rebuild_indexes();
+        Ok(report)
+    }
+
+    fn rebuild_indexes(&mut self) {
+        self.routes = RoutingTable::default();
+        self.by_key.clear();
+        for (id, peer) in self.peers.iter().enumerate() {
+            let Some(peer) = peer else { continue };
+            for net in peer.config.all_allowed_ips() {
+                self.routes.insert(net, id);
+            }
+            self.by_key.insert(peer.config.public_key.0, id);
+        }
     }
 
     pub fn mesh_address(&self) -> Ipv6Addr {
@@ -252,7 +311,10 @@ impl Node {
             tracing::trace!(dst = %info.dst, "no peer owns the destination");
             return self.unreachable(packet, &info, Unreachable::NoRoute, out);
         };
-        let peer = &mut self.peers[id];
+        let Some(peer) = self.peers[id].as_mut() else {
+            self.counters.no_route += 1;
+            return FromTun::Done(DropReason::NoRoute);
+        };
         let Some(path) = peer.path.clone() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.config.name, "no path to peer");
@@ -315,7 +377,7 @@ impl Node {
             Packet::PacketData(p) => p.receiver_idx,
         };
         let id = (receiver_idx >> 8) as usize;
-        if id < self.peers.len() {
+        if matches!(self.peers.get(id), Some(Some(_))) {
             Ok(id)
         } else {
             self.counters.bad_packet += 1;
@@ -364,7 +426,9 @@ impl Node {
             Ok(id) => id,
             Err(drop) => return FromNetwork::Dropped(drop),
         };
-        let peer = &mut self.peers[id];
+        let Some(peer) = self.peers[id].as_mut() else {
+            return FromNetwork::Dropped(DropReason::UnknownPeer);
+        };
         match peer.tunn.decapsulate(from.ip(), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, src) => {
                 Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V4(src))
@@ -424,7 +488,7 @@ impl Node {
 
     /// After a handshake, boringtun releases the packets it held.
     fn flush_queued(&mut self, id: PeerId) {
-        let peer = &mut self.peers[id];
+        let Some(peer) = self.peers[id].as_mut() else { return };
         let Some(path) = peer.path.clone() else { return };
         loop {
             match peer.tunn.decapsulate(None, &[], &mut self.scratch) {
@@ -447,7 +511,7 @@ impl Node {
             return;
         }
         self.next_tick = now + TIMER_TICK;
-        for peer in &mut self.peers {
+        for peer in self.peers.iter_mut().flatten() {
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => match &peer.path {
                     Some(path) => self.transmits.push_back(Transmit {
@@ -482,6 +546,7 @@ impl Node {
             peers: self
                 .peers
                 .iter()
+                .flatten()
                 .map(|p| {
                     let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p.tunn.stats();
                     PeerStatus {
@@ -516,6 +581,15 @@ fn log_decapsulate_error(peer: &str, from: &PeerAddr, error: &WireGuardError) {
         }
         _ => tracing::debug!(peer, %from, ?error, "datagram failed to authenticate"),
     }
+}
+
+/// Peer names by what a reload did to them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReconfigureReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -298,3 +298,54 @@ proptest! {
         let _ = m.node_a.handle_tun_packet(&bytes, limits, &mut out);
     }
 }
+
+fn data_message_from_a(m: &mut Mesh, packet: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; BUFFER_SIZE];
+    match m.node_a.handle_tun_packet(packet, limits, &mut out) {
+        FromTun::Send { datagram, .. } => datagram.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let c = Side::new("198.18.0.3:51820");
+    let report = m
+        .node_a
+        .reconfigure(vec![m.b.as_peer("b", true, &["192.168.50.0/24"]), c.as_peer("c", true, &[])])
+        .unwrap();
+    assert_eq!(report.added, vec!["c"]);
+    assert_eq!(report.unchanged, vec!["b"]);
+    // Still a data message (type 4), not a new handshake (type 1).
+    let datagram = data_message_from_a(&mut m, &ping);
+    assert_eq!(message_type(&datagram), Some(DATA));
+    assert!(matches!(m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf), FromNetwork::ToTun(_)));
+    // And the new peer is routed: its first packet starts a handshake.
+    let ping_c = ipv6_echo(m.a.mesh(), c.mesh(), 8);
+    let to_c = data_message_from_a(&mut m, &ping_c);
+    assert_eq!(message_type(&to_c), Some(1));
+}
+
+#[test]
+fn reconfigure_forgets_removed_peers_and_moves_routes() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let from_a = data_message_from_a(&mut m, &ping);
+    // b drops a; a's traffic is no longer accepted.
+    let report = m.node_b.reconfigure(vec![]).unwrap();
+    assert_eq!(report.removed, vec!["a"]);
+    assert!(matches!(m.node_b.handle_datagram(&m.a.addr, &from_a, &mut m.buf), FromNetwork::Dropped(_)));
+    assert!(m.node_b.status().peers.is_empty());
+    // a moves b's subnet: 192.168.50.0/24 becomes 192.168.60.0/24.
+    let report = m.node_a.reconfigure(vec![m.b.as_peer("b", true, &["192.168.60.0/24"])]).unwrap();
+    assert_eq!(report.changed, vec!["b"]);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let old = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 8, true);
+    assert!(matches!(m.node_a.handle_tun_packet(&old, limits, &mut out), FromTun::Reply(_)));
+    let new = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 60, 2), 8, true);
+    assert!(matches!(m.node_a.handle_tun_packet(&new, limits, &mut out), FromTun::Send { .. }));
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use veilmesh::control::{self, DaemonStatus, Request};
+use veilmesh::control::{self, DaemonStatus};
 use veilmesh::identity::PrivateKey;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_veilmesh");
@@ -90,6 +90,17 @@ impl Netns {
         run(&full)
     }
 
+    /// Starts a command in the namespace without waiting for it.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {args:?}: {e}"))
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) {
         let out = self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
         assert!(out.status.success(), "sysctl {key}: {}", String::from_utf8_lossy(&out.stderr));
@@ -99,7 +110,13 @@ impl Netns {
     pub fn ping(&self, args: &[&str]) -> (u32, u32, String) {
         let mut full = vec!["ping", "-n"];
         full.extend_from_slice(args);
-        let out = self.exec(&full);
+        ping_result(self.exec(&full))
+    }
+}
+
+/// (transmitted, received, full output) of a finished ping.
+pub fn ping_result(out: Output) -> (u32, u32, String) {
+    {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         let stats = text
             .lines()
@@ -114,6 +131,9 @@ impl Netns {
             .unwrap_or((0, 0));
         (stats.0, stats.1, text)
     }
+}
+
+impl Netns {
 
     pub fn has_link(&self, name: &str) -> bool {
         run(&["ip", "-n", &self.name, "link", "show", name]).status.success()
@@ -237,7 +257,7 @@ impl Daemon {
         let mut daemon = Daemon { child, socket: files.socket.clone(), log };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if control::query(&daemon.socket, &Request::Show).is_ok() {
+            if control::show(&daemon.socket).is_ok() {
                 return daemon;
             }
             if let Ok(Some(status)) = daemon.child.try_wait() {
@@ -249,7 +269,7 @@ impl Daemon {
     }
 
     pub fn show(&self) -> DaemonStatus {
-        control::query(&self.socket, &Request::Show).expect("show")
+        control::show(&self.socket).expect("show")
     }
 
     pub fn log_text(&self) -> String {
