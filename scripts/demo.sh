@@ -13,6 +13,7 @@ cargo build --release --locked --quiet
 bin=$PWD/target/release/veilmesh
 
 ns_prefix=vmdemo
+umask 077   # key files must be private: veilmesh refuses group/world-readable keys
 work=$(mktemp -d /tmp/veilmesh-demo.XXXXXX)
 pids=()
 cleanup() {

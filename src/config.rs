@@ -203,6 +203,7 @@ impl Validator<'_> {
                 .map_err(|e| self.err("interface.private_key", e.to_string()))?,
             (None, Some(path)) => {
                 let path = self.relative_to_config(&path);
+                self.check_private(&path, "interface.private_key_file")?;
                 let text = std::fs::read_to_string(&path).map_err(|e| {
                     self.err(
                         "interface.private_key_file",
@@ -287,6 +288,30 @@ impl Validator<'_> {
             allowed_ips,
             persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
         })
+    }
+
+    /// A secret readable by anyone but its owner is refused: it may already
+    /// have leaked, and continuing would hide that.
+    fn check_private(&self, path: &Path, field: &str) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = match std::fs::metadata(path) {
+            Ok(meta) => meta.permissions().mode(),
+            // Unreadable files get their error from the read that follows.
+            Err(_) => return Ok(()),
+        };
+        if mode & 0o077 != 0 {
+            return Err(self.err(
+                field,
+                format!(
+                    "{} is accessible by group or others (mode {:04o}); run `chmod 600 {}` \
+                     and consider the key compromised if others could read it",
+                    path.display(),
+                    mode & 0o7777,
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn relative_to_config(&self, path: &Path) -> PathBuf {
@@ -479,10 +504,32 @@ mod tests {
         );
     }
 
+    fn write_private(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    #[test]
+    fn group_or_world_readable_key_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("node.key");
+        write_private(&key, KEY_A);
+        for mode in [0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = Config::parse("[interface]\nprivate_key_file = \"node.key\"\n", &dir.path().join("v.toml"))
+                .unwrap_err();
+            assert_eq!(err.field, "interface.private_key_file");
+            assert!(err.message.contains(&format!("mode {mode:04o}")), "{err}");
+            assert!(err.message.contains("chmod 600"), "{err}");
+        }
+    }
+
     #[test]
     fn key_file_is_read_relative_to_the_config() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("node.key"), format!("{KEY_A}\n")).unwrap();
+        write_private(&dir.path().join("node.key"), &format!("{KEY_A}\n"));
         let cfg = Config::parse(
             "[interface]\nprivate_key_file = \"node.key\"\n",
             &dir.path().join("veil0.toml"),

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::netdev::NetDevice;
+use crate::notify::Notifier;
 
 /// Packets handled per wake-up of one source before the loop looks at the
 /// others, so a flood on one side cannot starve timers or the other side.
@@ -91,6 +92,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!("running on {}, {} peers", iface.name, config.peers.len()));
     tracing::info!(
         interface = %iface.name,
         mesh_address = %node.mesh_address(),
@@ -124,11 +127,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.config.file.display());
-                let _ = path.reload();
+                let _ = path.reload(&notifier);
             }
             _ = &mut timer => path.node.handle_timeout(Instant::now()),
             Some((request, reply)) = control_rx.recv() => {
-                let _ = reply.send(path.answer(request));
+                let _ = reply.send(path.answer(request, &notifier));
             }
             readable = tun.readable() => {
                 readable.context("TUN device failed")?;
@@ -140,6 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    notifier.stopping();
     acceptor.abort();
     drop(path);
     tracing::info!("veilmesh stopped");
@@ -160,14 +164,14 @@ struct DataPath {
 }
 
 impl DataPath {
-    fn answer(&mut self, request: Request) -> Response {
+    fn answer(&mut self, request: Request, notifier: &Notifier) -> Response {
         match request {
             Request::Show => Response::Status(DaemonStatus {
                 interface: self.device.name().to_owned(),
                 transports: self.transports.describe(),
                 node: self.node.status(),
             }),
-            Request::Reload => match self.reload() {
+            Request::Reload => match self.reload(notifier) {
                 Ok(report) => Response::Reloaded(report),
                 Err(error) => Response::Error { message: format!("{error:#}") },
             },
@@ -177,14 +181,24 @@ impl DataPath {
     /// Re-reads the config file and applies its peers. A config that does
     /// not load, or that changes what only a restart can change, is refused
     /// and the running one stays.
-    fn reload(&mut self) -> anyhow::Result<ReconfigureReport> {
+    fn reload(&mut self, notifier: &Notifier) -> anyhow::Result<ReconfigureReport> {
         let result = self.try_reload();
         match &result {
-            Ok(r) => tracing::info!(
-                added = ?r.added, removed = ?r.removed, changed = ?r.changed,
-                unchanged = r.unchanged.len(), "config reloaded"
-            ),
-            Err(error) => tracing::error!("reload refused, running config kept: {error:#}"),
+            Ok(r) => {
+                tracing::info!(
+                    added = ?r.added, removed = ?r.removed, changed = ?r.changed,
+                    unchanged = r.unchanged.len(), "config reloaded"
+                );
+                notifier.status(&format!(
+                    "running on {}, {} peers (reloaded)",
+                    self.config.interface.name,
+                    self.config.peers.len()
+                ));
+            }
+            Err(error) => {
+                tracing::error!("reload refused, running config kept: {error:#}");
+                notifier.status(&format!("reload refused: {error:#}"));
+            }
         }
         result
     }

@@ -7,3 +7,4 @@ pub mod core;
 pub mod daemon;
 pub mod identity;
 pub mod netdev;
+pub mod notify;

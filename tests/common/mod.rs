@@ -212,6 +212,7 @@ impl NodeFiles {
     pub fn write_config(&self, interface_extra: &str, peers: &str) {
         let key_file = self.dir.join("veil0.key");
         fs::write(&key_file, format!("{}\n", self.key.to_base64())).unwrap();
+        fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let text = format!(
             "[interface]\nprivate_key_file = \"{}\"\ncontrol_socket = \"{}\"\n{interface_extra}\n{peers}",
             key_file.display(),
@@ -244,11 +245,16 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon in `ns` and waits until its control socket answers.
     pub fn start(ns: &Netns, files: &NodeFiles) -> Daemon {
+        Daemon::start_with_env(ns, files, &[])
+    }
+
+    pub fn start_with_env(ns: &Netns, files: &NodeFiles, env: &[(&str, &str)]) -> Daemon {
         let log = files.dir.join("daemon.log");
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.name, BIN, "up", "--config"])
             .arg(&files.config)
             .args(["--log-level", "debug"])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
