@@ -11,7 +11,9 @@ packages=(
   wireguard-go    # benchmark reference
   wireguard-tools # `wg`: configures wireguard-go; key-compatibility test
   tcpdump         # captures in tests
-  procps          # sysctl
+  procps          # sysctl, pgrep
+  man-db          # the package check reads the man page
+  xz-utils        # dpkg-deb -Zxz
   pkg-config
   ca-certificates
 )

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use veilmesh::config::{default_control_socket, Config, DEFAULT_INTERFACE_NAME};
@@ -13,7 +13,7 @@ use veilmesh::identity::{PrivateKey, PublicKey};
 /// Mesh VPN daemon: a TUN interface onto a private mesh of peers, each with a
 /// stable IPv6 address in fd60:db4d:ddb5::/48 derived from its public key.
 #[derive(Parser)]
-#[command(name = "veilmesh", version, about, propagate_version = true)]
+#[command(name = "veilmesh", version, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -47,6 +47,10 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Manpage,
     /// Make the running daemon re-read its config file (as SIGHUP does).
     /// Unchanged peers keep their sessions; a bad config is refused.
     Reload {
@@ -126,6 +130,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", control::render(&status));
             }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "veilmesh", &mut std::io::stdout());
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .render(&mut std::io::stdout())
+                .context("cannot write the man page")?;
         }
         Command::Reload { target } => {
             match control::request(&target.control_socket()?, &control::Request::Reload)? {

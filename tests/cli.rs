@@ -116,3 +116,31 @@ fn show_without_a_daemon_says_so() {
     assert!(!ok);
     assert!(err.contains("is `veilmesh up` running?"), "{err}");
 }
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("veil0.key");
+    std::fs::write(&key, "YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/veil0.toml.example"))
+        .unwrap()
+        .replace("/etc/veilmesh/veil0.key", key.to_str().unwrap());
+    let config = veilmesh::config::Config::parse(&example, &dir.path().join("veil0.toml")).unwrap();
+    assert_eq!(config.peers.len(), 1);
+    assert_eq!(config.interface.name, "veil0");
+}
+
+#[test]
+fn man_page_and_completions_come_from_the_cli_definition() {
+    let (ok, man, _) = veilmesh(&["manpage"], "");
+    assert!(ok);
+    assert!(man.contains(".TH veilmesh 8"), "{}", &man[..200.min(man.len())]);
+    for sub in ["genkey", "pubkey", "addr", "up", "show", "reload"] {
+        assert!(man.contains(sub), "man page lacks {sub}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, text, _) = veilmesh(&["completions", shell], "");
+        assert!(ok && text.contains("reload"), "{shell} completions");
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the Debian package, installs it on this machine, checks that the
+# binary, the man page and the unit are there and that nothing was started,
+# then purges it again. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deb=$(scripts/package-deb.sh)
+was_installed=$(dpkg-query -W -f='${Status}' veilmesh 2>/dev/null || true)
+case "$was_installed" in *"ok installed"*) echo "veilmesh is already installed here; not touching it" >&2; exit 1 ;; esac
+trap 'dpkg --purge veilmesh >/dev/null 2>&1 || true' EXIT
+passed=0; failed=0
+check() { # description command...
+  local what=$1; shift
+  if "$@" >/dev/null 2>&1; then passed=$((passed + 1)); echo "ok: $what"
+  else failed=$((failed + 1)); echo "FAILED: $what"; fi
+}
+dpkg -i "$deb" >/dev/null
+check "veilmesh --help runs from /usr/bin" /usr/bin/veilmesh --help
+check "man veilmesh renders" bash -c 'MANPAGER=cat man veilmesh | grep -q "veilmesh genkey\|genkey"'
+check "unit installed" test -f /lib/systemd/system/veilmesh@.service
+check "example config installed" test -f /usr/share/doc/veilmesh/examples/veil0.toml
+check "bash completion installed" test -s /usr/share/bash-completion/completions/veilmesh
+check "no veilmesh process started by the install" bash -c '! pgrep -x veilmesh'
+check "no instance enabled by the install" bash -c '! ls /etc/systemd/system/multi-user.target.wants/ 2>/dev/null | grep -q veilmesh'
+dpkg --purge veilmesh >/dev/null
+check "purge removes the binary" test ! -e /usr/bin/veilmesh
+echo "package check: $passed passed, $failed failed"
+[ "$failed" = 0 ]
