@@ -44,8 +44,14 @@ throughput() {
   wait $server || true
   python3 -c 'import json,sys; print("%.3f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$work/iperf.json"
 }
+# rtt DEST -> "avg median" in ms over 200 pings. The median is printed too
+# because idle vCPUs on shared VMs add rare multi-millisecond wake-ups that
+# dominate the average.
 rtt() {
-  in_a ping -n -q -c 200 -i 0.005 "$1" | awk -F'/' '/^rtt/ {print $5}'
+  in_a ping -n -c 200 -i 0.005 "$1" | python3 -c '
+import re, statistics, sys
+t = [float(m.group(1)) for m in re.finditer(r"time=([0-9.]+) ms", sys.stdin.read())]
+print("%.3f %.3f" % (statistics.mean(t), statistics.median(t)))'
 }
 
 # --- wireguard-go ---------------------------------------------------------
@@ -88,7 +94,7 @@ for _ in $(seq 50); do "$bin" show --socket "$work/b.sock" >/dev/null 2>&1 && br
 in_a ping -c 2 -i 0.2 -q 198.19.0.2 >/dev/null
 in_a ping -c 2 -i 0.2 -q 198.19.1.2 >/dev/null
 
-declare -A tput rt
+declare -A tput rt rtm
 for r in $(seq "$rounds"); do
   for path in veth wireguard-go veilmesh; do
     case $path in
@@ -96,26 +102,27 @@ for r in $(seq "$rounds"); do
       wireguard-go) dst=198.19.0.2 ;;
       veilmesh) dst=198.19.1.2 ;;
     esac
-    g=$(throughput $dst); t=$(rtt $dst)
-    tput[$path]="${tput[$path]:-} $g"; rt[$path]="${rt[$path]:-} $t"
-    echo "round $r: $path: $g Gbit/s, rtt $t ms" >&2
+    g=$(throughput $dst); read -r t m <<< "$(rtt $dst)"
+    tput[$path]="${tput[$path]:-} $g"; rt[$path]="${rt[$path]:-} $t"; rtm[$path]="${rtm[$path]:-} $m"
+    echo "round $r: $path: $g Gbit/s, rtt avg $t ms, median $m ms" >&2
   done
 done
 
 avg() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print("%.3f" % (sum(v)/len(v)))' $1; }
 veth_g=$(avg "${tput[veth]}"); wg_g=$(avg "${tput[wireguard-go]}"); vm_g=$(avg "${tput[veilmesh]}")
 veth_r=$(avg "${rt[veth]}"); wg_r=$(avg "${rt[wireguard-go]}"); vm_r=$(avg "${rt[veilmesh]}")
+veth_m=$(avg "${rtm[veth]}"); wg_m=$(avg "${rtm[wireguard-go]}"); vm_m=$(avg "${rtm[veilmesh]}")
 echo
-printf '%-14s %12s %12s\n' path "Gbit/s" "rtt ms"
-printf '%-14s %12s %12s\n' veth "$veth_g" "$veth_r"
-printf '%-14s %12s %12s\n' wireguard-go "$wg_g" "$wg_r"
-printf '%-14s %12s %12s\n' veilmesh "$vm_g" "$vm_r"
-python3 - "$veth_g" "$wg_g" "$vm_g" "$veth_r" "$wg_r" "$vm_r" <<'PY'
+printf '%-14s %10s %14s %14s\n' path "Gbit/s" "rtt avg ms" "rtt median ms"
+printf '%-14s %10s %14s %14s\n' veth "$veth_g" "$veth_r" "$veth_m"
+printf '%-14s %10s %14s %14s\n' wireguard-go "$wg_g" "$wg_r" "$wg_m"
+printf '%-14s %10s %14s %14s\n' veilmesh "$vm_g" "$vm_r" "$vm_m"
+python3 - "$veth_g" "$wg_g" "$vm_g" "$veth_r" "$wg_r" "$vm_r" "$veth_m" "$wg_m" "$vm_m" <<'PY'
 import sys
-veth_g, wg_g, vm_g, veth_r, wg_r, vm_r = map(float, sys.argv[1:])
+veth_g, wg_g, vm_g, veth_r, wg_r, vm_r, veth_m, wg_m, vm_m = map(float, sys.argv[1:])
 print()
 print("throughput veilmesh / wireguard-go: %.2f" % (vm_g / wg_g))
 print("throughput veilmesh / veth:         %.2f" % (vm_g / veth_g))
-print("added rtt veilmesh - veth:          %.3f ms" % (vm_r - veth_r))
-print("added rtt wireguard-go - veth:      %.3f ms" % (wg_r - veth_r))
+print("added rtt veilmesh - veth:          %.3f ms avg, %.3f ms median" % (vm_r - veth_r, vm_m - veth_m))
+print("added rtt wireguard-go - veth:      %.3f ms avg, %.3f ms median" % (wg_r - veth_r, wg_m - veth_m))
 PY
