@@ -11,6 +11,7 @@ packages=(
   wireguard-go    # benchmark reference
   wireguard-tools # `wg`: configures wireguard-go; key-compatibility test
   tcpdump         # captures in tests
+  curl            # scrapes the metrics endpoint in tests
   procps          # sysctl, pgrep
   man-db          # the package check reads the man page
   xz-utils        # dpkg-deb -Zxz

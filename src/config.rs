@@ -58,6 +58,7 @@ struct RawInterface {
     #[serde(default)]
     addresses: Vec<String>,
     control_socket: Option<PathBuf>,
+    metrics_address: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +88,8 @@ pub struct InterfaceConfig {
     /// Extra addresses on the TUN besides the mesh address (site-to-site).
     pub addresses: Vec<IpNet>,
     pub control_socket: PathBuf,
+    /// Where Prometheus metrics are served over HTTP, if anywhere.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,8 +255,17 @@ impl Validator<'_> {
             .control_socket
             .map(|p| self.relative_to_config(&p))
             .unwrap_or_else(|| default_control_socket(&name));
+        let metrics_address = raw
+            .metrics_address
+            .map(|text| {
+                text.parse::<SocketAddr>().map_err(|_| {
+                    self.err("interface.metrics_address", format!("`{text}` is not IP:PORT, like 127.0.0.1:9586"))
+                })
+            })
+            .transpose()?;
         Ok(InterfaceConfig {
             private_key,
+            metrics_address,
             name,
             listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
             mtu,

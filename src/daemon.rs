@@ -88,6 +88,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let device = NetDevice::create(&iface.name, iface.mtu, node.mesh_address(), &iface.addresses, routes)?;
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
+    let metrics = match iface.metrics_address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("{}: interface.metrics_address: cannot listen on {addr}", config.file.display()))?;
+            tracing::info!(%addr, "serving Prometheus metrics");
+            Some(tokio::spawn(serve_metrics(listener, control_tx.clone())))
+        }
+        None => None,
+    };
     let acceptor = tokio::spawn(accept_control(listener, control_tx));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -145,6 +155,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     notifier.stopping();
     acceptor.abort();
+    if let Some(task) = metrics {
+        task.abort();
+    }
     drop(path);
     tracing::info!("veilmesh stopped");
     Ok(())
@@ -213,6 +226,7 @@ impl DataPath {
             ("mtu", old_if.mtu != new_if.mtu),
             ("addresses", old_if.addresses != new_if.addresses),
             ("control_socket", old_if.control_socket != new_if.control_socket),
+            ("metrics_address", old_if.metrics_address != new_if.metrics_address),
         ];
         let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
         if !changed.is_empty() {
@@ -344,5 +358,44 @@ async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
         let _ = write.write_all(text.as_bytes()).await;
+    }
+}
+
+/// Minimal HTTP/1.0 server for `GET /metrics`; everything else gets 404.
+/// Each scrape is a `show` request to the event loop.
+async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<ControlRequest>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut first_line = String::new();
+            let mut reader = BufReader::new(read.take(8192));
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader.read_line(&mut first_line)).await;
+            let response = if !matches!(got, Ok(Ok(_))) {
+                return;
+            } else if first_line.starts_with("GET /metrics ") || first_line.trim_end() == "GET /metrics" {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((Request::Show, tx)).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Response::Status(status)) => {
+                        let body = crate::metrics::render(&status);
+                        format!(
+                            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    }
+                    _ => return,
+                }
+            } else {
+                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+            };
+            let _ = write.write_all(response.as_bytes()).await;
+        });
     }
 }

@@ -6,5 +6,6 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod identity;
+pub mod metrics;
 pub mod netdev;
 pub mod notify;

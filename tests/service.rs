@@ -52,3 +52,38 @@ fn daemon_tells_systemd_when_the_tun_is_up_and_when_it_stops() {
     let n = notify.recv(&mut buf).expect("STOPPING=1");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
+
+#[test]
+fn prometheus_metrics_are_served_on_the_configured_address() {
+    require_root();
+    reap_stale();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Netns::new("mx-a"), Netns::new("mx-b"));
+    veth(&a, "eth0", &b, "eth0");
+    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (fa, fb) = (NodeFiles::new(dir.path(), "a"), NodeFiles::new(dir.path(), "b"));
+    fa.write_config("metrics_address = \"127.0.0.1:9586\"", &fb.peer_block("b", Some("198.18.0.2:51820"), &[]));
+    fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
+    let _da = Daemon::start(&a, &fa);
+    let _db = Daemon::start(&b, &fb);
+    let (_, got, out) = a.ping(&["-6", "-c", "2", "-i", "0.2", "-W", "2", &fb.mesh().to_string()]);
+    assert_eq!(got, 2, "{out}");
+
+    let scrape = a.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9586/metrics"]);
+    let text = String::from_utf8_lossy(&scrape.stdout);
+    assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
+    assert!(text.contains("veilmesh_peer_handshakes_total{interface=\"veil0\",peer=\"b\"} 1"), "{text}");
+    assert!(
+        text.contains("veilmesh_peer_path_info{interface=\"veil0\",peer=\"b\",transport=\"udp\",address=\"198.18.0.2:51820\"} 1"),
+        "{text}"
+    );
+    let rx: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("veilmesh_peer_rx_bytes_total{interface=\"veil0\",peer=\"b\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("rx bytes sample");
+    assert!(rx > 0);
+    let other = a.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9586/"]);
+    assert_eq!(String::from_utf8_lossy(&other.stdout), "404");
+}

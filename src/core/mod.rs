@@ -52,6 +52,8 @@ pub struct PeerCounters {
     pub bad_packet: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
+    /// Noise handshakes completed (either side initiating).
+    pub handshakes: u64,
 }
 
 /// Counters for what cannot be pinned on a configured peer.
@@ -440,6 +442,9 @@ impl Node {
                 // Cookie replies answer unauthenticated packets: no roaming on those.
                 if message_type(reply) != Some(COOKIE_REPLY) {
                     Self::roam(peer, from);
+                    if matches!(message_type(datagram), Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)) {
+                        peer.counters.handshakes += 1;
+                    }
                 }
                 self.transmits.push_back(Transmit { to: from.clone(), payload: reply.to_vec() });
                 self.flush_queued(id);
@@ -566,6 +571,8 @@ impl Node {
     }
 }
 
+const HANDSHAKE_INIT: u32 = 1;
+const HANDSHAKE_RESPONSE: u32 = 2;
 const COOKIE_REPLY: u32 = 3;
 const DATA: u32 = 4;
 

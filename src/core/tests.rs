@@ -130,6 +130,8 @@ fn first_packet_survives_the_handshake_and_arrives_intact() {
     let status = m.node_b.status();
     assert_eq!(status.peers[0].path.as_deref(), Some("udp 198.18.0.1:51820"));
     assert_eq!(status.peers[0].counters.rx_packets, 1);
+    assert_eq!(status.peers[0].counters.handshakes, 1);
+    assert_eq!(m.node_a.status().peers[0].counters.handshakes, 1);
     assert!(status.peers[0].seconds_since_handshake.is_some());
 }
 
