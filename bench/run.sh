@@ -77,6 +77,7 @@ for side in a b; do
 [interface]
 private_key_file = "$work/$side.key"
 control_socket = "$work/$side.sock"
+hosts_file = ""
 addresses = ["$addr"]
 [[peer]]
 name = "$other"

@@ -19,7 +19,7 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for n in br a b c lan; do ip netns del "$ns_prefix-$n" 2>/dev/null || true; done
+  for n in br a b c lan; do ip netns del "$ns_prefix-$n" 2>/dev/null || true; rm -rf "/etc/netns/$ns_prefix-$n"; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -40,6 +40,10 @@ ip -n $ns_prefix-lan addr add 192.168.50.2/24 dev eth0 && ip -n $ns_prefix-lan l
 ip -n $ns_prefix-lan route add default via 192.168.50.1
 ip netns exec $ns_prefix-b sysctl -qw net.ipv4.ip_forward=1
 
+# Each node's own /etc/hosts (ip netns exec bind-mounts it), for NAME.veil.
+for n in a b c; do
+  mkdir -p "/etc/netns/$ns_prefix-$n" && printf '127.0.0.1\tlocalhost\n' > "/etc/netns/$ns_prefix-$n/hosts"
+done
 for n in a b c; do
   "$bin" genkey > "$work/$n.key"
   "$bin" pubkey < "$work/$n.key" > "$work/$n.pub"
@@ -81,6 +85,9 @@ done
 total=$((total + 1))
 if out=$(ip netns exec $ns_prefix-a ping -n -c 3 -i 0.2 -W 2 192.168.50.2); then ok=$((ok + 1)); fi
 printf '  ping a -> 192.168.50.2 (LAN behind b): %s\n' "$(echo "$out" | grep -E 'packets transmitted' )"
+total=$((total + 1))
+if out=$(ip netns exec $ns_prefix-c ping -6 -n -c 3 -i 0.2 -W 2 b.veil); then ok=$((ok + 1)); fi
+printf '  ping c -> b.veil (by name): %s\n' "$(echo "$out" | grep -E 'packets transmitted' )"
 echo
 echo "== veilmesh show (node a):"
 "$bin" show --socket "$work/a.sock"

@@ -20,6 +20,7 @@ pub const DEFAULT_MTU: u16 = 1420;
 /// IPv6 requires every link to carry 1280-byte packets.
 pub const MIN_MTU: u16 = 1280;
 const MAX_INTERFACE_NAME: usize = 15;
+pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
@@ -59,6 +60,7 @@ struct RawInterface {
     addresses: Vec<String>,
     control_socket: Option<PathBuf>,
     metrics_address: Option<String>,
+    hosts_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,8 @@ pub struct InterfaceConfig {
     pub control_socket: PathBuf,
     /// Where Prometheus metrics are served over HTTP, if anywhere.
     pub metrics_address: Option<SocketAddr>,
+    /// Where `NAME.veil` entries go; empty path disables them.
+    pub hosts_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +116,10 @@ impl PeerConfig {
     pub fn all_allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
         std::iter::once(self.mesh_net()).chain(self.allowed_ips.iter().copied())
     }
+}
+
+pub fn default_config_file(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/etc/veilmesh/{interface}.toml"))
 }
 
 pub fn default_control_socket(interface: &str) -> PathBuf {
@@ -263,9 +271,15 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
+        let hosts_file = match raw.hosts_file {
+            None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(self.relative_to_config(&p)),
+        };
         Ok(InterfaceConfig {
             private_key,
             metrics_address,
+            hosts_file,
             name,
             listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
             mtu,
@@ -278,9 +292,21 @@ impl Validator<'_> {
         let provisional = peer_label(index, raw.name.as_deref().unwrap_or(""));
         let public_key = PublicKey::parse(&raw.public_key)
             .map_err(|e| self.err(format!("{provisional}.public_key"), e.to_string()))?;
-        // An unnamed peer is called by the start of its key, as `wg show` does.
-        let name = raw.name.unwrap_or_else(|| public_key.to_base64()[..8].to_owned());
+        // An unnamed peer is called by the start of its key.
+        let name = raw.name.unwrap_or_else(|| {
+            let hex: String = public_key.0[..4].iter().map(|b| format!("{b:02x}")).collect();
+            format!("peer-{hex}")
+        });
         let label = peer_label(index, &name);
+        if !is_dns_label(&name) {
+            return Err(self.err(
+                format!("{label}.name"),
+                format!(
+                    "`{name}` cannot be a host name (NAME.veil): use 1-63 letters, digits \
+                     and inner hyphens"
+                ),
+            ));
+        }
         let endpoint = raw
             .endpoint
             .map(|text| parse_endpoint(&text).map_err(|m| self.err(format!("{label}.endpoint"), m)))
@@ -342,7 +368,14 @@ fn peer_label(index: usize, name: &str) -> String {
     }
 }
 
-fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
+pub fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -585,7 +618,18 @@ mod tests {
             cfg.peers[0].allowed_ips,
             vec!["192.168.50.0/24".parse::<IpNet>().unwrap(), "10.0.0.1/32".parse().unwrap()]
         );
-        assert_eq!(cfg.peers[0].name, &PUB_B[..8]);
+        assert_eq!(cfg.peers[0].name, "peer-8520f009");
+    }
+
+    #[test]
+    fn peer_names_must_work_as_host_names() {
+        for bad in ["site b", "-b", "b-", "b.c", "ü"] {
+            expect_error(
+                &with_peers(&format!("[[peer]]\nname = \"{bad}\"\npublic_key = \"{PUB_B}\"\n")),
+                &format!("peer[0] \"{bad}\".name"),
+                "cannot be a host name",
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use veilmesh_udp::{UdpConfig, UdpTransport};
 use crate::config::Config;
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
+use crate::hosts::HostsFile;
 use crate::netdev::NetDevice;
 use crate::notify::Notifier;
 
@@ -111,7 +112,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "veilmesh running"
     );
 
+    let hosts = iface.hosts_file.as_deref().map(|p| HostsFile::new(p, &iface.name));
     let mut path = DataPath {
+        hosts,
         config: config.clone(),
         node,
         transports,
@@ -120,6 +123,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         net_buf: vec![0u8; BUFFER_SIZE],
         out: vec![0u8; BUFFER_SIZE],
     };
+    path.update_hosts();
     // One timer, moved only when the core's deadline changes.
     let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(path.node.poll_timeout()));
     tokio::pin!(timer);
@@ -154,6 +158,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     notifier.stopping();
+    if let Some(hosts) = &path.hosts {
+        if let Err(error) = hosts.remove() {
+            tracing::warn!("{error:#}");
+        }
+    }
     acceptor.abort();
     if let Some(task) = metrics {
         task.abort();
@@ -168,6 +177,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 struct DataPath {
     /// The configuration in force (the last one that loaded cleanly).
     config: Config,
+    /// Where peer names go, unless disabled.
+    hosts: Option<HostsFile>,
     node: Node,
     transports: Transports,
     device: NetDevice,
@@ -227,6 +238,7 @@ impl DataPath {
             ("addresses", old_if.addresses != new_if.addresses),
             ("control_socket", old_if.control_socket != new_if.control_socket),
             ("metrics_address", old_if.metrics_address != new_if.metrics_address),
+            ("hosts_file", old_if.hosts_file != new_if.hosts_file),
         ];
         let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
         if !changed.is_empty() {
@@ -239,7 +251,22 @@ impl DataPath {
         self.device.sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
         let report = self.node.reconfigure(new.peers.clone())?;
         self.config = new;
+        self.update_hosts();
         Ok(report)
+    }
+
+    /// Names are a convenience: failing to write them is logged, not fatal.
+    fn update_hosts(&self) {
+        let Some(hosts) = &self.hosts else { return };
+        let entries: Vec<_> = self
+            .config
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.public_key.mesh_address()))
+            .collect();
+        if let Err(error) = hosts.update(&entries) {
+            tracing::warn!("peer names not published: {error:#}");
+        }
     }
 
     /// Reads and handles up to `BATCH` packets from the TUN; returns how many.

@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use veilmesh::config::{default_control_socket, Config, DEFAULT_INTERFACE_NAME};
+use veilmesh::config::{default_config_file, default_control_socket, Config, DEFAULT_INTERFACE_NAME};
+use veilmesh::invite::Invite;
 use veilmesh::control;
 use veilmesh::identity::{PrivateKey, PublicKey};
 
@@ -51,12 +52,54 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Manpage,
+    /// Print a one-line invite: this node's key, name and UDP endpoint.
+    Invite {
+        #[command(flatten)]
+        file: ConfigFile,
+        /// The UDP endpoint peers should use (HOST:PORT), when known.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The name peers should know this node by (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Add the node behind an invite as a peer (keeping the config's
+    /// comments and layout) and reload the running daemon.
+    Join {
+        /// The token printed by `veilmesh invite` on the other node.
+        token: String,
+        #[command(flatten)]
+        file: ConfigFile,
+        /// Name for the new peer (default: the name in the invite).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Make the running daemon re-read its config file (as SIGHUP does).
     /// Unchanged peers keep their sessions; a bad config is refused.
     Reload {
         #[command(flatten)]
         target: Target,
     },
+}
+
+/// Which interface configuration file (default: /etc/veilmesh/veil0.toml).
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The configuration file.
+    #[arg(short, long, conflicts_with = "interface")]
+    config: Option<PathBuf>,
+    /// Interface name (uses /etc/veilmesh/NAME.toml).
+    #[arg(short, long)]
+    interface: Option<String>,
+}
+
+impl ConfigFile {
+    fn path(self) -> PathBuf {
+        match (self.config, self.interface) {
+            (Some(path), _) => path,
+            (None, name) => default_config_file(name.as_deref().unwrap_or(DEFAULT_INTERFACE_NAME)),
+        }
+    }
 }
 
 /// Which running daemon to talk to (default: interface veil0).
@@ -140,6 +183,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .render(&mut std::io::stdout())
                 .context("cannot write the man page")?;
         }
+        Command::Invite { file, endpoint, name } => {
+            let config = Config::load(&file.path())?;
+            if let Some(endpoint) = &endpoint {
+                veilmesh::config::parse_endpoint(endpoint).map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+            }
+            let name = match name {
+                Some(name) => name,
+                None => host_name_label().context("cannot derive a name from the host name; pass --name")?,
+            };
+            let invite = Invite { name, public_key: config.interface.private_key.public_key().to_base64(), endpoint };
+            invite.validate_name().map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+            println!("{}", invite.encode());
+        }
+        Command::Join { token, file, name } => {
+            let invite = Invite::decode(&token)?;
+            let path = file.path();
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let name = name.unwrap_or_else(|| invite.name.clone());
+            let updated = veilmesh::invite::add_peer(&text, &path, &invite, &name)?;
+            std::fs::write(&path, updated).with_context(|| format!("cannot write {}", path.display()))?;
+            let socket = Config::load(&path)?.interface.control_socket;
+            if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+                println!("added peer {name} to {}; the daemon is not running, so start it to connect", path.display());
+                return Ok(());
+            }
+            match control::request(&socket, &control::Request::Reload)? {
+                control::Response::Reloaded(_) => println!("added peer {name} to {} and reloaded", path.display()),
+                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        }
         Command::Reload { target } => {
             match control::request(&target.control_socket()?, &control::Request::Reload)? {
                 control::Response::Reloaded(r) => println!(
@@ -154,6 +227,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The host name as a DNS label, for a default invite name.
+fn host_name_label() -> anyhow::Result<String> {
+    let host = nix::unistd::gethostname()?.to_string_lossy().to_lowercase();
+    let first = host.split('.').next().unwrap_or("");
+    let label: String = first.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let label = label.trim_matches('-').chars().take(63).collect::<String>();
+    anyhow::ensure!(veilmesh::config::is_dns_label(&label), "host name `{host}` gives no usable name");
+    Ok(label)
 }
 
 fn read_stdin() -> anyhow::Result<String> {

@@ -152,6 +152,30 @@ impl Drop for Netns {
     }
 }
 
+/// A private /etc/hosts for one namespace: `ip netns exec` bind-mounts
+/// /etc/netns/NAME/hosts over /etc/hosts. Removed on drop.
+pub struct NetnsHosts {
+    dir: PathBuf,
+    pub file: PathBuf,
+}
+
+impl NetnsHosts {
+    /// Create before starting anything in `ns` that should see it.
+    pub fn new(ns: &Netns) -> NetnsHosts {
+        let dir = Path::new("/etc/netns").join(&ns.name);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hosts");
+        fs::write(&file, "127.0.0.1\tlocalhost\n").unwrap();
+        NetnsHosts { dir, file }
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Links two namespaces with a veth pair.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     must(&["ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
@@ -213,8 +237,15 @@ impl NodeFiles {
         let key_file = self.dir.join("veil0.key");
         fs::write(&key_file, format!("{}\n", self.key.to_base64())).unwrap();
         fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        // Never the machine's real /etc/hosts: a private file unless the
+        // test chooses one.
+        let hosts = if interface_extra.contains("hosts_file") {
+            String::new()
+        } else {
+            format!("hosts_file = \"{}\"\n", self.dir.join("hosts").display())
+        };
         let text = format!(
-            "[interface]\nprivate_key_file = \"{}\"\ncontrol_socket = \"{}\"\n{interface_extra}\n{peers}",
+            "[interface]\nprivate_key_file = \"{}\"\ncontrol_socket = \"{}\"\n{hosts}{interface_extra}\n{peers}",
             key_file.display(),
             self.socket.display()
         );

@@ -1,0 +1,120 @@
+//! Peer names in the hosts file: a block of `ADDRESS NAME.veil` lines that
+//! veilmesh owns, one block per interface, between marker lines. Lines
+//! outside the block are never changed.
+
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+pub const DOMAIN: &str = "veil";
+
+fn begin_marker(interface: &str) -> String {
+    format!("# BEGIN veilmesh {interface} (managed by veilmesh; edits inside are overwritten)")
+}
+
+fn end_marker(interface: &str) -> String {
+    format!("# END veilmesh {interface}")
+}
+
+/// `existing` with this interface's block replaced by `entries` (appended if
+/// there was none; removed when `entries` is None).
+pub fn with_block(existing: &str, interface: &str, entries: Option<&[(String, Ipv6Addr)]>) -> String {
+    let (begin, end) = (begin_marker(interface), end_marker(interface));
+    let mut kept: Vec<&str> = Vec::new();
+    let mut inside = false;
+    let mut block_at = None;
+    for line in existing.lines() {
+        if !inside && line == begin {
+            inside = true;
+            block_at.get_or_insert(kept.len());
+        } else if inside && line == end {
+            inside = false;
+        } else if !inside {
+            kept.push(line);
+        }
+    }
+    let mut block: Vec<String> = Vec::new();
+    if let Some(entries) = entries {
+        block.push(begin);
+        block.extend(entries.iter().map(|(name, addr)| format!("{addr}\t{name}.{DOMAIN}")));
+        block.push(end);
+    }
+    let at = block_at.unwrap_or(kept.len());
+    let mut lines: Vec<String> = kept[..at].iter().map(|l| l.to_string()).collect();
+    lines.extend(block);
+    lines.extend(kept[at..].iter().map(|l| l.to_string()));
+    // Every line ends in a newline (blank lines included); a missing final
+    // newline is added.
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// The hosts file of one interface.
+pub struct HostsFile {
+    path: PathBuf,
+    interface: String,
+}
+
+impl HostsFile {
+    pub fn new(path: &Path, interface: &str) -> HostsFile {
+        HostsFile { path: path.to_owned(), interface: interface.to_owned() }
+    }
+
+    /// Rewrites the file in place (not by rename: the file may be a bind
+    /// mount, as /etc/netns/NS/hosts is under `ip netns exec`).
+    fn rewrite(&self, entries: Option<&[(String, Ipv6Addr)]>) -> anyhow::Result<()> {
+        let existing = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+        };
+        let updated = with_block(&existing, &self.interface, entries);
+        if updated != existing {
+            std::fs::write(&self.path, updated).with_context(|| format!("cannot write {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn update(&self, entries: &[(String, Ipv6Addr)]) -> anyhow::Result<()> {
+        self.rewrite(Some(entries))
+    }
+
+    pub fn remove(&self) -> anyhow::Result<()> {
+        self.rewrite(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entries() -> Vec<(String, Ipv6Addr)> {
+        vec![("site-b".into(), "fd60:db4d:ddb5::2".parse().unwrap())]
+    }
+
+    #[test]
+    fn block_is_appended_replaced_and_removed() {
+        let original = "127.0.0.1\tlocalhost\n# my comment\n10.0.0.5 printer\n";
+        let with = with_block(original, "veil0", Some(&entries()));
+        assert!(with.starts_with(original));
+        assert!(with.contains("fd60:db4d:ddb5::2\tsite-b.veil\n"));
+        let replaced = with_block(&with, "veil0", Some(&[]));
+        assert!(!replaced.contains("site-b"));
+        assert_eq!(with_block(&replaced, "veil0", None), original);
+        // Another interface's block is left alone.
+        let two = with_block(&with, "veil1", Some(&entries()));
+        assert_eq!(with_block(&two, "veil1", None), with);
+    }
+
+    proptest! {
+        #[test]
+        fn lines_outside_the_block_survive(lines in proptest::collection::vec("[ -~]{0,30}", 0..12)) {
+            let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+            let added = with_block(&text, "veil0", Some(&entries()));
+            prop_assert_eq!(with_block(&added, "veil0", None), text.clone());
+            let again = with_block(&added, "veil0", Some(&entries()));
+            prop_assert_eq!(again, added);
+        }
+    }
+}
