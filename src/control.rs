@@ -90,14 +90,19 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 /// Client side: sends one request and waits for the answer.
 pub fn request(path: &Path, request: &Request) -> anyhow::Result<Response> {
     let mut stream = StdUnixStream::connect(path).with_context(|| {
-        format!("cannot reach the daemon at {} (is `veilmesh up` running? are you root?)", path.display())
+        format!(
+            "cannot reach the daemon at {} (is `veilmesh up` running? are you root?)",
+            path.display()
+        )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     stream.write_all(line.as_bytes())?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).context("no answer from the daemon")?;
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .context("no answer from the daemon")?;
     match serde_json::from_str::<Response>(&answer).context("malformed answer from the daemon")? {
         Response::Error { message } => bail!("{message}"),
         response => Ok(response),
@@ -182,9 +187,13 @@ mod tests {
         let line = serde_json::to_string(&Request::Show).unwrap();
         assert_eq!(line, r#"{"command":"show"}"#);
         assert_eq!(parse_request(&line), Ok(Request::Show));
-        assert!(parse_request("{\"command\":\"rm -rf\"}").unwrap_err().contains("bad request"));
+        assert!(parse_request("{\"command\":\"rm -rf\"}")
+            .unwrap_err()
+            .contains("bad request"));
         assert!(parse_request("\u{0}\u{ff}").is_err());
-        assert!(parse_request(&"x".repeat(MAX_REQUEST + 1)).unwrap_err().contains("longer"));
+        assert!(parse_request(&"x".repeat(MAX_REQUEST + 1))
+            .unwrap_err()
+            .contains("longer"));
     }
 
     #[test]
@@ -201,7 +210,11 @@ mod tests {
         let _listener = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         let err = bind(&path).unwrap_err().to_string();
         assert!(err.contains("already running"), "{err}");

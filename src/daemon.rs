@@ -43,7 +43,10 @@ impl Transports {
             .find(|t| t.kind() == to.kind())
             .map(|t| t.limits(to))
             // No transport for this kind: nothing fits.
-            .unwrap_or(DatagramLimits { unfragmented: 0, absolute: 0 })
+            .unwrap_or(DatagramLimits {
+                unfragmented: 0,
+                absolute: 0,
+            })
     }
 
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
@@ -79,21 +82,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = control::bind(&iface.control_socket)?;
     let _socket_file = control::SocketFile(iface.control_socket.clone());
     crate::netdev::ensure_absent(&iface.name)?;
-    let udp = UdpTransport::bind(UdpConfig { listen_port: iface.listen_port, ..UdpConfig::default() })
-        .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
-    let transports = Transports { all: vec![Box::new(udp)], next: 0 };
+    let udp = UdpTransport::bind(UdpConfig {
+        listen_port: iface.listen_port,
+        ..UdpConfig::default()
+    })
+    .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
+    let transports = Transports {
+        all: vec![Box::new(udp)],
+        next: 0,
+    };
 
     let now = Instant::now();
-    let node = Node::new(&iface.private_key, &iface.addresses, config.peers.clone(), now)?;
-    let routes: Vec<_> = config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect();
-    let device = NetDevice::create(&iface.name, iface.mtu, node.mesh_address(), &iface.addresses, routes)?;
+    let node = Node::new(
+        &iface.private_key,
+        &iface.addresses,
+        config.peers.clone(),
+        now,
+    )?;
+    let routes: Vec<_> = config
+        .peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect();
+    let device = NetDevice::create(
+        &iface.name,
+        iface.mtu,
+        node.mesh_address(),
+        &iface.addresses,
+        routes,
+    )?;
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
     let metrics = match iface.metrics_address {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("{}: interface.metrics_address: cannot listen on {addr}", config.file.display()))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "{}: interface.metrics_address: cannot listen on {addr}",
+                    config.file.display()
+                )
+            })?;
             tracing::info!(%addr, "serving Prometheus metrics");
             Some(tokio::spawn(serve_metrics(listener, control_tx.clone())))
         }
@@ -104,7 +131,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let notifier = Notifier::from_env();
-    notifier.ready(&format!("running on {}, {} peers", iface.name, config.peers.len()));
+    notifier.ready(&format!(
+        "running on {}, {} peers",
+        iface.name,
+        config.peers.len()
+    ));
     tracing::info!(
         interface = %iface.name,
         mesh_address = %node.mesh_address(),
@@ -112,7 +143,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "veilmesh running"
     );
 
-    let hosts = iface.hosts_file.as_deref().map(|p| HostsFile::new(p, &iface.name));
+    let hosts = iface
+        .hosts_file
+        .as_deref()
+        .map(|p| HostsFile::new(p, &iface.name));
     let mut path = DataPath {
         hosts,
         config: config.clone(),
@@ -197,7 +231,9 @@ impl DataPath {
             }),
             Request::Reload => match self.reload(notifier) {
                 Ok(report) => Response::Reloaded(report),
-                Err(error) => Response::Error { message: format!("{error:#}") },
+                Err(error) => Response::Error {
+                    message: format!("{error:#}"),
+                },
             },
         }
     }
@@ -231,16 +267,29 @@ impl DataPath {
         let new = Config::load(&self.config.file)?;
         let (old_if, new_if) = (&self.config.interface, &new.interface);
         let restart_only = [
-            ("private key", old_if.private_key.public_key() != new_if.private_key.public_key()),
+            (
+                "private key",
+                old_if.private_key.public_key() != new_if.private_key.public_key(),
+            ),
             ("name", old_if.name != new_if.name),
             ("listen_port", old_if.listen_port != new_if.listen_port),
             ("mtu", old_if.mtu != new_if.mtu),
             ("addresses", old_if.addresses != new_if.addresses),
-            ("control_socket", old_if.control_socket != new_if.control_socket),
-            ("metrics_address", old_if.metrics_address != new_if.metrics_address),
+            (
+                "control_socket",
+                old_if.control_socket != new_if.control_socket,
+            ),
+            (
+                "metrics_address",
+                old_if.metrics_address != new_if.metrics_address,
+            ),
             ("hosts_file", old_if.hosts_file != new_if.hosts_file),
         ];
-        let changed: Vec<&str> = restart_only.iter().filter(|(_, c)| *c).map(|(n, _)| *n).collect();
+        let changed: Vec<&str> = restart_only
+            .iter()
+            .filter(|(_, c)| *c)
+            .map(|(n, _)| *n)
+            .collect();
         if !changed.is_empty() {
             anyhow::bail!(
                 "{}: [interface] {} changed; that takes a restart (nothing was reloaded)",
@@ -248,7 +297,8 @@ impl DataPath {
                 changed.join(", ")
             );
         }
-        self.device.sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
+        self.device
+            .sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
         let report = self.node.reconfigure(new.peers.clone())?;
         self.config = new;
         self.update_hosts();
@@ -276,7 +326,11 @@ impl DataPath {
                 return Ok(handled);
             };
             let transports = &self.transports;
-            match self.node.handle_tun_packet(&self.tun_buf[..n], |to| transports.limits(to), &mut self.out) {
+            match self.node.handle_tun_packet(
+                &self.tun_buf[..n],
+                |to| transports.limits(to),
+                &mut self.out,
+            ) {
                 FromTun::Send { to, datagram } => {
                     if let Err(error) = self.transports.send(&to, datagram) {
                         self.node.record_send_error();
@@ -304,7 +358,11 @@ impl DataPath {
     /// Handles up to `BATCH` waiting datagrams; returns how many.
     async fn drain_network(&mut self) -> usize {
         for handled in 0..BATCH {
-            let next = self.transports.all.iter_mut().find_map(|t| t.try_recv(&mut self.net_buf).transpose());
+            let next = self
+                .transports
+                .all
+                .iter_mut()
+                .find_map(|t| t.try_recv(&mut self.net_buf).transpose());
             match next {
                 Some(received) => self.on_received(received).await,
                 None => return handled,
@@ -322,7 +380,10 @@ impl DataPath {
                 return;
             }
         };
-        if let FromNetwork::ToTun(packet) = self.node.handle_datagram(&got.from, &self.net_buf[..got.len], &mut self.out) {
+        if let FromNetwork::ToTun(packet) =
+            self.node
+                .handle_datagram(&got.from, &self.net_buf[..got.len], &mut self.out)
+        {
             write_tun(&self.device.tun, packet).await;
         }
         self.flush_transmits();
@@ -346,7 +407,10 @@ async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
 
 /// Accepts control connections; each gets its own task so a slow or
 /// malicious client never stalls the data path.
-async fn accept_control(listener: tokio::net::UnixListener, requests: mpsc::Sender<ControlRequest>) {
+async fn accept_control(
+    listener: tokio::net::UnixListener,
+    requests: mpsc::Sender<ControlRequest>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -379,8 +443,12 @@ async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest
             }
             Err(message) => Response::Error { message },
         },
-        Ok(Err(error)) => Response::Error { message: format!("read error: {error}") },
-        Err(_) => Response::Error { message: "timed out waiting for a request".into() },
+        Ok(Err(error)) => Response::Error {
+            message: format!("read error: {error}"),
+        },
+        Err(_) => Response::Error {
+            message: "timed out waiting for a request".into(),
+        },
     };
     if let Ok(mut text) = serde_json::to_string(&response) {
         text.push('\n');
@@ -401,10 +469,16 @@ async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender
             let (read, mut write) = stream.into_split();
             let mut first_line = String::new();
             let mut reader = BufReader::new(read.take(8192));
-            let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader.read_line(&mut first_line)).await;
+            let got = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                reader.read_line(&mut first_line),
+            )
+            .await;
             let response = if !matches!(got, Ok(Ok(_))) {
                 return;
-            } else if first_line.starts_with("GET /metrics ") || first_line.trim_end() == "GET /metrics" {
+            } else if first_line.starts_with("GET /metrics ")
+                || first_line.trim_end() == "GET /metrics"
+            {
                 let (tx, rx) = oneshot::channel();
                 if requests.send((Request::Show, tx)).await.is_err() {
                     return;

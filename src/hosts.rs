@@ -19,7 +19,11 @@ fn end_marker(interface: &str) -> String {
 
 /// `existing` with this interface's block replaced by `entries` (appended if
 /// there was none; removed when `entries` is None).
-pub fn with_block(existing: &str, interface: &str, entries: Option<&[(String, Ipv6Addr)]>) -> String {
+pub fn with_block(
+    existing: &str,
+    interface: &str,
+    entries: Option<&[(String, Ipv6Addr)]>,
+) -> String {
     let (begin, end) = (begin_marker(interface), end_marker(interface));
     let mut kept: Vec<&str> = Vec::new();
     let mut inside = false;
@@ -37,7 +41,11 @@ pub fn with_block(existing: &str, interface: &str, entries: Option<&[(String, Ip
     let mut block: Vec<String> = Vec::new();
     if let Some(entries) = entries {
         block.push(begin);
-        block.extend(entries.iter().map(|(name, addr)| format!("{addr}\t{name}.{DOMAIN}")));
+        block.extend(
+            entries
+                .iter()
+                .map(|(name, addr)| format!("{addr}\t{name}.{DOMAIN}")),
+        );
         block.push(end);
     }
     let at = block_at.unwrap_or(kept.len());
@@ -57,7 +65,10 @@ pub struct HostsFile {
 
 impl HostsFile {
     pub fn new(path: &Path, interface: &str) -> HostsFile {
-        HostsFile { path: path.to_owned(), interface: interface.to_owned() }
+        HostsFile {
+            path: path.to_owned(),
+            interface: interface.to_owned(),
+        }
     }
 
     /// Rewrites the file in place (not by rename: the file may be a bind
@@ -66,11 +77,14 @@ impl HostsFile {
         let existing = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", self.path.display())),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+            }
         };
         let updated = with_block(&existing, &self.interface, entries);
         if updated != existing {
-            std::fs::write(&self.path, updated).with_context(|| format!("cannot write {}", self.path.display()))?;
+            std::fs::write(&self.path, updated)
+                .with_context(|| format!("cannot write {}", self.path.display()))?;
         }
         Ok(())
     }

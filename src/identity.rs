@@ -126,7 +126,10 @@ mod tests {
     const VECTORS: &[(&str, &str)] = &[
         ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", VECTOR_ZERO),
         ("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=", VECTOR_NINES),
-        ("hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=", VECTOR_RFC7748),
+        (
+            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+            VECTOR_RFC7748,
+        ),
     ];
     const VECTOR_ZERO: &str = "fd60:db4d:ddb5:5905:9b08:364b:f33a:423";
     const VECTOR_NINES: &str = "fd60:db4d:ddb5:7544:925a:76be:1932:7767";
@@ -160,7 +163,10 @@ mod tests {
 
     #[test]
     fn bad_keys_are_rejected_with_a_reason() {
-        assert!(matches!(PublicKey::parse("not base64!"), Err(KeyError::Base64(_))));
+        assert!(matches!(
+            PublicKey::parse("not base64!"),
+            Err(KeyError::Base64(_))
+        ));
         assert_eq!(PublicKey::parse("AAAA"), Err(KeyError::Length(3)));
         assert_eq!(PrivateKey::parse("").err(), Some(KeyError::Length(0)));
     }

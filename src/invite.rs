@@ -56,7 +56,10 @@ impl Invite {
     }
 
     pub fn decode(token: &str) -> Result<Invite, InviteError> {
-        let body = token.trim().strip_prefix(PREFIX).ok_or(InviteError::Prefix)?;
+        let body = token
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(InviteError::Prefix)?;
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|e| InviteError::Corrupted(format!("not base64url ({e})")))?;
@@ -65,7 +68,9 @@ impl Invite {
         }
         let (json, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
         if checksum(json) != sum {
-            return Err(InviteError::Corrupted("checksum mismatch (was it cut or changed?)".into()));
+            return Err(InviteError::Corrupted(
+                "checksum mismatch (was it cut or changed?)".into(),
+            ));
         }
         let invite: Invite = serde_json::from_slice(json)
             .map_err(|e| InviteError::Corrupted(format!("unreadable contents ({e})")))?;
@@ -74,8 +79,10 @@ impl Invite {
     }
 
     fn validate(&self) -> Result<(), InviteError> {
-        PublicKey::parse(&self.public_key)
-            .map_err(|e| InviteError::Invalid { field: "public key", reason: e.to_string() })?;
+        PublicKey::parse(&self.public_key).map_err(|e| InviteError::Invalid {
+            field: "public key",
+            reason: e.to_string(),
+        })?;
         self.validate_name()
     }
 
@@ -83,7 +90,10 @@ impl Invite {
         if !is_dns_label(&self.name) {
             return Err(InviteError::Invalid {
                 field: "name",
-                reason: format!("`{}` (use 1-63 letters, digits and inner hyphens)", self.name),
+                reason: format!(
+                    "`{}` (use 1-63 letters, digits and inner hyphens)",
+                    self.name
+                ),
             });
         }
         Ok(())
@@ -104,14 +114,25 @@ pub enum JoinError {
 
 /// `config_text` with a `[[peer]]` for `invite` appended, keeping comments
 /// and layout. The result is validated as a whole before it is returned.
-pub fn add_peer(config_text: &str, file: &Path, invite: &Invite, name: &str) -> Result<String, JoinError> {
-    let mut doc: toml_edit::DocumentMut = config_text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| JoinError::Unparseable(file.display().to_string(), e.to_string()))?;
+pub fn add_peer(
+    config_text: &str,
+    file: &Path,
+    invite: &Invite,
+    name: &str,
+) -> Result<String, JoinError> {
+    let mut doc: toml_edit::DocumentMut =
+        config_text.parse().map_err(|e: toml_edit::TomlError| {
+            JoinError::Unparseable(file.display().to_string(), e.to_string())
+        })?;
     if let Some(peers) = doc.get("peer").and_then(|p| p.as_array_of_tables()) {
         for peer in peers.iter() {
             let peer_name = peer.get("name").and_then(|v| v.as_str()).unwrap_or("");
-            if peer.get("public_key").and_then(|v| v.as_str()).map(str::trim) == Some(invite.public_key.trim()) {
+            if peer
+                .get("public_key")
+                .and_then(|v| v.as_str())
+                .map(str::trim)
+                == Some(invite.public_key.trim())
+            {
                 return Err(JoinError::AlreadyPeer(peer_name.to_owned()));
             }
             if peer_name == name {
@@ -125,7 +146,9 @@ pub fn add_peer(config_text: &str, file: &Path, invite: &Invite, name: &str) -> 
     if let Some(endpoint) = &invite.endpoint {
         table["endpoint"] = toml_edit::value(endpoint.as_str());
     }
-    table.decor_mut().set_prefix(format!("\n# added by `veilmesh join` ({name})\n"));
+    table
+        .decor_mut()
+        .set_prefix(format!("\n# added by `veilmesh join` ({name})\n"));
     match doc.get_mut("peer").and_then(|p| p.as_array_of_tables_mut()) {
         Some(peers) => peers.push(table),
         None => {
@@ -148,14 +171,23 @@ mod tests {
     const OWN: &str = "YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=";
 
     fn invite() -> Invite {
-        Invite { name: "alpha".into(), public_key: KEY.into(), endpoint: Some("198.18.0.1:51820".into()) }
+        Invite {
+            name: "alpha".into(),
+            public_key: KEY.into(),
+            endpoint: Some("198.18.0.1:51820".into()),
+        }
     }
 
     #[test]
     fn tokens_round_trip_and_are_one_url_safe_line() {
         let token = invite().encode();
         assert!(token.starts_with(PREFIX));
-        assert!(token.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)), "{token}");
+        assert!(
+            token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)),
+            "{token}"
+        );
         assert_eq!(Invite::decode(&format!("  {token}\n")).unwrap(), invite());
     }
 
@@ -164,7 +196,10 @@ mod tests {
         let token = invite().encode();
         assert_eq!(Invite::decode("hello"), Err(InviteError::Prefix));
         let cut = &token[..token.len() - 5];
-        assert!(matches!(Invite::decode(cut), Err(InviteError::Corrupted(_))));
+        assert!(matches!(
+            Invite::decode(cut),
+            Err(InviteError::Corrupted(_))
+        ));
         let mut changed: Vec<char> = token.chars().collect();
         let i = PREFIX.len() + 12;
         changed[i] = if changed[i] == 'A' { 'B' } else { 'A' };
@@ -175,25 +210,49 @@ mod tests {
     #[test]
     fn join_appends_a_peer_and_keeps_comments() {
         let text = format!("# my node\n[interface]\nprivate_key = \"{OWN}\" # keep me\n");
-        let out = add_peer(&text, Path::new("/etc/veilmesh/veil0.toml"), &invite(), "alpha").unwrap();
+        let out = add_peer(
+            &text,
+            Path::new("/etc/veilmesh/veil0.toml"),
+            &invite(),
+            "alpha",
+        )
+        .unwrap();
         assert!(out.starts_with("# my node\n[interface]\n"));
         assert!(out.contains("# keep me"));
         let cfg = Config::parse(&out, Path::new("x.toml")).unwrap();
         assert_eq!(cfg.peers[0].name, "alpha");
-        assert_eq!(cfg.peers[0].endpoint, Some("198.18.0.1:51820".parse().unwrap()));
-        assert!(matches!(add_peer(&out, Path::new("x"), &invite(), "other"), Err(JoinError::AlreadyPeer(n)) if n == "alpha"));
+        assert_eq!(
+            cfg.peers[0].endpoint,
+            Some("198.18.0.1:51820".parse().unwrap())
+        );
+        assert!(
+            matches!(add_peer(&out, Path::new("x"), &invite(), "other"), Err(JoinError::AlreadyPeer(n)) if n == "alpha")
+        );
         let mut second = invite();
         second.public_key = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=".into();
-        assert!(matches!(add_peer(&out, Path::new("x"), &second, "alpha"), Err(JoinError::NameTaken(_))));
+        assert!(matches!(
+            add_peer(&out, Path::new("x"), &second, "alpha"),
+            Err(JoinError::NameTaken(_))
+        ));
     }
 
     #[test]
     fn join_refuses_to_produce_a_broken_config() {
         // Our own key as a peer would be rejected by the config checks.
-        let own_pub = crate::identity::PrivateKey::parse(OWN).unwrap().public_key().to_base64();
+        let own_pub = crate::identity::PrivateKey::parse(OWN)
+            .unwrap()
+            .public_key()
+            .to_base64();
         let text = format!("[interface]\nprivate_key = \"{OWN}\"\n");
-        let me = Invite { name: "me".into(), public_key: own_pub, endpoint: None };
-        assert!(matches!(add_peer(&text, Path::new("x"), &me, "me"), Err(JoinError::WouldBreak(_))));
+        let me = Invite {
+            name: "me".into(),
+            public_key: own_pub,
+            endpoint: None,
+        };
+        assert!(matches!(
+            add_peer(&text, Path::new("x"), &me, "me"),
+            Err(JoinError::WouldBreak(_))
+        ));
     }
 
     proptest! {

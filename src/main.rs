@@ -6,10 +6,12 @@ use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use veilmesh::config::{default_config_file, default_control_socket, Config, DEFAULT_INTERFACE_NAME};
-use veilmesh::invite::Invite;
+use veilmesh::config::{
+    default_config_file, default_control_socket, Config, DEFAULT_INTERFACE_NAME,
+};
 use veilmesh::control;
 use veilmesh::identity::{PrivateKey, PublicKey};
+use veilmesh::invite::Invite;
 
 /// Mesh VPN daemon: a TUN interface onto a private mesh of peers, each with a
 /// stable IPv6 address in fd60:db4d:ddb5::/48 derived from its public key.
@@ -175,7 +177,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "veilmesh", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "veilmesh",
+                &mut std::io::stdout(),
+            );
         }
         Command::Manpage => {
             clap_mangen::Man::new(Cli::command())
@@ -183,33 +190,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .render(&mut std::io::stdout())
                 .context("cannot write the man page")?;
         }
-        Command::Invite { file, endpoint, name } => {
+        Command::Invite {
+            file,
+            endpoint,
+            name,
+        } => {
             let config = Config::load(&file.path())?;
             if let Some(endpoint) = &endpoint {
-                veilmesh::config::parse_endpoint(endpoint).map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+                veilmesh::config::parse_endpoint(endpoint)
+                    .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
             }
             let name = match name {
                 Some(name) => name,
-                None => host_name_label().context("cannot derive a name from the host name; pass --name")?,
+                None => host_name_label()
+                    .context("cannot derive a name from the host name; pass --name")?,
             };
-            let invite = Invite { name, public_key: config.interface.private_key.public_key().to_base64(), endpoint };
-            invite.validate_name().map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+            let invite = Invite {
+                name,
+                public_key: config.interface.private_key.public_key().to_base64(),
+                endpoint,
+            };
+            invite
+                .validate_name()
+                .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
             println!("{}", invite.encode());
         }
         Command::Join { token, file, name } => {
             let invite = Invite::decode(&token)?;
             let path = file.path();
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             let name = name.unwrap_or_else(|| invite.name.clone());
             let updated = veilmesh::invite::add_peer(&text, &path, &invite, &name)?;
-            std::fs::write(&path, updated).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, updated)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             let socket = Config::load(&path)?.interface.control_socket;
             if std::os::unix::net::UnixStream::connect(&socket).is_err() {
-                println!("added peer {name} to {}; the daemon is not running, so start it to connect", path.display());
+                println!(
+                    "added peer {name} to {}; the daemon is not running, so start it to connect",
+                    path.display()
+                );
                 return Ok(());
             }
             match control::request(&socket, &control::Request::Reload)? {
-                control::Response::Reloaded(_) => println!("added peer {name} to {} and reloaded", path.display()),
+                control::Response::Reloaded(_) => {
+                    println!("added peer {name} to {} and reloaded", path.display())
+                }
                 other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
@@ -233,22 +259,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn host_name_label() -> anyhow::Result<String> {
     let host = nix::unistd::gethostname()?.to_string_lossy().to_lowercase();
     let first = host.split('.').next().unwrap_or("");
-    let label: String = first.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let label: String = first
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
     let label = label.trim_matches('-').chars().take(63).collect::<String>();
-    anyhow::ensure!(veilmesh::config::is_dns_label(&label), "host name `{host}` gives no usable name");
+    anyhow::ensure!(
+        veilmesh::config::is_dns_label(&label),
+        "host name `{host}` gives no usable name"
+    );
     Ok(label)
 }
 
 fn read_stdin() -> anyhow::Result<String> {
     let mut text = String::new();
-    std::io::stdin().take(4096).read_to_string(&mut text).context("cannot read stdin")?;
+    std::io::stdin()
+        .take(4096)
+        .read_to_string(&mut text)
+        .context("cannot read stdin")?;
     Ok(text)
 }
 
 /// Under systemd (JOURNAL_STREAM set) journald adds timestamps itself.
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.without_time().with_ansi(false).init();
     } else {

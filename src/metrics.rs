@@ -7,7 +7,10 @@ use crate::control::DaemonStatus;
 
 /// Label values are config text (peer names): escape what the format needs.
 fn label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn render(status: &DaemonStatus) -> String {
@@ -18,22 +21,48 @@ pub fn render(status: &DaemonStatus) -> String {
         let _ = writeln!(out, "# HELP veilmesh_{name} {help}");
         let _ = writeln!(out, "# TYPE veilmesh_{name} {kind}");
         for (labels, value) in samples {
-            let _ = writeln!(out, "veilmesh_{name}{{interface=\"{iface}\"{labels}}} {value}");
+            let _ = writeln!(
+                out,
+                "veilmesh_{name}{{interface=\"{iface}\"{labels}}} {value}"
+            );
         }
     };
     let per_peer = |f: &dyn Fn(&crate::core::PeerStatus) -> u64| -> Vec<(String, u64)> {
-        node.peers.iter().map(|p| (format!(",peer=\"{}\"", label(&p.name)), f(p))).collect()
+        node.peers
+            .iter()
+            .map(|p| (format!(",peer=\"{}\"", label(&p.name)), f(p)))
+            .collect()
     };
-    family("peer_rx_bytes_total", "counter", "Bytes received from the peer.", per_peer(&|p| p.rx_bytes));
-    family("peer_tx_bytes_total", "counter", "Bytes sent to the peer.", per_peer(&|p| p.tx_bytes));
-    family("peer_handshakes_total", "counter", "Noise handshakes completed.", per_peer(&|p| p.counters.handshakes));
+    family(
+        "peer_rx_bytes_total",
+        "counter",
+        "Bytes received from the peer.",
+        per_peer(&|p| p.rx_bytes),
+    );
+    family(
+        "peer_tx_bytes_total",
+        "counter",
+        "Bytes sent to the peer.",
+        per_peer(&|p| p.tx_bytes),
+    );
+    family(
+        "peer_handshakes_total",
+        "counter",
+        "Noise handshakes completed.",
+        per_peer(&|p| p.counters.handshakes),
+    );
     family(
         "peer_seconds_since_handshake",
         "gauge",
         "Age of the last handshake (absent before the first).",
         node.peers
             .iter()
-            .filter_map(|p| Some((format!(",peer=\"{}\"", label(&p.name)), p.seconds_since_handshake?)))
+            .filter_map(|p| {
+                Some((
+                    format!(",peer=\"{}\"", label(&p.name)),
+                    p.seconds_since_handshake?,
+                ))
+            })
             .collect(),
     );
     let mut drops = Vec::new();
@@ -45,10 +74,18 @@ pub fn render(status: &DaemonStatus) -> String {
             ("oversize", c.oversize),
             ("bad_packet", c.bad_packet),
         ] {
-            drops.push((format!(",peer=\"{}\",reason=\"{reason}\"", label(&p.name)), value));
+            drops.push((
+                format!(",peer=\"{}\",reason=\"{reason}\"", label(&p.name)),
+                value,
+            ));
         }
     }
-    family("peer_dropped_packets_total", "counter", "Packets dropped for a peer, by reason.", drops);
+    family(
+        "peer_dropped_packets_total",
+        "counter",
+        "Packets dropped for a peer, by reason.",
+        drops,
+    );
     family(
         "peer_path_info",
         "gauge",
@@ -59,7 +96,12 @@ pub fn render(status: &DaemonStatus) -> String {
                 let path = p.path.as_deref()?;
                 let (transport, address) = path.split_once(' ').unwrap_or((path, ""));
                 Some((
-                    format!(",peer=\"{}\",transport=\"{}\",address=\"{}\"", label(&p.name), label(transport), label(address)),
+                    format!(
+                        ",peer=\"{}\",transport=\"{}\",address=\"{}\"",
+                        label(&p.name),
+                        label(transport),
+                        label(address)
+                    ),
                     1,
                 ))
             })
@@ -97,7 +139,10 @@ mod tests {
             node: NodeStatus {
                 public_key: "k".into(),
                 mesh_address: "fd60:db4d:ddb5::1".parse().unwrap(),
-                counters: NodeCounters { unknown_peer_handshakes: 3, ..Default::default() },
+                counters: NodeCounters {
+                    unknown_peer_handshakes: 3,
+                    ..Default::default()
+                },
                 peers: vec![PeerStatus {
                     name: name.into(),
                     public_key: "p".into(),
@@ -107,7 +152,11 @@ mod tests {
                     seconds_since_handshake: Some(7),
                     rx_bytes: 1000,
                     tx_bytes: 2000,
-                    counters: PeerCounters { spoofed_source: 4, handshakes: 2, ..Default::default() },
+                    counters: PeerCounters {
+                        spoofed_source: 4,
+                        handshakes: 2,
+                        ..Default::default()
+                    },
                 }],
             },
         }
@@ -134,6 +183,8 @@ mod tests {
         let text = render(&status("evil\"}\nname\\"));
         assert!(text.contains("peer=\"evil\\\"}\\nname\\\\\""), "{text}");
         // Still one sample per line: no raw newline got through.
-        assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("veilmesh_")));
+        assert!(text
+            .lines()
+            .all(|l| l.starts_with('#') || l.starts_with("veilmesh_")));
     }
 }

@@ -54,8 +54,14 @@ impl NetDevice {
             .mtu(mtu)
             .ipv6(mesh_address, MESH_PREFIX_LEN)
             .build_async()
-            .with_context(|| format!("cannot create TUN device {name} (needs CAP_NET_ADMIN and /dev/net/tun)"))?;
-        let mut device = NetDevice { tun, name: name.to_owned(), routes: Vec::new() };
+            .with_context(|| {
+                format!("cannot create TUN device {name} (needs CAP_NET_ADMIN and /dev/net/tun)")
+            })?;
+        let mut device = NetDevice {
+            tun,
+            name: name.to_owned(),
+            routes: Vec::new(),
+        };
         quiet_ipv6_autoconfiguration(name);
         for net in addresses {
             let result = match net {
@@ -84,7 +90,10 @@ impl NetDevice {
                     let _ = ip_route("del", undo, &self.name);
                 }
                 return Err(error).with_context(|| {
-                    format!("cannot add route {net} dev {}: another interface or VPN may own it", self.name)
+                    format!(
+                        "cannot add route {net} dev {}: another interface or VPN may own it",
+                        self.name
+                    )
                 });
             }
             tracing::info!(route = %net, interface = %self.name, "route added");
@@ -122,7 +131,10 @@ fn ip_route(action: &str, net: IpNet, dev: &str) -> anyhow::Result<()> {
         .output()
         .context("cannot run `ip` (install iproute2)")?;
     if !output.status.success() {
-        bail!("ip route {action} {net}: {}", String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "ip route {action} {net}: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }

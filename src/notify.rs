@@ -18,8 +18,12 @@ impl Notifier {
                 Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
                 None => SocketAddr::from_pathname(&path),
             };
-            let addr = addr.map_err(|e| tracing::warn!(%path, %e, "bad NOTIFY_SOCKET")).ok()?;
-            let socket = UnixDatagram::unbound().map_err(|e| tracing::warn!(%e, "no notify socket")).ok()?;
+            let addr = addr
+                .map_err(|e| tracing::warn!(%path, %e, "bad NOTIFY_SOCKET"))
+                .ok()?;
+            let socket = UnixDatagram::unbound()
+                .map_err(|e| tracing::warn!(%e, "no notify socket"))
+                .ok()?;
             Some((socket, addr))
         });
         Notifier { target }

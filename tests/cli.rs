@@ -15,7 +15,12 @@ fn veilmesh(args: &[&str], stdin: &str) -> (bool, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     (
         out.status.success(),
@@ -42,7 +47,10 @@ fn genkey_pubkey_addr_chain() {
 #[test]
 fn pinned_address_vector_from_the_readme() {
     // RFC 7748 Alice's public key; README.md shows the same derivation by hand.
-    let (ok, addr, _) = veilmesh(&["addr", "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="], "");
+    let (ok, addr, _) = veilmesh(
+        &["addr", "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo="],
+        "",
+    );
     assert!(ok);
     assert_eq!(addr, "fd60:db4d:ddb5:ded5:a4e:fe1b:58bd:dc4f");
 }
@@ -57,7 +65,12 @@ fn keys_are_interchangeable_with_wireguard_tools() {
             .stdout(Stdio::piped())
             .spawn()
             .expect("wg (wireguard-tools) is installed by .ci/run");
-        child.stdin.take().unwrap().write_all(wg_key.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(wg_key.as_bytes())
+            .unwrap();
         String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
     };
     let (ok, ours, _) = veilmesh(&["pubkey"], &wg_key);
@@ -72,7 +85,12 @@ fn keys_are_interchangeable_with_wireguard_tools() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(private.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(private.as_bytes())
+        .unwrap();
     let wg_view = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
     assert_eq!(wg_view.trim(), public);
 }
@@ -81,7 +99,10 @@ fn keys_are_interchangeable_with_wireguard_tools() {
 fn bad_keys_on_the_command_line_are_explained() {
     let (ok, _, err) = veilmesh(&["pubkey"], "not a key");
     assert!(!ok);
-    assert!(err.contains("private key on stdin") && err.contains("base64"), "{err}");
+    assert!(
+        err.contains("private key on stdin") && err.contains("base64"),
+        "{err}"
+    );
     let (ok, _, err) = veilmesh(&["addr", "AAAA"], "");
     assert!(!ok);
     assert!(err.contains("3 bytes, a key is 32"), "{err}");
@@ -104,7 +125,10 @@ fn up_with_a_bad_config_names_file_and_field_and_creates_nothing() {
     let out = ns.exec(&[BIN, "up", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}: peer[0] \"b\".endpoint", path.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: peer[0] \"b\".endpoint", path.display())),
+        "{err}"
+    );
     assert!(!ns.has_link("veil0"));
 }
 
@@ -123,9 +147,12 @@ fn shipped_example_config_is_valid() {
     let key = dir.path().join("veil0.key");
     std::fs::write(&key, "YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=\n").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/veil0.toml.example"))
-        .unwrap()
-        .replace("/etc/veilmesh/veil0.key", key.to_str().unwrap());
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/veil0.toml.example"
+    ))
+    .unwrap()
+    .replace("/etc/veilmesh/veil0.key", key.to_str().unwrap());
     let config = veilmesh::config::Config::parse(&example, &dir.path().join("veil0.toml")).unwrap();
     assert_eq!(config.peers.len(), 1);
     assert_eq!(config.interface.name, "veil0");
@@ -135,7 +162,11 @@ fn shipped_example_config_is_valid() {
 fn man_page_and_completions_come_from_the_cli_definition() {
     let (ok, man, _) = veilmesh(&["manpage"], "");
     assert!(ok);
-    assert!(man.contains(".TH veilmesh 8"), "{}", &man[..200.min(man.len())]);
+    assert!(
+        man.contains(".TH veilmesh 8"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
     for sub in ["genkey", "pubkey", "addr", "up", "show", "reload"] {
         assert!(man.contains(sub), "man page lacks {sub}");
     }

@@ -14,7 +14,10 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
     a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
     b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
     let (hosts_a, hosts_b) = (NetnsHosts::new(&a), NetnsHosts::new(&b));
-    let (fa, fb) = (NodeFiles::new(dir.path(), "a"), NodeFiles::new(dir.path(), "b"));
+    let (fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
     // No peers at all: everything below comes from invites. The hosts file
     // is the namespace's own /etc/hosts.
     fa.write_config("# alpha's own comment\nhosts_file = \"/etc/hosts\"", "");
@@ -23,8 +26,21 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
     let _db = Daemon::start(&b, &fb);
 
     let invite = |ns: &Netns, files: &NodeFiles, name: &str, endpoint: &str| -> String {
-        let out = ns.exec(&[BIN, "invite", "--config", files.config.to_str().unwrap(), "--name", name, "--endpoint", endpoint]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = ns.exec(&[
+            BIN,
+            "invite",
+            "--config",
+            files.config.to_str().unwrap(),
+            "--name",
+            name,
+            "--endpoint",
+            endpoint,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
     let token_a = invite(&a, &fa, "alpha", "198.18.0.1:51820");
@@ -37,17 +53,36 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
     bad.replace_range(20..21, if &bad[20..21] == "x" { "y" } else { "x" });
     let out = a.exec(&[BIN, "join", &bad, "--config", fa.config.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupted"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&fa.config).unwrap(), before);
 
     for (ns, files, token) in [(&a, &fa, &token_b), (&b, &fb, &token_a)] {
-        let out = ns.exec(&[BIN, "join", token, "--config", files.config.to_str().unwrap()]);
+        let out = ns.exec(&[
+            BIN,
+            "join",
+            token,
+            "--config",
+            files.config.to_str().unwrap(),
+        ]);
         let said = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && said.contains("reloaded"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && said.contains("reloaded"),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(std::fs::read_to_string(&fa.config).unwrap().contains("# alpha's own comment"));
+    assert!(std::fs::read_to_string(&fa.config)
+        .unwrap()
+        .contains("# alpha's own comment"));
     let hosts = std::fs::read_to_string(&hosts_a.file).unwrap();
-    assert!(hosts.contains(&format!("{}\tbeta.veil", fb.mesh())), "{hosts}");
+    assert!(
+        hosts.contains(&format!("{}\tbeta.veil", fb.mesh())),
+        "{hosts}"
+    );
 
     let (sent, got, out) = a.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", "beta.veil"]);
     assert_eq!((sent, got), (3, 3), "alpha -> beta.veil:\n{out}");
@@ -56,12 +91,21 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
     println!("alpha <-> beta by name: ok");
 
     // Joining the same invite twice is refused.
-    let out = a.exec(&[BIN, "join", &token_b, "--config", fa.config.to_str().unwrap()]);
+    let out = a.exec(&[
+        BIN,
+        "join",
+        &token_b,
+        "--config",
+        fa.config.to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already peer `beta`"));
 
     // Shutdown takes the names out again and leaves the rest of the file.
     assert!(da.stop().success());
     let hosts = std::fs::read_to_string(&hosts_a.file).unwrap();
-    assert_eq!(hosts, "127.0.0.1\tlocalhost\n", "names left behind:\n{hosts}");
+    assert_eq!(
+        hosts, "127.0.0.1\tlocalhost\n",
+        "names left behind:\n{hosts}"
+    );
     drop(hosts_b);
 }

@@ -39,35 +39,68 @@ fn reload_adds_and_removes_peers_without_disturbing_the_others() {
 
     // 80 pings over 4 s to b, while c is added, a bad config is refused and
     // c is removed again.
-    let ping_b = a.spawn(&["ping", "-n", "-6", "-c", "80", "-i", "0.05", "-W", "2", &b_mesh]);
+    let ping_b = a.spawn(&[
+        "ping", "-n", "-6", "-c", "80", "-i", "0.05", "-W", "2", &b_mesh,
+    ]);
     std::thread::sleep(Duration::from_millis(500));
 
-    fa.write_config("", &(a_with_b.clone() + &fc.peer_block("c", Some("198.18.0.3:51820"), &[])));
+    fa.write_config(
+        "",
+        &(a_with_b.clone() + &fc.peer_block("c", Some("198.18.0.3:51820"), &[])),
+    );
     let out = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && said.contains("1 added"), "reload: {said}{}", String::from_utf8_lossy(&out.stderr));
-    let (sent, got, out) = a.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", &fc.mesh().to_string()]);
+    assert!(
+        out.status.success() && said.contains("1 added"),
+        "reload: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (sent, got, out) = a.ping(&[
+        "-6",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &fc.mesh().to_string(),
+    ]);
     assert_eq!((sent, got), (3, 3), "a -> c after reload:\n{out}");
 
     std::fs::write(&fa.config, "[interface]\nprivate_key = \"garbage\"\n").unwrap();
     let out = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}: interface.private_key", fa.config.display())), "{err}");
-    assert_eq!(da.show().node.peers.len(), 2, "a refused config must leave the running one");
+    assert!(
+        err.contains(&format!("{}: interface.private_key", fa.config.display())),
+        "{err}"
+    );
+    assert_eq!(
+        da.show().node.peers.len(),
+        2,
+        "a refused config must leave the running one"
+    );
 
     // SIGHUP does the same as `veilmesh reload`: c goes away.
     fa.write_config("", &a_with_b);
     kill(da.pid(), Signal::SIGHUP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while da.show().node.peers.len() != 1 {
-        assert!(Instant::now() < deadline, "SIGHUP did not remove c:\n{}", da.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not remove c:\n{}",
+            da.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let (_, got, _) = a.ping(&["-6", "-c", "1", "-W", "1", &fc.mesh().to_string()]);
     assert_eq!(got, 0, "c is still reachable after its removal");
 
     let (sent, got, out) = ping_result(ping_b.wait_with_output().unwrap());
-    assert_eq!((sent, got), (80, 80), "pings to b lost during reloads:\n{out}");
+    assert_eq!(
+        (sent, got),
+        (80, 80),
+        "pings to b lost during reloads:\n{out}"
+    );
     println!("ping a -> b during three reloads: {got}/{sent}");
 }

@@ -15,14 +15,20 @@ fn systemd_units_verify() {
         if path.extension().is_some_and(|e| e == "service") {
             // Point ExecStart/ExecReload at the binary under test: verify
             // checks that the executable exists.
-            let text = std::fs::read_to_string(&path).unwrap().replace("/usr/bin/veilmesh", BIN);
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("/usr/bin/veilmesh", BIN);
             let copy = dir.path().join(path.file_name().unwrap());
             std::fs::write(&copy, text).unwrap();
             let out = run(&["systemd-analyze", "verify", copy.to_str().unwrap()]);
-            let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            let said = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success(), "{}: {said}", path.display());
             let unit = path.file_name().unwrap().to_str().unwrap();
-            let complaints: Vec<&str> = said.lines().filter(|l| l.contains(unit.trim_end_matches(".service"))).collect();
+            let complaints: Vec<&str> = said
+                .lines()
+                .filter(|l| l.contains(unit.trim_end_matches(".service")))
+                .collect();
             assert!(complaints.is_empty(), "{unit}: {complaints:?}");
         }
     }
@@ -38,8 +44,14 @@ fn daemon_tells_systemd_when_the_tun_is_up_and_when_it_stops() {
     files.write_config("listen_port = 0", "");
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut daemon = Daemon::start_with_env(&ns, &files, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut daemon = Daemon::start_with_env(
+        &ns,
+        &files,
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
 
     let mut buf = [0u8; 1024];
     let n = notify.recv(&mut buf).expect("READY=1 within 10 s");
@@ -62,28 +74,66 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
     veth(&a, "eth0", &b, "eth0");
     a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
     b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
-    let (fa, fb) = (NodeFiles::new(dir.path(), "a"), NodeFiles::new(dir.path(), "b"));
-    fa.write_config("metrics_address = \"127.0.0.1:9586\"", &fb.peer_block("b", Some("198.18.0.2:51820"), &[]));
+    let (fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
+    fa.write_config(
+        "metrics_address = \"127.0.0.1:9586\"",
+        &fb.peer_block("b", Some("198.18.0.2:51820"), &[]),
+    );
     fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
     let _da = Daemon::start(&a, &fa);
     let _db = Daemon::start(&b, &fb);
-    let (_, got, out) = a.ping(&["-6", "-c", "2", "-i", "0.2", "-W", "2", &fb.mesh().to_string()]);
+    let (_, got, out) = a.ping(&[
+        "-6",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &fb.mesh().to_string(),
+    ]);
     assert_eq!(got, 2, "{out}");
 
-    let scrape = a.exec(&["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9586/metrics"]);
+    let scrape = a.exec(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:9586/metrics",
+    ]);
     let text = String::from_utf8_lossy(&scrape.stdout);
-    assert!(scrape.status.success(), "{}", String::from_utf8_lossy(&scrape.stderr));
-    assert!(text.contains("veilmesh_peer_handshakes_total{interface=\"veil0\",peer=\"b\"} 1"), "{text}");
+    assert!(
+        scrape.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scrape.stderr)
+    );
+    assert!(
+        text.contains("veilmesh_peer_handshakes_total{interface=\"veil0\",peer=\"b\"} 1"),
+        "{text}"
+    );
     assert!(
         text.contains("veilmesh_peer_path_info{interface=\"veil0\",peer=\"b\",transport=\"udp\",address=\"198.18.0.2:51820\"} 1"),
         "{text}"
     );
     let rx: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("veilmesh_peer_rx_bytes_total{interface=\"veil0\",peer=\"b\"} "))
+        .find_map(|l| {
+            l.strip_prefix("veilmesh_peer_rx_bytes_total{interface=\"veil0\",peer=\"b\"} ")
+        })
         .and_then(|v| v.parse().ok())
         .expect("rx bytes sample");
     assert!(rx > 0);
-    let other = a.exec(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://127.0.0.1:9586/"]);
+    let other = a.exec(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://127.0.0.1:9586/",
+    ]);
     assert_eq!(String::from_utf8_lossy(&other.stdout), "404");
 }

@@ -199,7 +199,12 @@ impl Node {
             id as u32,
             Some(self.rate_limiter.clone()),
         );
-        Peer { path: config.endpoint.map(PeerAddr::Udp), tunn, config, counters: PeerCounters::default() }
+        Peer {
+            path: config.endpoint.map(PeerAddr::Udp),
+            tunn,
+            config,
+            counters: PeerCounters::default(),
+        }
     }
 
     /// Applies a new peer list (a config reload). Peers whose configuration
@@ -324,12 +329,23 @@ impl Node {
         };
         let limits = limits(&path);
         let may_fragment_below = matches!(info.dst, IpAddr::V4(_)) && !info.dont_fragment;
-        let carried = if may_fragment_below { limits.absolute } else { limits.unfragmented };
+        let carried = if may_fragment_below {
+            limits.absolute
+        } else {
+            limits.unfragmented
+        };
         if packet.len() + NOISE_OVERHEAD > carried {
             peer.counters.oversize += 1;
             let mtu = limits.unfragmented.saturating_sub(NOISE_OVERHEAD);
             tracing::trace!(peer = %peer.config.name, len = packet.len(), mtu, "packet too big for path");
-            return match packet::packet_too_big(packet, &info, mtu, self.local_v4, self.mesh_address, out) {
+            return match packet::packet_too_big(
+                packet,
+                &info,
+                mtu,
+                self.local_v4,
+                self.mesh_address,
+                out,
+            ) {
                 Some(n) => FromTun::Reply(&out[..n]),
                 None => FromTun::Done(DropReason::Oversize),
             };
@@ -357,7 +373,14 @@ impl Node {
         why: Unreachable,
         out: &'a mut [u8],
     ) -> FromTun<'a> {
-        match packet::destination_unreachable(packet, info, why, self.local_v4, self.mesh_address, out) {
+        match packet::destination_unreachable(
+            packet,
+            info,
+            why,
+            self.local_v4,
+            self.mesh_address,
+            out,
+        ) {
             Some(n) => FromTun::Reply(&out[..n]),
             None => FromTun::Done(DropReason::NoRoute),
         }
@@ -389,13 +412,22 @@ impl Node {
 
     /// A handshake initiation names its sender only inside the encrypted
     /// static key: check the MAC (and the rate limit) first, then decrypt it.
-    fn identify_initiator(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
-        let verified = self.rate_limiter.verify_packet(from.ip(), datagram, &mut self.scratch);
+    fn identify_initiator(
+        &mut self,
+        from: &PeerAddr,
+        datagram: &[u8],
+    ) -> Result<PeerId, DropReason> {
+        let verified = self
+            .rate_limiter
+            .verify_packet(from.ip(), datagram, &mut self.scratch);
         let init = match verified {
             Ok(Packet::HandshakeInit(init)) => init,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.counters.cookies_sent += 1;
-                self.transmits.push_back(Transmit { to: from.clone(), payload: cookie.to_vec() });
+                self.transmits.push_back(Transmit {
+                    to: from.clone(),
+                    payload: cookie.to_vec(),
+                });
                 return Err(DropReason::UnknownPeer);
             }
             _ => {
@@ -442,11 +474,17 @@ impl Node {
                 // Cookie replies answer unauthenticated packets: no roaming on those.
                 if message_type(reply) != Some(COOKIE_REPLY) {
                     Self::roam(peer, from);
-                    if matches!(message_type(datagram), Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)) {
+                    if matches!(
+                        message_type(datagram),
+                        Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)
+                    ) {
                         peer.counters.handshakes += 1;
                     }
                 }
-                self.transmits.push_back(Transmit { to: from.clone(), payload: reply.to_vec() });
+                self.transmits.push_back(Transmit {
+                    to: from.clone(),
+                    payload: reply.to_vec(),
+                });
                 self.flush_queued(id);
                 FromNetwork::Consumed
             }
@@ -493,13 +531,20 @@ impl Node {
 
     /// After a handshake, boringtun releases the packets it held.
     fn flush_queued(&mut self, id: PeerId) {
-        let Some(peer) = self.peers[id].as_mut() else { return };
-        let Some(path) = peer.path.clone() else { return };
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        let Some(path) = peer.path.clone() else {
+            return;
+        };
         loop {
             match peer.tunn.decapsulate(None, &[], &mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => {
                     peer.counters.tx_packets += 1;
-                    self.transmits.push_back(Transmit { to: path.clone(), payload: datagram.to_vec() });
+                    self.transmits.push_back(Transmit {
+                        to: path.clone(),
+                        payload: datagram.to_vec(),
+                    });
                 }
                 _ => break,
             }
@@ -577,7 +622,9 @@ const COOKIE_REPLY: u32 = 3;
 const DATA: u32 = 4;
 
 fn message_type(datagram: &[u8]) -> Option<u32> {
-    datagram.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    datagram
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 fn log_decapsulate_error(peer: &str, from: &PeerAddr, error: &WireGuardError) {

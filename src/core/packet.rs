@@ -52,7 +52,10 @@ pub fn parse(packet: &[u8]) -> Result<IpInfo, PacketError> {
 
 fn need(packet: &[u8], len: usize) -> Result<(), PacketError> {
     if packet.len() < len {
-        Err(PacketError::Truncated { have: packet.len(), need: len })
+        Err(PacketError::Truncated {
+            have: packet.len(),
+            need: len,
+        })
     } else {
         Ok(())
     }
@@ -119,7 +122,10 @@ fn may_answer_with_error(original: &[u8], info: &IpInfo) -> bool {
         IpAddr::V4(_) if info.protocol == PROTO_ICMPV4 => {
             let header_len = usize::from(original[0] & 0x0f) * 4;
             // Only echo request/reply and other queries may be answered.
-            matches!(original.get(header_len), Some(0 | 8 | 13 | 14 | 15 | 16 | 17 | 18))
+            matches!(
+                original.get(header_len),
+                Some(0 | 8 | 13 | 14 | 15 | 16 | 17 | 18)
+            )
         }
         IpAddr::V6(_) if info.protocol == PROTO_ICMPV6 => {
             // ICMPv6 types below 128 are errors.
@@ -204,7 +210,10 @@ fn icmpv4_error(
     if !may_answer_with_error(original, info) {
         return None;
     }
-    let quoted = original.len().min(info.total_len).min(ICMPV4_ERROR_MAX - IPV4_HEADER_MIN - ICMP_HEADER);
+    let quoted = original
+        .len()
+        .min(info.total_len)
+        .min(ICMPV4_ERROR_MAX - IPV4_HEADER_MIN - ICMP_HEADER);
     let total = IPV4_HEADER_MIN + ICMP_HEADER + quoted;
     let out = out.get_mut(..total)?;
     let src = local.unwrap_or(orig_dst);
@@ -245,7 +254,10 @@ fn icmpv6_error(
     if !may_answer_with_error(original, info) {
         return None;
     }
-    let quoted = original.len().min(info.total_len).min(ICMPV6_ERROR_MAX - IPV6_HEADER - ICMP_HEADER);
+    let quoted = original
+        .len()
+        .min(info.total_len)
+        .min(ICMPV6_ERROR_MAX - IPV6_HEADER - ICMP_HEADER);
     let payload_len = ICMP_HEADER + quoted;
     let total = IPV6_HEADER + payload_len;
     let out = out.get_mut(..total)?;
@@ -344,7 +356,12 @@ pub(crate) mod tests {
         assert_eq!(info.src, IpAddr::V6(A6));
         assert_eq!(info.dst, IpAddr::V6(B6));
         assert_eq!(info.total_len, p.len());
-        let p = ipv4_udp(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2), 5, true);
+        let p = ipv4_udp(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 2),
+            5,
+            true,
+        );
         let info = parse(&p).unwrap();
         assert!(info.dont_fragment);
         assert_eq!(info.dst, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)));
@@ -355,8 +372,14 @@ pub(crate) mod tests {
         assert_eq!(parse(&[]), Err(PacketError::Empty));
         assert_eq!(parse(&[0x50; 40]), Err(PacketError::Version(5)));
         let p = ipv6_echo(A6, B6, 10);
-        assert!(matches!(parse(&p[..30]), Err(PacketError::Truncated { .. })));
-        assert!(matches!(parse(&p[..p.len() - 1]), Err(PacketError::Truncated { .. })));
+        assert!(matches!(
+            parse(&p[..30]),
+            Err(PacketError::Truncated { .. })
+        ));
+        assert!(matches!(
+            parse(&p[..p.len() - 1]),
+            Err(PacketError::Truncated { .. })
+        ));
         let mut v4 = ipv4_udp(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 0, false);
         v4[0] = 0x44;
         assert_eq!(parse(&v4), Err(PacketError::BadHeaderLength(16)));
@@ -367,7 +390,8 @@ pub(crate) mod tests {
         let p = ipv6_echo(A6, B6, 100);
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
-        let n = destination_unreachable(&p, &info, Unreachable::NoRoute, None, A6, &mut out).unwrap();
+        let n =
+            destination_unreachable(&p, &info, Unreachable::NoRoute, None, A6, &mut out).unwrap();
         let reply = parse(&out[..n]).unwrap();
         assert_eq!(reply.dst, IpAddr::V6(A6));
         assert_eq!(reply.protocol, PROTO_ICMPV6);
@@ -375,12 +399,20 @@ pub(crate) mod tests {
         assert_eq!(&out[48..48 + p.len()], &p[..]);
         // Verifying a correct checksum yields zero.
         let payload_len = ((n - 40) as u32).to_be_bytes();
-        assert_eq!(checksum(&[&out[8..40], &payload_len, &[0, 0, 0, 58], &out[40..n]]), 0);
+        assert_eq!(
+            checksum(&[&out[8..40], &payload_len, &[0, 0, 0, 58], &out[40..n]]),
+            0
+        );
     }
 
     #[test]
     fn icmpv4_frag_needed_carries_mtu_and_valid_checksums() {
-        let p = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 1400, true);
+        let p = ipv4_udp(
+            Ipv4Addr::new(10, 10, 1, 1),
+            Ipv4Addr::new(192, 168, 50, 2),
+            1400,
+            true,
+        );
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
         let local = Ipv4Addr::new(10, 10, 1, 1);
@@ -397,15 +429,22 @@ pub(crate) mod tests {
         let p = ipv6_echo(A6, B6, 8);
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
-        let n = destination_unreachable(&p, &info, Unreachable::NoRoute, None, B6, &mut out).unwrap();
+        let n =
+            destination_unreachable(&p, &info, Unreachable::NoRoute, None, B6, &mut out).unwrap();
         let err = out[..n].to_vec();
         let err_info = parse(&err).unwrap();
-        assert_eq!(destination_unreachable(&err, &err_info, Unreachable::NoRoute, None, A6, &mut out), None);
+        assert_eq!(
+            destination_unreachable(&err, &err_info, Unreachable::NoRoute, None, A6, &mut out),
+            None
+        );
         let mut mcast = ipv6_echo(A6, "ff02::2".parse().unwrap(), 8);
         mcast[40] = 133; // router solicitation
         let info = parse(&mcast).unwrap();
         assert!(is_multicast_or_broadcast(&info.dst));
-        assert_eq!(destination_unreachable(&mcast, &info, Unreachable::NoRoute, None, A6, &mut out), None);
+        assert_eq!(
+            destination_unreachable(&mcast, &info, Unreachable::NoRoute, None, A6, &mut out),
+            None
+        );
     }
 
     #[test]

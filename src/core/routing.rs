@@ -18,12 +18,19 @@ struct Family<T> {
 
 impl<T> Family<T> {
     fn new(bits: u8) -> Self {
-        Family { by_len: Vec::new(), bits }
+        Family {
+            by_len: Vec::new(),
+            bits,
+        }
     }
 
     fn mask(&self, addr: u128, len: u8) -> u128 {
         let host_bits = u32::from(self.bits - len);
-        let full: u128 = if self.bits == 128 { u128::MAX } else { (1u128 << self.bits) - 1 };
+        let full: u128 = if self.bits == 128 {
+            u128::MAX
+        } else {
+            (1u128 << self.bits) - 1
+        };
         if host_bits >= 128 {
             0
         } else {
@@ -65,7 +72,10 @@ pub struct RoutingTable<T> {
 
 impl<T> Default for RoutingTable<T> {
     fn default() -> Self {
-        RoutingTable { v4: Family::new(32), v6: Family::new(128) }
+        RoutingTable {
+            v4: Family::new(32),
+            v6: Family::new(128),
+        }
     }
 }
 
@@ -73,7 +83,9 @@ impl<T> RoutingTable<T> {
     /// Inserts a route, returning the value it replaced for exactly this net.
     pub fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
         match net {
-            IpNet::V4(n) => self.v4.insert(u128::from(u32::from(n.addr())), n.prefix_len(), value),
+            IpNet::V4(n) => self
+                .v4
+                .insert(u128::from(u32::from(n.addr())), n.prefix_len(), value),
             IpNet::V6(n) => self.v6.insert(u128::from(n.addr()), n.prefix_len(), value),
         }
     }

@@ -8,7 +8,10 @@ use proptest::prelude::*;
 use super::packet::tests::{ipv4_udp, ipv6_echo};
 use super::*;
 
-const UDP_LIMITS: DatagramLimits = DatagramLimits { unfragmented: 1472, absolute: 65_507 };
+const UDP_LIMITS: DatagramLimits = DatagramLimits {
+    unfragmented: 1472,
+    absolute: 65_507,
+};
 
 fn limits(_: &PeerAddr) -> DatagramLimits {
     UDP_LIMITS
@@ -25,7 +28,10 @@ struct Side {
 
 impl Side {
     fn new(addr: &str) -> Side {
-        Side { key: PrivateKey::generate().unwrap(), addr: udp(addr) }
+        Side {
+            key: PrivateKey::generate().unwrap(),
+            addr: udp(addr),
+        }
     }
     fn mesh(&self) -> Ipv6Addr {
         self.key.public_key().mesh_address()
@@ -64,8 +70,20 @@ fn mesh() -> Mesh {
         now,
     )
     .unwrap();
-    let node_b = Node::new(&b.key, &[], vec![a.as_peer("a", false, &["10.10.1.1/32"])], now).unwrap();
-    Mesh { a, b, node_a, node_b, buf: vec![0u8; BUFFER_SIZE] }
+    let node_b = Node::new(
+        &b.key,
+        &[],
+        vec![a.as_peer("a", false, &["10.10.1.1/32"])],
+        now,
+    )
+    .unwrap();
+    Mesh {
+        a,
+        b,
+        node_a,
+        node_b,
+        buf: vec![0u8; BUFFER_SIZE],
+    }
 }
 
 /// Delivers every pending transmit between the two nodes until both are
@@ -83,7 +101,9 @@ fn pump(m: &mut Mesh, first: Option<(bool, Vec<u8>)>) -> (Vec<Vec<u8>>, Vec<Vec<
             assert_eq!(t.to, m.a.addr);
             in_flight.push_back((false, t.payload));
         }
-        let Some((to_b, datagram)) = in_flight.pop_front() else { break };
+        let Some((to_b, datagram)) = in_flight.pop_front() else {
+            break;
+        };
         let (node, from, sink) = if to_b {
             (&mut m.node_b, &m.a.addr, &mut to_tun_b)
         } else {
@@ -128,7 +148,10 @@ fn first_packet_survives_the_handshake_and_arrives_intact() {
     let got = m.node_a.handle_datagram(&m.b.addr, &datagram, &mut m.buf);
     assert!(matches!(got, FromNetwork::ToTun(p) if p == &reply[..]));
     let status = m.node_b.status();
-    assert_eq!(status.peers[0].path.as_deref(), Some("udp 198.18.0.1:51820"));
+    assert_eq!(
+        status.peers[0].path.as_deref(),
+        Some("udp 198.18.0.1:51820")
+    );
     assert_eq!(status.peers[0].counters.rx_packets, 1);
     assert_eq!(status.peers[0].counters.handshakes, 1);
     assert_eq!(m.node_a.status().peers[0].counters.handshakes, 1);
@@ -138,7 +161,12 @@ fn first_packet_survives_the_handshake_and_arrives_intact() {
 #[test]
 fn site_to_site_subnet_is_routed_to_its_peer() {
     let mut m = mesh();
-    let p = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 100, true);
+    let p = ipv4_udp(
+        Ipv4Addr::new(10, 10, 1, 1),
+        Ipv4Addr::new(192, 168, 50, 2),
+        100,
+        true,
+    );
     let (_, at_b) = send_from_a(&mut m, &p);
     assert_eq!(at_b, vec![p]);
 }
@@ -149,7 +177,12 @@ fn spoofed_source_is_dropped_and_counted() {
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
     // A's side sends with a source B does not allow for A.
-    let spoofed = ipv4_udp(Ipv4Addr::new(10, 66, 0, 1), Ipv4Addr::new(192, 168, 50, 2), 20, true);
+    let spoofed = ipv4_udp(
+        Ipv4Addr::new(10, 66, 0, 1),
+        Ipv4Addr::new(192, 168, 50, 2),
+        20,
+        true,
+    );
     let (_, at_b) = send_from_a(&mut m, &spoofed);
     assert!(at_b.is_empty());
     assert_eq!(m.node_b.status().peers[0].counters.spoofed_source, 1);
@@ -159,16 +192,29 @@ fn spoofed_source_is_dropped_and_counted() {
 fn handshake_from_unknown_key_is_dropped_and_counted() {
     let mut m = mesh();
     let stranger = Side::new("198.18.0.9:51820");
-    let mut node_s = Node::new(&stranger.key, &[], vec![m.b.as_peer("b", true, &[])], Instant::now()).unwrap();
+    let mut node_s = Node::new(
+        &stranger.key,
+        &[],
+        vec![m.b.as_peer("b", true, &[])],
+        Instant::now(),
+    )
+    .unwrap();
     let mut out = vec![0u8; BUFFER_SIZE];
-    let init = match node_s.handle_tun_packet(&ipv6_echo(stranger.mesh(), m.b.mesh(), 8), limits, &mut out) {
+    let init = match node_s.handle_tun_packet(
+        &ipv6_echo(stranger.mesh(), m.b.mesh(), 8),
+        limits,
+        &mut out,
+    ) {
         FromTun::Send { datagram, .. } => datagram.to_vec(),
         other => panic!("unexpected {other:?}"),
     };
     let got = m.node_b.handle_datagram(&stranger.addr, &init, &mut m.buf);
     assert!(matches!(got, FromNetwork::Dropped(DropReason::UnknownPeer)));
     assert_eq!(m.node_b.counters().unknown_peer_handshakes, 1);
-    assert!(m.node_b.poll_transmit().is_none(), "nothing may be sent to a stranger");
+    assert!(
+        m.node_b.poll_transmit().is_none(),
+        "nothing may be sent to a stranger"
+    );
 }
 
 #[test]
@@ -209,18 +255,31 @@ fn oversize_packets_get_packet_too_big_with_the_path_mtu() {
     match m.node_a.handle_tun_packet(&big6, limits, &mut out) {
         FromTun::Reply(icmp) => {
             assert_eq!(icmp[40], 2);
-            assert_eq!(u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]), 1440);
+            assert_eq!(
+                u32::from_be_bytes([icmp[44], icmp[45], icmp[46], icmp[47]]),
+                1440
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
-    let big4 = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 1500, true);
+    let big4 = ipv4_udp(
+        Ipv4Addr::new(10, 10, 1, 1),
+        Ipv4Addr::new(192, 168, 50, 2),
+        1500,
+        true,
+    );
     match m.node_a.handle_tun_packet(&big4, limits, &mut out) {
         FromTun::Reply(icmp) => assert_eq!((icmp[20], icmp[21]), (3, 4)),
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(m.node_a.status().peers[0].counters.oversize, 2);
     // Without DF the outer datagram may be fragmented: it goes through.
-    let big4_frag = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 1500, false);
+    let big4_frag = ipv4_udp(
+        Ipv4Addr::new(10, 10, 1, 1),
+        Ipv4Addr::new(192, 168, 50, 2),
+        1500,
+        false,
+    );
     let (_, at_b) = send_from_a(&mut m, &big4_frag);
     assert_eq!(at_b, vec![big4_frag]);
 }
@@ -231,17 +290,32 @@ fn authenticated_traffic_from_a_new_address_moves_the_path() {
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
     let mut out = vec![0u8; BUFFER_SIZE];
-    let datagram = match m.node_a.handle_tun_packet(&ipv6_echo(m.a.mesh(), m.b.mesh(), 8), limits, &mut out) {
-        FromTun::Send { datagram, .. } => datagram.to_vec(),
-        other => panic!("unexpected {other:?}"),
-    };
+    let datagram =
+        match m
+            .node_a
+            .handle_tun_packet(&ipv6_echo(m.a.mesh(), m.b.mesh(), 8), limits, &mut out)
+        {
+            FromTun::Send { datagram, .. } => datagram.to_vec(),
+            other => panic!("unexpected {other:?}"),
+        };
     let moved = udp("198.18.0.77:40000");
     // Garbage from the new address must not move the path...
-    let _ = m.node_b.handle_datagram(&moved, &[4, 0, 0, 0, 1, 2, 3], &mut m.buf);
-    assert_eq!(m.node_b.status().peers[0].path.as_deref(), Some("udp 198.18.0.1:51820"));
+    let _ = m
+        .node_b
+        .handle_datagram(&moved, &[4, 0, 0, 0, 1, 2, 3], &mut m.buf);
+    assert_eq!(
+        m.node_b.status().peers[0].path.as_deref(),
+        Some("udp 198.18.0.1:51820")
+    );
     // ...an authenticated packet does.
-    assert!(matches!(m.node_b.handle_datagram(&moved, &datagram, &mut m.buf), FromNetwork::ToTun(_)));
-    assert_eq!(m.node_b.status().peers[0].path.as_deref(), Some("udp 198.18.0.77:40000"));
+    assert!(matches!(
+        m.node_b.handle_datagram(&moved, &datagram, &mut m.buf),
+        FromNetwork::ToTun(_)
+    ));
+    assert_eq!(
+        m.node_b.status().peers[0].path.as_deref(),
+        Some("udp 198.18.0.77:40000")
+    );
 }
 
 #[test]
@@ -250,7 +324,10 @@ fn kernel_multicast_is_ignored_and_counted() {
     let mut rs = ipv6_echo("fe80::1".parse().unwrap(), "ff02::2".parse().unwrap(), 8);
     rs[40] = 133;
     let mut out = vec![0u8; BUFFER_SIZE];
-    assert!(matches!(m.node_a.handle_tun_packet(&rs, limits, &mut out), FromTun::Done(DropReason::Multicast)));
+    assert!(matches!(
+        m.node_a.handle_tun_packet(&rs, limits, &mut out),
+        FromTun::Done(DropReason::Multicast)
+    ));
     assert_eq!(m.node_a.counters().multicast_ignored, 1);
 }
 
@@ -317,14 +394,20 @@ fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
     let c = Side::new("198.18.0.3:51820");
     let report = m
         .node_a
-        .reconfigure(vec![m.b.as_peer("b", true, &["192.168.50.0/24"]), c.as_peer("c", true, &[])])
+        .reconfigure(vec![
+            m.b.as_peer("b", true, &["192.168.50.0/24"]),
+            c.as_peer("c", true, &[]),
+        ])
         .unwrap();
     assert_eq!(report.added, vec!["c"]);
     assert_eq!(report.unchanged, vec!["b"]);
     // Still a data message (type 4), not a new handshake (type 1).
     let datagram = data_message_from_a(&mut m, &ping);
     assert_eq!(message_type(&datagram), Some(DATA));
-    assert!(matches!(m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf), FromNetwork::ToTun(_)));
+    assert!(matches!(
+        m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf),
+        FromNetwork::ToTun(_)
+    ));
     // And the new peer is routed: its first packet starts a handshake.
     let ping_c = ipv6_echo(m.a.mesh(), c.mesh(), 8);
     let to_c = data_message_from_a(&mut m, &ping_c);
@@ -340,14 +423,36 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
     // b drops a; a's traffic is no longer accepted.
     let report = m.node_b.reconfigure(vec![]).unwrap();
     assert_eq!(report.removed, vec!["a"]);
-    assert!(matches!(m.node_b.handle_datagram(&m.a.addr, &from_a, &mut m.buf), FromNetwork::Dropped(_)));
+    assert!(matches!(
+        m.node_b.handle_datagram(&m.a.addr, &from_a, &mut m.buf),
+        FromNetwork::Dropped(_)
+    ));
     assert!(m.node_b.status().peers.is_empty());
     // a moves b's subnet: 192.168.50.0/24 becomes 192.168.60.0/24.
-    let report = m.node_a.reconfigure(vec![m.b.as_peer("b", true, &["192.168.60.0/24"])]).unwrap();
+    let report = m
+        .node_a
+        .reconfigure(vec![m.b.as_peer("b", true, &["192.168.60.0/24"])])
+        .unwrap();
     assert_eq!(report.changed, vec!["b"]);
     let mut out = vec![0u8; BUFFER_SIZE];
-    let old = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2), 8, true);
-    assert!(matches!(m.node_a.handle_tun_packet(&old, limits, &mut out), FromTun::Reply(_)));
-    let new = ipv4_udp(Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 60, 2), 8, true);
-    assert!(matches!(m.node_a.handle_tun_packet(&new, limits, &mut out), FromTun::Send { .. }));
+    let old = ipv4_udp(
+        Ipv4Addr::new(10, 10, 1, 1),
+        Ipv4Addr::new(192, 168, 50, 2),
+        8,
+        true,
+    );
+    assert!(matches!(
+        m.node_a.handle_tun_packet(&old, limits, &mut out),
+        FromTun::Reply(_)
+    ));
+    let new = ipv4_udp(
+        Ipv4Addr::new(10, 10, 1, 1),
+        Ipv4Addr::new(192, 168, 60, 2),
+        8,
+        true,
+    );
+    assert!(matches!(
+        m.node_a.handle_tun_packet(&new, limits, &mut out),
+        FromTun::Send { .. }
+    ));
 }

@@ -53,8 +53,14 @@ pub fn reap_stale() {
     let list = must(&["ip", "netns", "list"]);
     for line in list.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let pid: i32 = rest.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: i32 = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if pid > 0 && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = run(&["ip", "netns", "del", name]);
         }
@@ -103,7 +109,11 @@ impl Netns {
 
     pub fn sysctl(&self, key: &str, value: &str) {
         let out = self.exec(&["sysctl", "-qw", &format!("{key}={value}")]);
-        assert!(out.status.success(), "sysctl {key}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "sysctl {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// ping; returns (transmitted, received, full output).
@@ -117,7 +127,11 @@ impl Netns {
 /// (transmitted, received, full output) of a finished ping.
 pub fn ping_result(out: Output) -> (u32, u32, String) {
     {
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stats = text
             .lines()
             .find(|l| l.contains("packets transmitted"))
@@ -126,7 +140,10 @@ pub fn ping_result(out: Output) -> (u32, u32, String) {
                     .split(|c: char| !c.is_ascii_digit())
                     .filter_map(|w| w.parse().ok())
                     .collect();
-                (nums.first().copied().unwrap_or(0), nums.get(1).copied().unwrap_or(0))
+                (
+                    nums.first().copied().unwrap_or(0),
+                    nums.get(1).copied().unwrap_or(0),
+                )
             })
             .unwrap_or((0, 0));
         (stats.0, stats.1, text)
@@ -134,15 +151,19 @@ pub fn ping_result(out: Output) -> (u32, u32, String) {
 }
 
 impl Netns {
-
     pub fn has_link(&self, name: &str) -> bool {
-        run(&["ip", "-n", &self.name, "link", "show", name]).status.success()
+        run(&["ip", "-n", &self.name, "link", "show", name])
+            .status
+            .success()
     }
 
     /// Reads a counter of an interface inside the namespace.
     pub fn link_stat(&self, link: &str, stat: &str) -> u64 {
         let out = self.exec(&["cat", &format!("/sys/class/net/{link}/statistics/{stat}")]);
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
     }
 }
 
@@ -178,7 +199,10 @@ impl Drop for NetnsHosts {
 
 /// Links two namespaces with a veth pair.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
-    must(&["ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]);
+    must(&[
+        "ip", "link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns",
+        &b.name,
+    ]);
     a.ip(&["link", "set", a_if, "up"]);
     b.ip(&["link", "set", b_if, "up"]);
 }
@@ -220,7 +244,12 @@ impl NodeFiles {
         let key = PrivateKey::generate().expect("randomness");
         let dir = dir.join(name);
         fs::create_dir_all(&dir).unwrap();
-        NodeFiles { config: dir.join("veil0.toml"), socket: dir.join("control.sock"), key, dir }
+        NodeFiles {
+            config: dir.join("veil0.toml"),
+            socket: dir.join("control.sock"),
+            key,
+            dir,
+        }
     }
 
     pub fn public(&self) -> String {
@@ -236,7 +265,11 @@ impl NodeFiles {
     pub fn write_config(&self, interface_extra: &str, peers: &str) {
         let key_file = self.dir.join("veil0.key");
         fs::write(&key_file, format!("{}\n", self.key.to_base64())).unwrap();
-        fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        fs::set_permissions(
+            &key_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         // Never the machine's real /etc/hosts: a private file unless the
         // test chooses one.
         let hosts = if interface_extra.contains("hosts_file") {
@@ -254,7 +287,10 @@ impl NodeFiles {
 
     /// A `[[peer]]` block describing this node.
     pub fn peer_block(&self, name: &str, endpoint: Option<&str>, allowed: &[&str]) -> String {
-        let mut s = format!("[[peer]]\nname = \"{name}\"\npublic_key = \"{}\"\n", self.public());
+        let mut s = format!(
+            "[[peer]]\nname = \"{name}\"\npublic_key = \"{}\"\n",
+            self.public()
+        );
         if let Some(e) = endpoint {
             s += &format!("endpoint = \"{e}\"\n");
         }
@@ -291,16 +327,27 @@ impl Daemon {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("start veilmesh");
-        let mut daemon = Daemon { child, socket: files.socket.clone(), log };
+        let mut daemon = Daemon {
+            child,
+            socket: files.socket.clone(),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if control::show(&daemon.socket).is_ok() {
                 return daemon;
             }
             if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!("veilmesh exited at start ({status}):\n{}", daemon.log_text());
+                panic!(
+                    "veilmesh exited at start ({status}):\n{}",
+                    daemon.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "veilmesh did not answer in 10 s:\n{}", daemon.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "veilmesh did not answer in 10 s:\n{}",
+                daemon.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -325,7 +372,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "veilmesh ignored SIGTERM:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "veilmesh ignored SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

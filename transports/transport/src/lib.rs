@@ -20,7 +20,8 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    pub const ALL: [TransportKind; 3] = [TransportKind::Udp, TransportKind::Tox, TransportKind::I2p];
+    pub const ALL: [TransportKind; 3] =
+        [TransportKind::Udp, TransportKind::Tox, TransportKind::I2p];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -185,6 +186,9 @@ mod tests {
         let udp = PeerAddr::Udp("198.18.0.1:51820".parse().unwrap());
         assert_eq!(udp.ip(), Some("198.18.0.1".parse().unwrap()));
         assert_eq!(PeerAddr::Tox(ToxPublicKey([7; 32])).ip(), None);
-        assert_eq!(PeerAddr::I2p(I2pDestination(Arc::from(vec![1u8; 391]))).ip(), None);
+        assert_eq!(
+            PeerAddr::I2p(I2pDestination(Arc::from(vec![1u8; 391]))).ip(),
+            None
+        );
     }
 }

@@ -27,7 +27,10 @@ pub struct UdpConfig {
 
 impl Default for UdpConfig {
     fn default() -> Self {
-        UdpConfig { listen_port: 51820, link_mtu: 1500 }
+        UdpConfig {
+            listen_port: 51820,
+            link_mtu: 1500,
+        }
     }
 }
 
@@ -52,7 +55,12 @@ impl UdpTransport {
         let socket = UdpSocket::from_std(socket.into())?;
         let local = socket.local_addr()?;
         tracing::info!(%local, dual_stack, "udp transport bound");
-        Ok(UdpTransport { socket, local, dual_stack, link_mtu: config.link_mtu })
+        Ok(UdpTransport {
+            socket,
+            local,
+            dual_stack,
+            link_mtu: config.link_mtu,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -61,9 +69,9 @@ impl UdpTransport {
 
     fn to_socket_addr(&self, to: &PeerAddr) -> Result<SocketAddr, SendError> {
         match to {
-            PeerAddr::Udp(SocketAddr::V4(v4)) if self.dual_stack => {
-                Ok(SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)))
-            }
+            PeerAddr::Udp(SocketAddr::V4(v4)) if self.dual_stack => Ok(SocketAddr::V6(
+                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
+            )),
             PeerAddr::Udp(sa) => Ok(*sa),
             other => Err(SendError::WrongTransport(other.clone())),
         }
@@ -84,9 +92,9 @@ fn bind_socket(domain: Domain, port: u16) -> io::Result<Socket> {
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, port).into()
     };
-    socket.bind(&addr.into()).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot bind UDP port {port}: {e}"))
-    })?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP port {port}: {e}")))?;
     Ok(socket)
 }
 
@@ -112,7 +120,10 @@ impl Transport for UdpTransport {
             PeerAddr::Udp(SocketAddr::V4(_)) => (IPV4_UDP_HEADERS, 65_507),
             _ => (IPV6_UDP_HEADERS, 65_487),
         };
-        DatagramLimits { unfragmented: self.link_mtu.saturating_sub(headers), absolute }
+        DatagramLimits {
+            unfragmented: self.link_mtu.saturating_sub(headers),
+            absolute,
+        }
     }
 
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
@@ -130,9 +141,10 @@ impl Transport for UdpTransport {
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
         let mut read = ReadBuf::new(buf);
         match self.socket.poll_recv_from(cx, &mut read) {
-            Poll::Ready(Ok(from)) => {
-                Poll::Ready(Ok(Received { from: PeerAddr::Udp(canonical(from)), len: read.filled().len() }))
-            }
+            Poll::Ready(Ok(from)) => Poll::Ready(Ok(Received {
+                from: PeerAddr::Udp(canonical(from)),
+                len: read.filled().len(),
+            })),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
@@ -142,7 +154,10 @@ impl Transport for UdpTransport {
         // Through tokio's readiness cache: the EAGAIN that ends a batch also
         // clears it, so the next poll_recv waits instead of asking again.
         match self.socket.try_recv_from(buf) {
-            Ok((len, from)) => Ok(Some(Received { from: PeerAddr::Udp(canonical(from)), len })),
+            Ok((len, from)) => Ok(Some(Received {
+                from: PeerAddr::Udp(canonical(from)),
+                len,
+            })),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
@@ -161,15 +176,26 @@ mod tests {
     #[test]
     fn ipv4_mapped_senders_are_shown_as_ipv4() {
         let mapped: SocketAddr = "[::ffff:198.18.0.7]:4000".parse().unwrap();
-        assert_eq!(canonical(mapped), "198.18.0.7:4000".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            canonical(mapped),
+            "198.18.0.7:4000".parse::<SocketAddr>().unwrap()
+        );
         let v6: SocketAddr = "[fd00::1]:4000".parse().unwrap();
         assert_eq!(canonical(v6), v6);
     }
 
     #[tokio::test]
     async fn datagrams_cross_loopback_both_families() {
-        let mut a = UdpTransport::bind(UdpConfig { listen_port: 0, link_mtu: 1500 }).unwrap();
-        let mut b = UdpTransport::bind(UdpConfig { listen_port: 0, link_mtu: 1500 }).unwrap();
+        let mut a = UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            link_mtu: 1500,
+        })
+        .unwrap();
+        let mut b = UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            link_mtu: 1500,
+        })
+        .unwrap();
         for ip in ["127.0.0.1", "::1"] {
             let to = PeerAddr::Udp(SocketAddr::new(ip.parse().unwrap(), b.local_addr().port()));
             a.send(&to, b"noise message").unwrap();
@@ -188,15 +214,25 @@ mod tests {
 
     #[test]
     fn limits_follow_the_address_family() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let _guard = rt.enter();
-        let t = UdpTransport::bind(UdpConfig { listen_port: 0, link_mtu: 1500 }).unwrap();
+        let t = UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            link_mtu: 1500,
+        })
+        .unwrap();
         let v4 = PeerAddr::Udp("198.18.0.1:1".parse().unwrap());
         let v6 = PeerAddr::Udp("[fd00::1]:1".parse().unwrap());
         assert_eq!(t.limits(&v4).unfragmented, 1472);
         assert_eq!(t.limits(&v6).unfragmented, 1452);
         let mut t = t;
         let tox = PeerAddr::Tox(veilmesh_transport::ToxPublicKey([0; 32]));
-        assert!(matches!(t.send(&tox, b"x"), Err(SendError::WrongTransport(_))));
+        assert!(matches!(
+            t.send(&tox, b"x"),
+            Err(SendError::WrongTransport(_))
+        ));
     }
 }
