@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 deb=$(scripts/package-deb.sh)
 was_installed=$(dpkg-query -W -f='${Status}' veilmesh 2>/dev/null || true)
 case "$was_installed" in *"ok installed"*) echo "veilmesh is already installed here; not touching it" >&2; exit 1 ;; esac
-trap 'dpkg --purge veilmesh >/dev/null 2>&1 || true' EXIT
+was_user=$(getent passwd veilmesh || true)
+trap 'dpkg --purge veilmesh >/dev/null 2>&1 || true; [ -n "$was_user" ] || userdel veilmesh 2>/dev/null || true' EXIT
 passed=0; failed=0
 check() { # description command...
   local what=$1; shift
@@ -20,9 +21,12 @@ check "man veilmesh renders" bash -c 'MANPAGER=cat man veilmesh | grep -q "veilm
 check "unit installed" test -f /lib/systemd/system/veilmesh@.service
 check "example config installed" test -f /usr/share/doc/veilmesh/examples/veil0.toml
 check "bash completion installed" test -s /usr/share/bash-completion/completions/veilmesh
+check "daemon user created" getent passwd veilmesh
 check "no veilmesh process started by the install" bash -c '! pgrep -x veilmesh'
 check "no instance enabled by the install" bash -c '! ls /etc/systemd/system/multi-user.target.wants/ 2>/dev/null | grep -q veilmesh'
 dpkg --purge veilmesh >/dev/null
 check "purge removes the binary" test ! -e /usr/bin/veilmesh
+# The user stays (Debian policy: UIDs may own files); remove the one we made here.
+if [ -z "$was_user" ]; then userdel veilmesh 2>/dev/null || true; rm -rf /run/veilmesh; fi
 echo "package check: $passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -13,6 +13,8 @@ rm -rf "$root" && mkdir -p "$root/DEBIAN"
 
 install -D -m 0755 -s "$bin" "$root/usr/bin/veilmesh"
 install -D -m 0644 systemd/veilmesh@.service "$root/lib/systemd/system/veilmesh@.service"
+install -D -m 0644 systemd/veilmesh.sysusers "$root/usr/lib/sysusers.d/veilmesh.conf"
+install -D -m 0644 systemd/veilmesh.tmpfiles "$root/usr/lib/tmpfiles.d/veilmesh.conf"
 install -D -m 0644 systemd/veil0.toml.example "$root/usr/share/doc/veilmesh/examples/veil0.toml"
 install -D -m 0644 README.md "$root/usr/share/doc/veilmesh/README.md"
 mkdir -p "$root/usr/share/man/man8"
@@ -46,13 +48,24 @@ Description: mesh VPN daemon over UDP, Tox and I2P
  public key, encrypted with WireGuard's Noise protocol. Nothing runs until
  an instance is enabled: systemctl enable --now veilmesh@veil0
 CONTROL
-# Make systemd see the unit; never enable or start it.
+# Create the daemon user and make systemd see the unit; never enable or
+# start anything.
 cat > "$root/DEBIAN/postinst" <<'POST'
+#!/bin/sh
+set -e
+if command -v systemd-sysusers >/dev/null 2>&1; then
+  systemd-sysusers veilmesh.conf
+elif ! getent passwd veilmesh >/dev/null; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin veilmesh
+fi
+if command -v systemd-tmpfiles >/dev/null 2>&1; then systemd-tmpfiles --create veilmesh.conf || true; fi
+if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
+POST
+cat > "$root/DEBIAN/postrm" <<'POST'
 #!/bin/sh
 set -e
 if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 POST
-cp "$root/DEBIAN/postinst" "$root/DEBIAN/postrm"
 chmod 0755 "$root/DEBIAN/postinst" "$root/DEBIAN/postrm"
 
 deb=target/debian/veilmesh_${version}_${arch}.deb

@@ -35,7 +35,13 @@ impl fmt::Display for ConfigError {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -61,6 +67,7 @@ struct RawInterface {
     control_socket: Option<PathBuf>,
     metrics_address: Option<String>,
     hosts_file: Option<PathBuf>,
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -84,6 +91,10 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct InterfaceConfig {
     pub private_key: PrivateKey,
+    /// Where the key came from, if from a file (resolved path).
+    pub private_key_file: Option<PathBuf>,
+    /// The user to run as after setup (None: the default, see privileges).
+    pub user: Option<String>,
     pub name: String,
     pub listen_port: u16,
     pub mtu: u16,
@@ -123,7 +134,7 @@ pub fn default_config_file(interface: &str) -> PathBuf {
 }
 
 pub fn default_control_socket(interface: &str) -> PathBuf {
-    PathBuf::from(format!("/run/veilmesh/{interface}.sock"))
+    Path::new(crate::control::DEFAULT_SOCKET_DIR).join(format!("{interface}.sock"))
 }
 
 impl Config {
@@ -139,22 +150,49 @@ impl Config {
     /// `file` names the source in errors; relative key file paths are taken
     /// relative to its directory.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_owned(),
-            field: String::new(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
-        Validator { file }.validate(raw)
+        Validator {
+            file,
+            running: None,
+        }
+        .validate(parse_raw(text, file)?)
     }
+
+    /// Parses a new version of a running config. The key file is not read
+    /// again when its path is unchanged: after dropping privileges the daemon
+    /// cannot read it, and a new key takes a restart anyway.
+    pub fn parse_for_reload(
+        text: &str,
+        file: &Path,
+        running: &InterfaceConfig,
+    ) -> Result<Config, ConfigError> {
+        Validator {
+            file,
+            running: Some(running),
+        }
+        .validate(parse_raw(text, file)?)
+    }
+}
+
+fn parse_raw(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
+        file: file.to_owned(),
+        field: String::new(),
+        message: e.to_string().trim_end().to_owned(),
+    })
 }
 
 struct Validator<'a> {
     file: &'a Path,
+    running: Option<&'a InterfaceConfig>,
 }
 
 impl Validator<'_> {
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-        ConfigError { file: self.file.to_owned(), field: field.into(), message: message.into() }
+        ConfigError {
+            file: self.file.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -196,10 +234,15 @@ impl Validator<'_> {
             }
             peers.push(peer);
         }
-        Ok(Config { file: self.file.to_owned(), interface, peers })
+        Ok(Config {
+            file: self.file.to_owned(),
+            interface,
+            peers,
+        })
     }
 
     fn interface(&self, raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
+        let mut private_key_file = None;
         let private_key = match (raw.private_key, raw.private_key_file) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
@@ -214,22 +257,37 @@ impl Validator<'_> {
                 .map_err(|e| self.err("interface.private_key", e.to_string()))?,
             (None, Some(path)) => {
                 let path = self.relative_to_config(&path);
-                self.check_private(&path, "interface.private_key_file")?;
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    self.err(
-                        "interface.private_key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                PrivateKey::parse(&text).map_err(|e| {
-                    self.err("interface.private_key_file", format!("{}: {e}", path.display()))
-                })?
+                private_key_file = Some(path.clone());
+                if let Some(running) = self
+                    .running
+                    .filter(|r| r.private_key_file.as_ref() == Some(&path))
+                {
+                    running.private_key.clone()
+                } else {
+                    self.check_private(&path, "interface.private_key_file")?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        self.err(
+                            "interface.private_key_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    PrivateKey::parse(&text).map_err(|e| {
+                        self.err(
+                            "interface.private_key_file",
+                            format!("{}: {e}", path.display()),
+                        )
+                    })?
+                }
             }
         };
-        let name = raw.name.unwrap_or_else(|| DEFAULT_INTERFACE_NAME.to_owned());
+        let name = raw
+            .name
+            .unwrap_or_else(|| DEFAULT_INTERFACE_NAME.to_owned());
         if name.is_empty()
             || name.len() > MAX_INTERFACE_NAME
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         {
             return Err(self.err(
                 "interface.name",
@@ -267,7 +325,10 @@ impl Validator<'_> {
             .metrics_address
             .map(|text| {
                 text.parse::<SocketAddr>().map_err(|_| {
-                    self.err("interface.metrics_address", format!("`{text}` is not IP:PORT, like 127.0.0.1:9586"))
+                    self.err(
+                        "interface.metrics_address",
+                        format!("`{text}` is not IP:PORT, like 127.0.0.1:9586"),
+                    )
                 })
             })
             .transpose()?;
@@ -278,6 +339,8 @@ impl Validator<'_> {
         };
         Ok(InterfaceConfig {
             private_key,
+            private_key_file,
+            user: raw.user,
             metrics_address,
             hosts_file,
             name,
@@ -294,7 +357,10 @@ impl Validator<'_> {
             .map_err(|e| self.err(format!("{provisional}.public_key"), e.to_string()))?;
         // An unnamed peer is called by the start of its key.
         let name = raw.name.unwrap_or_else(|| {
-            let hex: String = public_key.0[..4].iter().map(|b| format!("{b:02x}")).collect();
+            let hex: String = public_key.0[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             format!("peer-{hex}")
         });
         let label = peer_label(index, &name);
@@ -380,15 +446,21 @@ pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
         return Ok(addr);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"));
+        return Err(format!(
+            "`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"
+        ));
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!("`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"));
+        return Err(format!(
+            "`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"
+        ));
     }
     let mut resolved = (host, port.parse::<u16>().unwrap_or(0))
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{host}`: {e}"))?;
-    resolved.next().ok_or_else(|| format!("`{host}` resolves to no address"))
+    resolved
+        .next()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))
 }
 
 /// Accepts `10.0.0.0/8`, a bare address (taken as /32 or /128), and nets with
@@ -433,7 +505,10 @@ mod tests {
         assert_eq!(err.file, Path::new("/etc/veilmesh/test.toml"));
         assert_eq!(err.field, field, "wrong field in: {err}");
         assert!(err.message.contains(needle), "`{needle}` not in: {err}");
-        assert!(err.to_string().starts_with("/etc/veilmesh/test.toml: "), "{err}");
+        assert!(
+            err.to_string().starts_with("/etc/veilmesh/test.toml: "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -446,7 +521,10 @@ mod tests {
         assert_eq!(cfg.interface.name, "veil0");
         assert_eq!(cfg.interface.listen_port, 51820);
         assert_eq!(cfg.interface.mtu, 1420);
-        assert_eq!(cfg.interface.control_socket, Path::new("/run/veilmesh/veil0.sock"));
+        assert_eq!(
+            cfg.interface.control_socket,
+            Path::new("/run/veilmesh/veil0.sock")
+        );
         let p = &cfg.peers[0];
         assert_eq!(p.endpoint, Some("198.51.100.7:51820".parse().unwrap()));
         assert_eq!(p.persistent_keepalive, Some(25));
@@ -471,13 +549,23 @@ mod tests {
             "peer[0].public_key",
             "decodes to 3 bytes, a key is 32",
         );
-        expect_error("[interface]\nprivate_key = \"AAAA\"\n", "interface.private_key", "3 bytes");
+        expect_error(
+            "[interface]\nprivate_key = \"AAAA\"\n",
+            "interface.private_key",
+            "3 bytes",
+        );
     }
 
     #[test]
     fn unknown_field_is_named() {
-        let err = parse(&with_peers("[[peer]]\npublic_key = \"x\"\nendpiont = \"1.2.3.4:5\"\n")).unwrap_err();
-        assert!(err.to_string().contains("unknown field `endpiont`"), "{err}");
+        let err = parse(&with_peers(
+            "[[peer]]\npublic_key = \"x\"\nendpiont = \"1.2.3.4:5\"\n",
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `endpiont`"),
+            "{err}"
+        );
         let err = parse("[interface]\nprivate_key = \"x\"\nlisten = 1\n").unwrap_err();
         assert!(err.to_string().contains("unknown field `listen`"), "{err}");
     }
@@ -497,7 +585,9 @@ mod tests {
     fn own_key_as_peer_is_rejected() {
         let own = PrivateKey::parse(KEY_A).unwrap().public_key();
         expect_error(
-            &with_peers(&format!("[[peer]]\nname = \"me\"\npublic_key = \"{own}\"\n")),
+            &with_peers(&format!(
+                "[[peer]]\nname = \"me\"\npublic_key = \"{own}\"\n"
+            )),
             "peer[0] \"me\".public_key",
             "own public key",
         );
@@ -528,7 +618,9 @@ mod tests {
     fn bad_endpoint_is_named() {
         for bad in ["198.51.100.7", "198.51.100.7:99999", ":51820", "[::1]:x"] {
             expect_error(
-                &with_peers(&format!("[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nendpoint = \"{bad}\"\n")),
+                &with_peers(&format!(
+                    "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nendpoint = \"{bad}\"\n"
+                )),
                 "peer[0] \"b\".endpoint",
                 bad,
             );
@@ -537,7 +629,10 @@ mod tests {
             "[[peer]]\npublic_key = \"{PUB_B}\"\nendpoint = \"[2001:db8::7]:51820\"\n"
         )))
         .unwrap();
-        assert_eq!(cfg.peers[0].endpoint, Some("[2001:db8::7]:51820".parse().unwrap()));
+        assert_eq!(
+            cfg.peers[0].endpoint,
+            Some("[2001:db8::7]:51820".parse().unwrap())
+        );
     }
 
     #[test]
@@ -563,8 +658,11 @@ mod tests {
         write_private(&key, KEY_A);
         for mode in [0o640, 0o604, 0o660] {
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
-            let err = Config::parse("[interface]\nprivate_key_file = \"node.key\"\n", &dir.path().join("v.toml"))
-                .unwrap_err();
+            let err = Config::parse(
+                "[interface]\nprivate_key_file = \"node.key\"\n",
+                &dir.path().join("v.toml"),
+            )
+            .unwrap_err();
             assert_eq!(err.field, "interface.private_key_file");
             assert!(err.message.contains(&format!("mode {mode:04o}")), "{err}");
             assert!(err.message.contains("chmod 600"), "{err}");
@@ -616,7 +714,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             cfg.peers[0].allowed_ips,
-            vec!["192.168.50.0/24".parse::<IpNet>().unwrap(), "10.0.0.1/32".parse().unwrap()]
+            vec![
+                "192.168.50.0/24".parse::<IpNet>().unwrap(),
+                "10.0.0.1/32".parse().unwrap()
+            ]
         );
         assert_eq!(cfg.peers[0].name, "peer-8520f009");
     }
@@ -625,7 +726,9 @@ mod tests {
     fn peer_names_must_work_as_host_names() {
         for bad in ["site b", "-b", "b-", "b.c", "ü"] {
             expect_error(
-                &with_peers(&format!("[[peer]]\nname = \"{bad}\"\npublic_key = \"{PUB_B}\"\n")),
+                &with_peers(&format!(
+                    "[[peer]]\nname = \"{bad}\"\npublic_key = \"{PUB_B}\"\n"
+                )),
                 &format!("peer[0] \"{bad}\".name"),
                 "cannot be a host name",
             );
@@ -634,7 +737,13 @@ mod tests {
 
     #[test]
     fn garbage_toml_is_an_error_not_a_panic() {
-        for text in ["", "[[[", "interface = 3", "\u{0}\u{1}", "[interface]\nmtu = \"big\""] {
+        for text in [
+            "",
+            "[[[",
+            "interface = 3",
+            "\u{0}\u{1}",
+            "[interface]\nmtu = \"big\"",
+        ] {
             assert!(parse(text).is_err(), "{text:?}");
         }
     }

@@ -14,15 +14,23 @@ use tokio::net::UnixListener;
 
 use crate::core::{NodeStatus, ReconfigureReport};
 
-/// Longest request line accepted; a request is a few dozen bytes.
-const MAX_REQUEST: usize = 4096;
+/// Where control sockets live unless configured otherwise.
+pub const DEFAULT_SOCKET_DIR: &str = "/run/veilmesh";
+
+/// Longest request line accepted: a reload carries a whole config file.
+pub const MAX_REQUEST: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum Request {
     Show,
-    /// Re-read the config file and apply peer changes.
-    Reload,
+    /// Apply peer changes from the config file. `config` is its text, read
+    /// by the (root) client: after dropping privileges the daemon may not be
+    /// able to read it. Without it the daemon reads the file itself.
+    Reload {
+        #[serde(default)]
+        config: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -37,15 +45,20 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonStatus {
     pub interface: String,
+    /// The config file the daemon runs from.
+    pub config_file: PathBuf,
     pub transports: Vec<String>,
     #[serde(flatten)]
     pub node: NodeStatus,
 }
 
 /// Binds the control socket, refusing to steal one a live daemon answers on.
-pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+/// Returns the directory it had to create, if any.
+pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, Option<PathBuf>)> {
+    let mut created = None;
     if let Some(dir) = path.parent() {
         if !dir.exists() {
+            created = Some(dir.to_owned());
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -68,7 +81,19 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict permissions of {}", path.display()))?;
-    Ok(listener)
+    Ok((listener, created))
+}
+
+/// `reload` as a client call: reads the daemon's config file (with the
+/// client's, i.e. root's, permissions) and sends it.
+pub fn reload(socket: &Path) -> anyhow::Result<ReconfigureReport> {
+    let file = show(socket)?.config_file;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    match request(socket, &Request::Reload { config: Some(text) })? {
+        Response::Reloaded(report) => Ok(report),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
 }
 
 /// Removes the socket file on drop.
@@ -207,7 +232,8 @@ mod tests {
     async fn socket_is_private_and_a_live_one_is_not_stolen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/veil0.sock");
-        let _listener = bind(&path).unwrap();
+        let (_listener, created) = bind(&path).unwrap();
+        assert_eq!(created.as_deref(), path.parent());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let dir_mode = std::fs::metadata(path.parent().unwrap())

@@ -20,6 +20,7 @@ use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
 use crate::netdev::NetDevice;
 use crate::notify::Notifier;
+use crate::privileges;
 
 /// Packets handled per wake-up of one source before the loop looks at the
 /// others, so a flood on one side cannot starve timers or the other side.
@@ -79,7 +80,7 @@ type ControlRequest = (Request, oneshot::Sender<Response>);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let iface = &config.interface;
     // The control socket goes first: it is how a second `up` finds the first.
-    let listener = control::bind(&iface.control_socket)?;
+    let (listener, created_socket_dir) = control::bind(&iface.control_socket)?;
     let _socket_file = control::SocketFile(iface.control_socket.clone());
     crate::netdev::ensure_absent(&iface.name)?;
     let udp = UdpTransport::bind(UdpConfig {
@@ -130,6 +131,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // Opened while still root; written through this descriptor later.
+    let hosts = iface.hosts_file.as_deref().and_then(|p| {
+        HostsFile::open(p, &iface.name)
+            .map_err(|error| tracing::warn!("peer names disabled: {error:#}"))
+            .ok()
+    });
+
+    // Everything privileged is set up: drop to the daemon user.
+    if let Some(target) = privileges::resolve(iface.user.as_deref())? {
+        // So the daemon can still remove its socket at exit: the directory
+        // it created, or the shared default one (ours by convention).
+        let socket_dir = created_socket_dir.or_else(|| {
+            let parent = iface.control_socket.parent()?;
+            (parent == std::path::Path::new(control::DEFAULT_SOCKET_DIR)).then(|| parent.to_owned())
+        });
+        if let Some(dir) = &socket_dir {
+            nix::unistd::chown(dir, Some(target.uid), Some(target.gid))
+                .with_context(|| format!("cannot hand {} to {}", dir.display(), target.name))?;
+        }
+        privileges::drop_to(&target)?;
+    }
+
     let notifier = Notifier::from_env();
     notifier.ready(&format!(
         "running on {}, {} peers",
@@ -143,10 +166,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "veilmesh running"
     );
 
-    let hosts = iface
-        .hosts_file
-        .as_deref()
-        .map(|p| HostsFile::new(p, &iface.name));
     let mut path = DataPath {
         hosts,
         config: config.clone(),
@@ -175,7 +194,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.config.file.display());
-                let _ = path.reload(&notifier);
+                let _ = path.reload(None, &notifier);
             }
             _ = &mut timer => path.node.handle_timeout(Instant::now()),
             Some((request, reply)) = control_rx.recv() => {
@@ -192,7 +211,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     notifier.stopping();
-    if let Some(hosts) = &path.hosts {
+    if let Some(hosts) = &mut path.hosts {
         if let Err(error) = hosts.remove() {
             tracing::warn!("{error:#}");
         }
@@ -226,10 +245,11 @@ impl DataPath {
         match request {
             Request::Show => Response::Status(DaemonStatus {
                 interface: self.device.name().to_owned(),
+                config_file: self.config.file.clone(),
                 transports: self.transports.describe(),
                 node: self.node.status(),
             }),
-            Request::Reload => match self.reload(notifier) {
+            Request::Reload { config } => match self.reload(config, notifier) {
                 Ok(report) => Response::Reloaded(report),
                 Err(error) => Response::Error {
                     message: format!("{error:#}"),
@@ -241,8 +261,12 @@ impl DataPath {
     /// Re-reads the config file and applies its peers. A config that does
     /// not load, or that changes what only a restart can change, is refused
     /// and the running one stays.
-    fn reload(&mut self, notifier: &Notifier) -> anyhow::Result<ReconfigureReport> {
-        let result = self.try_reload();
+    fn reload(
+        &mut self,
+        text: Option<String>,
+        notifier: &Notifier,
+    ) -> anyhow::Result<ReconfigureReport> {
+        let result = self.try_reload(text);
         match &result {
             Ok(r) => {
                 tracing::info!(
@@ -263,8 +287,19 @@ impl DataPath {
         result
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<ReconfigureReport> {
-        let new = Config::load(&self.config.file)?;
+    fn try_reload(&mut self, text: Option<String>) -> anyhow::Result<ReconfigureReport> {
+        let file = &self.config.file;
+        let text = match text {
+            Some(text) => text,
+            None => std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "cannot read {} (after dropping privileges the daemon may not be allowed to; \
+                     `veilmesh reload`, which systemctl reload runs, reads it as root)",
+                    file.display()
+                )
+            })?,
+        };
+        let new = Config::parse_for_reload(&text, file, &self.config.interface)?;
         let (old_if, new_if) = (&self.config.interface, &new.interface);
         let restart_only = [
             (
@@ -284,6 +319,7 @@ impl DataPath {
                 old_if.metrics_address != new_if.metrics_address,
             ),
             ("hosts_file", old_if.hosts_file != new_if.hosts_file),
+            ("user", old_if.user != new_if.user),
         ];
         let changed: Vec<&str> = restart_only
             .iter()
@@ -306,8 +342,8 @@ impl DataPath {
     }
 
     /// Names are a convenience: failing to write them is logged, not fatal.
-    fn update_hosts(&self) {
-        let Some(hosts) = &self.hosts else { return };
+    fn update_hosts(&mut self) {
+        let Some(hosts) = &mut self.hosts else { return };
         let entries: Vec<_> = self
             .config
             .peers
@@ -427,7 +463,7 @@ async fn accept_control(
 async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read.take(4097));
+    let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64 + 1));
     let read_line = reader.read_line(&mut line);
     let response = match tokio::time::timeout(std::time::Duration::from_secs(5), read_line).await {
         Ok(Ok(_)) => match control::parse_request(&line) {

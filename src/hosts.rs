@@ -57,43 +57,56 @@ pub fn with_block(
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
 
-/// The hosts file of one interface.
+/// The hosts file of one interface, held open: the daemon may lose the
+/// right to open it when it drops privileges.
 pub struct HostsFile {
     path: PathBuf,
+    file: std::fs::File,
     interface: String,
 }
 
 impl HostsFile {
-    pub fn new(path: &Path, interface: &str) -> HostsFile {
-        HostsFile {
+    pub fn open(path: &Path, interface: &str) -> anyhow::Result<HostsFile> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(HostsFile {
             path: path.to_owned(),
+            file,
             interface: interface.to_owned(),
-        }
+        })
     }
 
-    /// Rewrites the file in place (not by rename: the file may be a bind
-    /// mount, as /etc/netns/NS/hosts is under `ip netns exec`).
-    fn rewrite(&self, entries: Option<&[(String, Ipv6Addr)]>) -> anyhow::Result<()> {
-        let existing = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
-            }
-        };
+    /// Rewrites the file in place through the open descriptor (never by
+    /// rename: the file may be a bind mount, as /etc/netns/NS/hosts is).
+    fn rewrite(&mut self, entries: Option<&[(String, Ipv6Addr)]>) -> anyhow::Result<()> {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let context = || format!("cannot rewrite {}", self.path.display());
+        let mut existing = String::new();
+        self.file.seek(SeekFrom::Start(0)).with_context(context)?;
+        self.file
+            .read_to_string(&mut existing)
+            .with_context(context)?;
         let updated = with_block(&existing, &self.interface, entries);
         if updated != existing {
-            std::fs::write(&self.path, updated)
-                .with_context(|| format!("cannot write {}", self.path.display()))?;
+            self.file.set_len(0).with_context(context)?;
+            self.file.seek(SeekFrom::Start(0)).with_context(context)?;
+            self.file
+                .write_all(updated.as_bytes())
+                .with_context(context)?;
         }
         Ok(())
     }
 
-    pub fn update(&self, entries: &[(String, Ipv6Addr)]) -> anyhow::Result<()> {
+    pub fn update(&mut self, entries: &[(String, Ipv6Addr)]) -> anyhow::Result<()> {
         self.rewrite(Some(entries))
     }
 
-    pub fn remove(&self) -> anyhow::Result<()> {
+    pub fn remove(&mut self) -> anyhow::Result<()> {
         self.rewrite(None)
     }
 }

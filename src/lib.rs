@@ -11,3 +11,4 @@ pub mod invite;
 pub mod metrics;
 pub mod netdev;
 pub mod notify;
+pub mod privileges;

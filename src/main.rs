@@ -232,24 +232,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            match control::request(&socket, &control::Request::Reload)? {
-                control::Response::Reloaded(_) => {
-                    println!("added peer {name} to {} and reloaded", path.display())
-                }
-                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-            }
+            control::reload(&socket)?;
+            println!("added peer {name} to {} and reloaded", path.display());
         }
         Command::Reload { target } => {
-            match control::request(&target.control_socket()?, &control::Request::Reload)? {
-                control::Response::Reloaded(r) => println!(
-                    "reloaded: {} added, {} removed, {} changed, {} unchanged",
-                    r.added.len(),
-                    r.removed.len(),
-                    r.changed.len(),
-                    r.unchanged.len()
-                ),
-                other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
-            }
+            let r = control::reload(&target.control_socket()?)?;
+            println!(
+                "reloaded: {} added, {} removed, {} changed, {} unchanged",
+                r.added.len(),
+                r.removed.len(),
+                r.changed.len(),
+                r.unchanged.len()
+            );
         }
     }
     Ok(())

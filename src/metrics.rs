@@ -135,6 +135,7 @@ mod tests {
     fn status(name: &str) -> DaemonStatus {
         DaemonStatus {
             interface: "veil0".into(),
+            config_file: "/etc/veilmesh/veil0.toml".into(),
             transports: vec![],
             node: NodeStatus {
                 public_key: "k".into(),

@@ -137,3 +137,96 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
     ]);
     assert_eq!(String::from_utf8_lossy(&other.stdout), "404");
 }
+
+fn proc_status_field(pid: nix::unistd::Pid, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    reap_stale();
+    let dir = tempfile::tempdir().unwrap();
+    // The dropped daemon must reach its own socket directory to remove it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (a, b) = (Netns::new("pv-a"), Netns::new("pv-b"));
+    veth(&a, "eth0", &b, "eth0");
+    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (mut fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
+    std::fs::set_permissions(&fa.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A socket directory that does not exist yet: the daemon creates it and
+    // hands it to its user.
+    fa.socket = fa.dir.join("run/control.sock");
+    let user = "user = \"nobody\"";
+    fa.write_config(user, &fb.peer_block("b", Some("198.18.0.2:51820"), &[]));
+    fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
+
+    // A key file others can read is refused before anything is set up.
+    let key = fa.dir.join("veil0.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = a.exec(&[BIN, "up", "--config", fa.config.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("accessible by group or others (mode 0640)"),
+        "{err}"
+    );
+    assert!(!a.has_link("veil0"));
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let mut da = Daemon::start(&a, &fa);
+    let _db = Daemon::start(&b, &fb);
+    let pid = da.pid();
+    let uids = proc_status_field(pid, "Uid");
+    assert!(uids.split_whitespace().all(|u| u == "65534"), "Uid: {uids}");
+    let gids = proc_status_field(pid, "Gid");
+    assert!(gids.split_whitespace().all(|g| g == "65534"), "Gid: {gids}");
+    // CAP_NET_ADMIN is bit 12.
+    for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(proc_status_field(pid, set), "0000000000001000", "{set}");
+    }
+    let (_, got, out) = a.ping(&[
+        "-6",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &fb.mesh().to_string(),
+    ]);
+    assert_eq!(got, 2, "{out}");
+
+    // Reload as root: the unprivileged daemon still installs the new route.
+    fa.write_config(
+        user,
+        &fb.peer_block("b", Some("198.18.0.2:51820"), &["192.168.77.0/24"]),
+    );
+    let out = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(a
+        .ip(&["route", "show", "192.168.77.0/24"])
+        .contains("veil0"));
+
+    assert!(da.stop().success(), "{}", da.log_text());
+    assert!(!a.has_link("veil0"));
+    assert!(
+        !a.ip(&["route", "show"]).contains("192.168.77.0"),
+        "route left behind"
+    );
+    assert!(!fa.socket.exists(), "control socket left behind");
+}

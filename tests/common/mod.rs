@@ -272,11 +272,16 @@ impl NodeFiles {
         .unwrap();
         // Never the machine's real /etc/hosts: a private file unless the
         // test chooses one.
-        let hosts = if interface_extra.contains("hosts_file") {
+        let mut hosts = if interface_extra.contains("hosts_file") {
             String::new()
         } else {
             format!("hosts_file = \"{}\"\n", self.dir.join("hosts").display())
         };
+        // Explicit, so a machine with the package's `veilmesh` user runs the
+        // tests the same way; the privilege test sets its own.
+        if !interface_extra.contains("user") {
+            hosts += "user = \"root\"\n";
+        }
         let text = format!(
             "[interface]\nprivate_key_file = \"{}\"\ncontrol_socket = \"{}\"\n{hosts}{interface_extra}\n{peers}",
             key_file.display(),
