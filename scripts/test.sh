@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the end-to-end tests create network namespaces and TUN devices" >&2; exit 1; }
 scripts/install-deps.sh
+cargo fmt --all --check || { echo "run cargo fmt" >&2; exit 1; }
 # The package check first, so cargo's summary closes the output.
 scripts/check-package.sh
 cargo test --workspace --locked --color never

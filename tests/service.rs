@@ -230,3 +230,49 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
     );
     assert!(!fa.socket.exists(), "control socket left behind");
 }
+
+#[test]
+fn keys_never_reach_the_logs_even_at_trace_level() {
+    require_root();
+    reap_stale();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Netns::new("lg-a"), Netns::new("lg-b"));
+    veth(&a, "eth0", &b, "eth0");
+    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
+    fa.write_config("", &fb.peer_block("b", Some("198.18.0.2:51820"), &[]));
+    fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
+    let trace = [("RUST_LOG", "trace")];
+    let mut da = Daemon::start_with_env(&a, &fa, &trace);
+    let mut db = Daemon::start_with_env(&b, &fb, &trace);
+    let (_, got, out) = a.ping(&[
+        "-6",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &fb.mesh().to_string(),
+    ]);
+    assert_eq!(got, 3, "{out}");
+    let _ = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
+    assert!(da.stop().success() && db.stop().success());
+    for daemon in [&da, &db] {
+        let log = daemon.log_text();
+        assert!(
+            log.contains("TRACE") || log.contains("DEBUG"),
+            "not a verbose log:\n{log}"
+        );
+        for key in [&fa.key, &fb.key] {
+            assert!(
+                !log.contains(&key.to_base64()),
+                "a private key is in the log"
+            );
+        }
+    }
+}
