@@ -93,11 +93,16 @@ impl HostsFile {
             .with_context(context)?;
         let updated = with_block(&existing, &self.interface, entries);
         if updated != existing {
-            self.file.set_len(0).with_context(context)?;
+            // Overwrite, then trim: the file is never empty in between, as it
+            // would be after truncating first.
             self.file.seek(SeekFrom::Start(0)).with_context(context)?;
             self.file
                 .write_all(updated.as_bytes())
                 .with_context(context)?;
+            self.file
+                .set_len(updated.len() as u64)
+                .with_context(context)?;
+            self.file.sync_data().with_context(context)?;
         }
         Ok(())
     }
@@ -132,6 +137,41 @@ mod tests {
         // Another interface's block is left alone.
         let two = with_block(&with, "veil1", Some(&entries()));
         assert_eq!(with_block(&two, "veil1", None), with);
+    }
+
+    #[test]
+    fn the_file_on_disk_follows_updates_that_grow_and_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1\tlocalhost\n").unwrap();
+        let mut hosts = HostsFile::open(&path, "veil0").unwrap();
+        let many: Vec<(String, Ipv6Addr)> = (0..5)
+            .map(|i| {
+                (
+                    format!("p{i}"),
+                    format!("fd60:db4d:ddb5::{i}").parse().unwrap(),
+                )
+            })
+            .collect();
+        hosts.update(&many).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .matches(".veil")
+                .count(),
+            5
+        );
+        hosts.update(&many[..1]).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text,
+            with_block("127.0.0.1\tlocalhost\n", "veil0", Some(&many[..1]))
+        );
+        hosts.remove().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "127.0.0.1\tlocalhost\n"
+        );
     }
 
     proptest! {
