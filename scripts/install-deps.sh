@@ -15,7 +15,9 @@ packages=(
   procps          # sysctl, pgrep
   man-db          # the package check reads the man page
   xz-utils        # dpkg-deb -Zxz
-  pkg-config
+  pkg-config      # finds c-toxcore
+  libtoxcore-dev  # the Tox transport links c-toxcore
+  toxcore-utils   # tox-bootstrapd: a local DHT node / TCP relay in tests
   ca-certificates
 )
 

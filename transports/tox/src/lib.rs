@@ -1,0 +1,807 @@
+//! Tox transport: veilmesh's Noise datagrams travel as Tox lossy custom
+//! packets between Tox friends, found through the Tox DHT and onion, over
+//! direct UDP or TCP relays.
+//!
+//! c-toxcore has no file descriptor to poll, and a `Tox` instance must not
+//! be used from two threads: one dedicated thread owns it, calls
+//! `tox_iterate` (at least every millisecond while traffic flows), and talks
+//! to the event loop through bounded channels.
+
+mod ffi;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::raw::{c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc as tokio_mpsc;
+use veilmesh_transport::{
+    DatagramLimits, PeerAddr, Received, SendError, ToxPublicKey, Transport, TransportKind,
+};
+
+/// First byte of every veilmesh packet (Tox lossy custom ids are 200-254).
+pub const PACKET_ID: u8 = 211;
+/// Largest Noise datagram a Tox packet carries: the custom packet limit
+/// minus the id byte.
+pub const MAX_DATAGRAM: usize = ffi::MAX_CUSTOM_PACKET_SIZE - 1;
+/// Packets waiting in either direction before the sender sees backpressure.
+const QUEUE: usize = 1024;
+/// `tox_iterate` period while packets flow; toxcore loses packets otherwise.
+const BUSY_ITERATION: Duration = Duration::from_millis(1);
+/// How long traffic keeps the loop in its busy period.
+const BUSY_FOR: Duration = Duration::from_secs(1);
+const FRIEND_REQUEST_MESSAGE: &[u8] = b"veilmesh";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ToxIdError {
+    #[error("a Tox ID is 76 hex characters, this has {0}")]
+    Length(usize),
+    #[error("not hexadecimal")]
+    Hex,
+    #[error("checksum mismatch (mistyped?)")]
+    Checksum,
+}
+
+/// A Tox ID: public key, nospam and checksum (76 hex characters).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToxId(pub [u8; ffi::ADDRESS_SIZE]);
+
+impl ToxId {
+    pub fn public_key(&self) -> ToxPublicKey {
+        let mut pk = [0u8; 32];
+        pk.copy_from_slice(&self.0[..32]);
+        ToxPublicKey(pk)
+    }
+
+    fn checksum(bytes: &[u8]) -> [u8; 2] {
+        let mut sum = [0u8; 2];
+        for (i, b) in bytes.iter().enumerate() {
+            sum[i % 2] ^= b;
+        }
+        sum
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
+}
+
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+impl FromStr for ToxId {
+    type Err = ToxIdError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.len() != 2 * ffi::ADDRESS_SIZE {
+            return Err(ToxIdError::Length(text.len()));
+        }
+        let bytes: [u8; ffi::ADDRESS_SIZE] = unhex(text).ok_or(ToxIdError::Hex)?;
+        if ToxId::checksum(&bytes[..36]) != bytes[36..] {
+            return Err(ToxIdError::Checksum);
+        }
+        Ok(ToxId(bytes))
+    }
+}
+
+impl fmt::Display for ToxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl fmt::Debug for ToxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ToxId({self})")
+    }
+}
+
+/// A DHT bootstrap node or TCP relay: `host:port:dht_public_key_hex`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToxNode {
+    pub host: String,
+    pub port: u16,
+    pub public_key: [u8; 32],
+}
+
+impl FromStr for ToxNode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut parts = text.trim().rsplitn(3, ':');
+        let (Some(key), Some(port), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("`{text}` is not HOST:PORT:DHT_PUBLIC_KEY"));
+        };
+        let port = port.parse().map_err(|_| format!("bad port in `{text}`"))?;
+        let public_key =
+            unhex(key).ok_or_else(|| format!("bad DHT key in `{text}` (64 hex characters)"))?;
+        Ok(ToxNode {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+            public_key,
+        })
+    }
+}
+
+impl fmt::Display for ToxNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.host, self.port, hex(&self.public_key))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ToxConfig {
+    /// Keys and friends; created mode 0600 on first run.
+    pub state_file: PathBuf,
+    pub udp: bool,
+    /// LAN discovery broadcasts to 255.255.255.255: off by default.
+    pub local_discovery: bool,
+    pub port_range: (u16, u16),
+    /// >0: also serve as a TCP relay on this port.
+    pub relay_port: u16,
+    pub bootstrap: Vec<ToxNode>,
+    pub tcp_relays: Vec<ToxNode>,
+    /// Configured peers: friend requests go to these, and only their keys
+    /// are accepted as friends.
+    pub friends: Vec<ToxId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ToxError {
+    #[error("Tox state file {path}: {source}")]
+    State { path: PathBuf, source: io::Error },
+    #[error("cannot start Tox (tox_new error {0}; is the UDP port range free?)")]
+    New(c_int),
+    #[error("the Tox thread stopped during start-up")]
+    ThreadDied,
+}
+
+/// Friend connection state, as `veilmesh show` prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FriendState {
+    None,
+    Tcp,
+    Udp,
+}
+
+impl FriendState {
+    fn from_ffi(c: ffi::Tox_Connection) -> FriendState {
+        match c {
+            ffi::CONNECTION_UDP => FriendState::Udp,
+            ffi::CONNECTION_TCP => FriendState::Tcp,
+            _ => FriendState::None,
+        }
+    }
+}
+
+impl fmt::Display for FriendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FriendState::None => "none",
+            FriendState::Tcp => "TCP",
+            FriendState::Udp => "UDP",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ToxCounters {
+    /// Friend requests from keys that are not configured peers.
+    pub ignored_friend_requests: u64,
+    /// Lossy packets with another id (not veilmesh's), dropped.
+    pub foreign_packets: u64,
+    /// Received packets dropped because the event loop fell behind.
+    pub inbound_dropped: u64,
+    /// Sends toxcore refused (friend offline, queue full).
+    pub send_errors: u64,
+}
+
+/// This node on the Tox network.
+#[derive(Clone, Debug)]
+pub struct ToxInfo {
+    pub id: ToxId,
+    pub dht_id: [u8; 32],
+    pub udp_port: Option<u16>,
+    pub tcp_port: Option<u16>,
+}
+
+impl ToxInfo {
+    /// This node as a bootstrap node for others, at `host`.
+    pub fn as_node(&self, host: &str) -> Option<ToxNode> {
+        Some(ToxNode {
+            host: host.to_owned(),
+            port: self.udp_port?,
+            public_key: self.dht_id,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    friends: HashMap<[u8; 32], FriendState>,
+    counters: ToxCounters,
+}
+
+enum Command {
+    Send([u8; 32], Vec<u8>),
+}
+
+pub struct ToxTransport {
+    commands: SyncSender<Command>,
+    inbound: tokio_mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    shared: Arc<Mutex<Shared>>,
+    info: ToxInfo,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ToxTransport {
+    /// Starts Tox on its own thread and waits until it runs.
+    pub fn start(config: ToxConfig) -> Result<ToxTransport, ToxError> {
+        let state = read_state(&config.state_file)?;
+        let (commands, command_rx) = std_mpsc::sync_channel(QUEUE);
+        let (inbound_tx, inbound) = tokio_mpsc::channel(QUEUE);
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tox".into())
+            .spawn(move || {
+                run_tox(
+                    config,
+                    state,
+                    command_rx,
+                    inbound_tx,
+                    thread_shared,
+                    ready_tx,
+                )
+            })
+            .map_err(|_| ToxError::ThreadDied)?;
+        let info = ready_rx.recv().map_err(|_| ToxError::ThreadDied)??;
+        tracing::info!(tox_id = %info.id, udp_port = ?info.udp_port, "tox transport running");
+        Ok(ToxTransport {
+            commands,
+            inbound,
+            shared,
+            info,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn info(&self) -> &ToxInfo {
+        &self.info
+    }
+
+    pub fn friend_state(&self, public_key: &ToxPublicKey) -> FriendState {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared
+            .friends
+            .get(&public_key.0)
+            .copied()
+            .unwrap_or(FriendState::None)
+    }
+
+    pub fn counters(&self) -> ToxCounters {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters
+            .clone()
+    }
+}
+
+impl Drop for ToxTransport {
+    fn drop(&mut self) {
+        // Closing the command channel tells the thread to save and stop.
+        let (closed, _) = std_mpsc::sync_channel(0);
+        self.commands = closed;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Transport for ToxTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tox
+    }
+
+    fn limits(&self, _to: &PeerAddr) -> DatagramLimits {
+        // Tox neither fragments nor reassembles custom packets.
+        DatagramLimits {
+            unfragmented: MAX_DATAGRAM,
+            absolute: MAX_DATAGRAM,
+        }
+    }
+
+    fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
+        let PeerAddr::Tox(pk) = to else {
+            return Err(SendError::WrongTransport(to.clone()));
+        };
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(SendError::TooBig {
+                len: datagram.len(),
+                max: MAX_DATAGRAM,
+            });
+        }
+        match self
+            .commands
+            .try_send(Command::Send(pk.0, datagram.to_vec()))
+        {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(SendError::Backpressure),
+            Err(TrySendError::Disconnected(_)) => Err(SendError::NotReady("tox thread stopped")),
+        }
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        loop {
+            match self.inbound.poll_recv(cx) {
+                Poll::Ready(Some((pk, data))) => {
+                    if let Some(received) = deliver(pk, &data, buf) {
+                        return Poll::Ready(Ok(received));
+                    }
+                }
+                // The thread is gone (logged there); nothing will come.
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        while let Ok((pk, data)) = self.inbound.try_recv() {
+            if let Some(received) = deliver(pk, &data, buf) {
+                return Ok(Some(received));
+            }
+        }
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let online = shared
+            .friends
+            .values()
+            .filter(|s| **s != FriendState::None)
+            .count();
+        format!(
+            "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored",
+            self.info.id,
+            self.info.udp_port.map_or("-".into(), |p| p.to_string()),
+            shared.friends.len(),
+            shared.counters.ignored_friend_requests
+        )
+    }
+}
+
+fn deliver(pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
+    let target = buf.get_mut(..data.len())?;
+    target.copy_from_slice(data);
+    Some(Received {
+        from: PeerAddr::Tox(ToxPublicKey(pk)),
+        len: data.len(),
+    })
+}
+
+fn read_state(path: &Path) -> Result<Option<Vec<u8>>, ToxError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ToxError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Writes the state atomically, readable by its owner only.
+fn write_state(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// What the toxcore callbacks reach through `user_data`.
+struct CallbackContext {
+    allowed: HashSet<[u8; 32]>,
+    inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
+    shared: Arc<Mutex<Shared>>,
+    state_changed: bool,
+    last_traffic: Instant,
+}
+
+impl CallbackContext {
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn friend_key(tox: *const ffi::Tox, friend: u32) -> Option<[u8; 32]> {
+    let mut pk = [0u8; 32];
+    let mut err = 0;
+    // SAFETY: `tox` is the live instance toxcore passed to the callback; `pk`
+    // has room for TOX_PUBLIC_KEY_SIZE bytes.
+    let ok = unsafe { ffi::tox_friend_get_public_key(tox, friend, pk.as_mut_ptr(), &mut err) };
+    ok.then_some(pk)
+}
+
+unsafe extern "C" fn on_friend_request(
+    tox: *mut ffi::Tox,
+    public_key: *const u8,
+    _message: *const u8,
+    _length: usize,
+    user_data: *mut c_void,
+) {
+    // SAFETY: user_data is the &mut CallbackContext given to tox_iterate, and
+    // public_key points to TOX_PUBLIC_KEY_SIZE bytes (tox.h).
+    let (ctx, pk) = unsafe {
+        (
+            &mut *(user_data as *mut CallbackContext),
+            *(public_key as *const [u8; 32]),
+        )
+    };
+    if ctx.allowed.contains(&pk) {
+        let mut err = 0;
+        // SAFETY: live instance, valid key pointer.
+        unsafe { ffi::tox_friend_add_norequest(tox, pk.as_ptr(), &mut err) };
+        tracing::info!(key = %hex(&pk[..4]), err, "accepted friend request from a configured peer");
+        ctx.state_changed = true;
+    } else {
+        ctx.shared().counters.ignored_friend_requests += 1;
+        tracing::info!(key = %hex(&pk[..4]), "ignored friend request from a key that is not a configured peer");
+    }
+}
+
+unsafe extern "C" fn on_friend_connection(
+    tox: *mut ffi::Tox,
+    friend: u32,
+    status: ffi::Tox_Connection,
+    user_data: *mut c_void,
+) {
+    // SAFETY: see on_friend_request.
+    let ctx = unsafe { &mut *(user_data as *mut CallbackContext) };
+    if let Some(pk) = friend_key(tox, friend) {
+        let state = FriendState::from_ffi(status);
+        tracing::info!(friend = %hex(&pk[..4]), %state, "tox friend connection");
+        ctx.shared().friends.insert(pk, state);
+    }
+}
+
+unsafe extern "C" fn on_lossy_packet(
+    tox: *mut ffi::Tox,
+    friend: u32,
+    data: *const u8,
+    length: usize,
+    user_data: *mut c_void,
+) {
+    // SAFETY: see on_friend_request; data points to `length` bytes.
+    let (ctx, data) = unsafe {
+        (
+            &mut *(user_data as *mut CallbackContext),
+            std::slice::from_raw_parts(data, length),
+        )
+    };
+    let Some((&PACKET_ID, datagram)) = data.split_first() else {
+        ctx.shared().counters.foreign_packets += 1;
+        return;
+    };
+    let Some(pk) = friend_key(tox, friend) else {
+        return;
+    };
+    ctx.last_traffic = Instant::now();
+    if ctx.inbound.try_send((pk, datagram.to_vec())).is_err() {
+        ctx.shared().counters.inbound_dropped += 1;
+    }
+}
+
+/// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
+fn run_tox(
+    config: ToxConfig,
+    state: Option<Vec<u8>>,
+    commands: std_mpsc::Receiver<Command>,
+    inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
+    shared: Arc<Mutex<Shared>>,
+    ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
+) {
+    let tox = match new_tox(&config, state.as_deref()) {
+        Ok(tox) => tox,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut ctx = CallbackContext {
+        allowed: config.friends.iter().map(|id| id.public_key().0).collect(),
+        inbound,
+        shared,
+        state_changed: true,
+        last_traffic: Instant::now() - BUSY_FOR,
+    };
+    // SAFETY: `tox` stays valid until tox_kill below, and is only used on
+    // this thread.
+    unsafe {
+        ffi::tox_callback_friend_request(tox, on_friend_request);
+        ffi::tox_callback_friend_connection_status(tox, on_friend_connection);
+        ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
+    }
+    connect(tox, &config, &mut ctx);
+    let _ = ready.send(Ok(self_info(tox)));
+
+    let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
+    loop {
+        // SAFETY: as above; ctx outlives the call.
+        unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
+        if ctx.state_changed {
+            save(tox, &config.state_file);
+            ctx.state_changed = false;
+        }
+        let busy = ctx.last_traffic.elapsed() < BUSY_FOR;
+        // SAFETY: as above.
+        let interval =
+            Duration::from_millis(u64::from(unsafe { ffi::tox_iteration_interval(tox) }));
+        let wait = if busy {
+            interval.min(BUSY_ITERATION)
+        } else {
+            interval
+        };
+        let deadline = Instant::now() + wait;
+        // Send what is queued until the next iteration is due.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(left) {
+                Ok(Command::Send(pk, datagram)) => {
+                    ctx.last_traffic = Instant::now();
+                    send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    save(tox, &config.state_file);
+                    // SAFETY: last use of `tox`.
+                    unsafe { ffi::tox_kill(tox) };
+                    tracing::info!("tox transport stopped");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, ToxError> {
+    // SAFETY: options are created, filled and freed here; tox_new copies
+    // what it needs (including the savedata) before returning.
+    unsafe {
+        let mut err = 0;
+        let options = ffi::tox_options_new(&mut err);
+        if options.is_null() {
+            return Err(ToxError::New(err));
+        }
+        ffi::tox_options_set_ipv6_enabled(options, false);
+        ffi::tox_options_set_udp_enabled(options, config.udp);
+        ffi::tox_options_set_local_discovery_enabled(options, config.local_discovery);
+        ffi::tox_options_set_start_port(options, config.port_range.0);
+        ffi::tox_options_set_end_port(options, config.port_range.1);
+        ffi::tox_options_set_tcp_port(options, config.relay_port);
+        if let Some(state) = state {
+            ffi::tox_options_set_savedata_type(options, ffi::SAVEDATA_TYPE_TOX_SAVE);
+            ffi::tox_options_set_savedata_data(options, state.as_ptr(), state.len());
+        }
+        let tox = ffi::tox_new(options, &mut err);
+        ffi::tox_options_free(options);
+        if tox.is_null() || err != ffi::ERR_OK {
+            return Err(ToxError::New(err));
+        }
+        Ok(tox)
+    }
+}
+
+/// Bootstrap nodes, relays and friend requests to every configured peer.
+fn connect(tox: *mut ffi::Tox, config: &ToxConfig, ctx: &mut CallbackContext) {
+    for (node, relay) in config
+        .bootstrap
+        .iter()
+        .map(|n| (n, false))
+        .chain(config.tcp_relays.iter().map(|n| (n, true)))
+    {
+        let Ok(host) = CString::new(node.host.as_str()) else {
+            continue;
+        };
+        let mut err = 0;
+        // SAFETY: live instance; host is NUL-terminated; key has 32 bytes.
+        let ok = unsafe {
+            if relay {
+                ffi::tox_add_tcp_relay(
+                    tox,
+                    host.as_ptr(),
+                    node.port,
+                    node.public_key.as_ptr(),
+                    &mut err,
+                )
+            } else {
+                ffi::tox_bootstrap(
+                    tox,
+                    host.as_ptr(),
+                    node.port,
+                    node.public_key.as_ptr(),
+                    &mut err,
+                )
+            }
+        };
+        if !ok {
+            tracing::warn!(%node, relay, err, "tox bootstrap node refused");
+        }
+    }
+    for id in &config.friends {
+        let mut err = 0;
+        // SAFETY: live instance; id has TOX_ADDRESS_SIZE bytes; message is valid.
+        unsafe {
+            ffi::tox_friend_add(
+                tox,
+                id.0.as_ptr(),
+                FRIEND_REQUEST_MESSAGE.as_ptr(),
+                FRIEND_REQUEST_MESSAGE.len(),
+                &mut err,
+            )
+        };
+        match err {
+            ffi::ERR_OK => ctx.state_changed = true,
+            ffi::ERR_FRIEND_ADD_ALREADY_SENT => {}
+            other => tracing::warn!(friend = %id, err = other, "tox_friend_add failed"),
+        }
+        ctx.shared()
+            .friends
+            .entry(id.public_key().0)
+            .or_insert(FriendState::None);
+    }
+}
+
+fn self_info(tox: *mut ffi::Tox) -> ToxInfo {
+    let mut id = [0u8; ffi::ADDRESS_SIZE];
+    let mut dht_id = [0u8; 32];
+    let (mut udp_err, mut tcp_err) = (0, 0);
+    // SAFETY: live instance; buffers sized per tox.h.
+    let (udp, tcp) = unsafe {
+        ffi::tox_self_get_address(tox, id.as_mut_ptr());
+        ffi::tox_self_get_dht_id(tox, dht_id.as_mut_ptr());
+        (
+            ffi::tox_self_get_udp_port(tox, &mut udp_err),
+            ffi::tox_self_get_tcp_port(tox, &mut tcp_err),
+        )
+    };
+    ToxInfo {
+        id: ToxId(id),
+        dht_id,
+        udp_port: (udp_err == ffi::ERR_OK).then_some(udp),
+        tcp_port: (tcp_err == ffi::ERR_OK).then_some(tcp),
+    }
+}
+
+fn send_packet(
+    tox: *mut ffi::Tox,
+    friend_numbers: &mut HashMap<[u8; 32], u32>,
+    ctx: &CallbackContext,
+    pk: [u8; 32],
+    datagram: &[u8],
+) {
+    let friend = match friend_numbers.get(&pk) {
+        Some(&n) => n,
+        None => {
+            let mut err = 0;
+            // SAFETY: live instance, 32-byte key.
+            let n = unsafe { ffi::tox_friend_by_public_key(tox, pk.as_ptr(), &mut err) };
+            if err != ffi::ERR_OK {
+                ctx.shared().counters.send_errors += 1;
+                return;
+            }
+            friend_numbers.insert(pk, n);
+            n
+        }
+    };
+    let mut packet = Vec::with_capacity(datagram.len() + 1);
+    packet.push(PACKET_ID);
+    packet.extend_from_slice(datagram);
+    let mut err = 0;
+    // SAFETY: live instance; packet pointer and length describe one buffer.
+    let ok = unsafe {
+        ffi::tox_friend_send_lossy_packet(tox, friend, packet.as_ptr(), packet.len(), &mut err)
+    };
+    if !ok {
+        ctx.shared().counters.send_errors += 1;
+        tracing::trace!(err, "tox lossy send failed");
+    }
+}
+
+fn save(tox: *mut ffi::Tox, path: &Path) {
+    // SAFETY: live instance; the buffer has the size toxcore asked for.
+    let bytes = unsafe {
+        let mut bytes = vec![0u8; ffi::tox_get_savedata_size(tox)];
+        ffi::tox_get_savedata(tox, bytes.as_mut_ptr());
+        bytes
+    };
+    if let Err(error) = write_state(path, &bytes) {
+        tracing::error!(path = %path.display(), %error, "cannot save Tox state");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A Tox ID built by hand: key 0x01.., nospam 0xAABBCCDD, checksum XOR.
+    fn sample() -> String {
+        let mut bytes = vec![1u8; 32];
+        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
+        let sum = ToxId::checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        hex(&bytes)
+    }
+
+    #[test]
+    fn tox_ids_parse_and_print() {
+        let text = sample();
+        let id: ToxId = text.parse().unwrap();
+        assert_eq!(id.to_string(), text);
+        assert_eq!(id.public_key().0, [1u8; 32]);
+        assert_eq!(text.to_lowercase().parse::<ToxId>().unwrap(), id);
+    }
+
+    #[test]
+    fn bad_tox_ids_say_why() {
+        let text = sample();
+        assert_eq!("abc".parse::<ToxId>(), Err(ToxIdError::Length(3)));
+        assert_eq!(
+            format!("{}ZZ", &text[..74]).parse::<ToxId>(),
+            Err(ToxIdError::Hex)
+        );
+        let mut flipped = text.clone();
+        flipped.replace_range(0..2, "02");
+        assert_eq!(flipped.parse::<ToxId>(), Err(ToxIdError::Checksum));
+    }
+
+    #[test]
+    fn nodes_parse() {
+        let key = "AB".repeat(32);
+        let node: ToxNode = format!("198.18.0.3:33445:{key}").parse().unwrap();
+        assert_eq!((node.host.as_str(), node.port), ("198.18.0.3", 33445));
+        assert_eq!(node.to_string(), format!("198.18.0.3:33445:{key}"));
+        assert!("198.18.0.3:33445".parse::<ToxNode>().is_err());
+        assert!(format!("h:99999:{key}").parse::<ToxNode>().is_err());
+    }
+
+    #[test]
+    fn abi_check_is_linked() {
+        // SAFETY: a plain C function without arguments.
+        assert_eq!(unsafe { ffi::veilmesh_tox_abi_checked() }, 1);
+    }
+}

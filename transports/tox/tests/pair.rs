@@ -1,0 +1,140 @@
+//! Two real c-toxcore instances in a private network namespace (loopback
+//! only, LAN discovery off): friends by Tox ID, datagrams both ways, a
+//! foreign friend request ignored, the Tox ID kept across a restart.
+//! Needs root (for the namespace).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use veilmesh_tox::{FriendState, ToxConfig, ToxId, ToxTransport};
+use veilmesh_transport::{PeerAddr, Transport};
+
+/// Moves this test's thread (and the threads it starts) into a fresh
+/// network namespace with only loopback up. It vanishes with the thread.
+fn private_network() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root for a network namespace"
+    );
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    let up = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    assert!(up.success());
+}
+
+fn config(
+    state: &Path,
+    ports: (u16, u16),
+    friends: Vec<ToxId>,
+    bootstrap: Vec<veilmesh_tox::ToxNode>,
+) -> ToxConfig {
+    ToxConfig {
+        state_file: state.to_owned(),
+        udp: true,
+        local_discovery: false,
+        port_range: ports,
+        relay_port: 0,
+        bootstrap,
+        tcp_relays: vec![],
+        friends,
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Sends until the other side receives (lossy packets may be lost while a
+/// path settles); returns what arrived and from whom.
+fn exchange(from: &mut ToxTransport, to: &mut ToxTransport, payload: &[u8]) -> (PeerAddr, Vec<u8>) {
+    let dest = PeerAddr::Tox(to.info().id.public_key());
+    let mut buf = vec![0u8; 2048];
+    let start = Instant::now();
+    loop {
+        from.send(&dest, payload).expect("send");
+        std::thread::sleep(Duration::from_millis(20));
+        if let Some(got) = to.try_recv(&mut buf).unwrap() {
+            return (got.from, buf[..got.len].to_vec());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no datagram arrived"
+        );
+    }
+}
+
+#[test]
+fn two_nodes_exchange_datagrams_and_ignore_strangers() {
+    private_network();
+    let dir = tempfile::tempdir().unwrap();
+    let (state_a, state_b, state_c) = (
+        dir.path().join("a.tox"),
+        dir.path().join("b.tox"),
+        dir.path().join("c.tox"),
+    );
+
+    // First runs create the identities (the configs need each other's IDs).
+    let id_a = ToxTransport::start(config(&state_a, (33445, 33454), vec![], vec![]))
+        .unwrap()
+        .info()
+        .id;
+    let id_b = ToxTransport::start(config(&state_b, (33455, 33464), vec![], vec![]))
+        .unwrap()
+        .info()
+        .id;
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&state_a).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let mut a = ToxTransport::start(config(&state_a, (33445, 33454), vec![id_b], vec![])).unwrap();
+    assert_eq!(a.info().id, id_a, "the Tox ID must survive a restart");
+    let node_a = a.info().as_node("127.0.0.1").unwrap();
+    let mut b = ToxTransport::start(config(
+        &state_b,
+        (33455, 33464),
+        vec![id_a],
+        vec![node_a.clone()],
+    ))
+    .unwrap();
+    let started = Instant::now();
+    let pk_a = id_a.public_key();
+    let pk_b = id_b.public_key();
+    wait_for("friend connection", Duration::from_secs(60), || {
+        a.friend_state(&pk_b) != FriendState::None && b.friend_state(&pk_a) != FriendState::None
+    });
+    println!(
+        "friend connection after {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        a.friend_state(&pk_b)
+    );
+
+    let (from, data) = exchange(&mut a, &mut b, b"noise message a->b");
+    assert_eq!(
+        (from, data.as_slice()),
+        (PeerAddr::Tox(pk_a), &b"noise message a->b"[..])
+    );
+    let big = vec![0x5a; veilmesh_tox::MAX_DATAGRAM];
+    let (from, data) = exchange(&mut b, &mut a, &big);
+    assert_eq!((from, data), (PeerAddr::Tox(pk_b), big));
+    let too_big = vec![0u8; veilmesh_tox::MAX_DATAGRAM + 1];
+    assert!(a.send(&PeerAddr::Tox(pk_b), &too_big).is_err());
+
+    // A stranger (not configured at a) asks to be a's friend: ignored, counted.
+    let c =
+        ToxTransport::start(config(&state_c, (33465, 33474), vec![id_a], vec![node_a])).unwrap();
+    wait_for("the stranger's request", Duration::from_secs(60), || {
+        a.counters().ignored_friend_requests >= 1
+    });
+    assert_eq!(c.friend_state(&pk_a), FriendState::None);
+    println!("{}", a.describe());
+}
