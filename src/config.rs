@@ -12,6 +12,7 @@ use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::identity::{PrivateKey, PublicKey};
+use veilmesh_tox::{ToxId, ToxNode};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -50,6 +51,7 @@ impl fmt::Display for ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     interface: RawInterface,
+    tox: Option<RawTox>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -72,6 +74,24 @@ struct RawInterface {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTox {
+    #[serde(default)]
+    enabled: bool,
+    state_file: Option<PathBuf>,
+    #[serde(default)]
+    bootstrap_nodes: Vec<String>,
+    bootstrap_nodes_file: Option<PathBuf>,
+    udp: Option<bool>,
+    #[serde(default)]
+    local_discovery: bool,
+    #[serde(default)]
+    tcp_relays: Vec<String>,
+    #[serde(default)]
+    relay_port: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPeer {
     name: Option<String>,
     public_key: String,
@@ -79,13 +99,30 @@ struct RawPeer {
     #[serde(default)]
     allowed_ips: Vec<String>,
     persistent_keepalive: Option<u16>,
+    tox: Option<String>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub file: PathBuf,
     pub interface: InterfaceConfig,
+    /// The Tox transport, when enabled.
+    pub tox: Option<ToxSettings>,
     pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToxSettings {
+    pub state_file: PathBuf,
+    pub bootstrap_nodes: Vec<ToxNode>,
+    pub udp: bool,
+    pub local_discovery: bool,
+    pub tcp_relays: Vec<ToxNode>,
+    pub relay_port: u16,
+}
+
+pub fn default_tox_state_file(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/var/lib/veilmesh/{interface}.tox"))
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +152,8 @@ pub struct PeerConfig {
     /// Subnets routed through this peer, besides its mesh /128.
     pub allowed_ips: Vec<IpNet>,
     pub persistent_keepalive: Option<u16>,
+    /// The peer's Tox ID, for the Tox transport.
+    pub tox: Option<ToxId>,
 }
 
 impl PeerConfig {
@@ -197,6 +236,11 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let interface = self.interface(raw.interface)?;
+        let tox = raw
+            .tox
+            .map(|t| self.tox(t, &interface.name))
+            .transpose()?
+            .flatten();
         let own_key = interface.private_key.public_key();
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peers.len());
         for (index, raw_peer) in raw.peers.into_iter().enumerate() {
@@ -237,6 +281,7 @@ impl Validator<'_> {
         Ok(Config {
             file: self.file.to_owned(),
             interface,
+            tox,
             peers,
         })
     }
@@ -351,6 +396,49 @@ impl Validator<'_> {
         })
     }
 
+    fn tox(&self, raw: RawTox, interface: &str) -> Result<Option<ToxSettings>, ConfigError> {
+        if !raw.enabled {
+            return Ok(None);
+        }
+        let nodes = |field: &str, list: &[String]| -> Result<Vec<ToxNode>, ConfigError> {
+            list.iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    text.parse()
+                        .map_err(|m| self.err(format!("tox.{field}[{i}]"), m))
+                })
+                .collect()
+        };
+        let mut bootstrap_nodes = nodes("bootstrap_nodes", &raw.bootstrap_nodes)?;
+        if let Some(file) = raw.bootstrap_nodes_file {
+            let file = self.relative_to_config(&file);
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                self.err(
+                    "tox.bootstrap_nodes_file",
+                    format!("cannot read {}: {e}", file.display()),
+                )
+            })?;
+            let lines: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            bootstrap_nodes.extend(nodes("bootstrap_nodes_file", &lines)?);
+        }
+        Ok(Some(ToxSettings {
+            state_file: raw
+                .state_file
+                .map(|p| self.relative_to_config(&p))
+                .unwrap_or_else(|| default_tox_state_file(interface)),
+            bootstrap_nodes,
+            udp: raw.udp.unwrap_or(true),
+            local_discovery: raw.local_discovery,
+            tcp_relays: nodes("tcp_relays", &raw.tcp_relays)?,
+            relay_port: raw.relay_port,
+        }))
+    }
+
     fn peer(&self, index: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
         let provisional = peer_label(index, raw.name.as_deref().unwrap_or(""));
         let public_key = PublicKey::parse(&raw.public_key)
@@ -385,10 +473,18 @@ impl Validator<'_> {
                 parse_net(text).map_err(|m| self.err(format!("{label}.allowed_ips[{i}]"), m))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let tox = raw
+            .tox
+            .map(|text| {
+                text.parse::<ToxId>()
+                    .map_err(|e| self.err(format!("{label}.tox"), format!("bad Tox ID: {e}")))
+            })
+            .transpose()?;
         Ok(PeerConfig {
             name,
             public_key,
             endpoint,
+            tox,
             allowed_ips,
             persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
         })
@@ -733,6 +829,30 @@ mod tests {
                 "cannot be a host name",
             );
         }
+    }
+
+    #[test]
+    fn bad_tox_ids_and_nodes_are_named() {
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\ntox = \"12AB\"\n"
+            )),
+            "peer[0] \"b\".tox",
+            "bad Tox ID: a Tox ID is 76 hex characters, this has 4",
+        );
+        let checksum_off = format!("{}{}", "01".repeat(36), "0001");
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\ntox = \"{checksum_off}\"\n"
+            )),
+            "peer[0] \"b\".tox",
+            "checksum",
+        );
+        expect_error(
+            &format!("[interface]\nprivate_key = \"{KEY_A}\"\n[tox]\nenabled = true\nbootstrap_nodes = [\"1.2.3.4:33445\"]\n"),
+            "tox.bootstrap_nodes[0]",
+            "HOST:PORT:DHT_PUBLIC_KEY",
+        );
     }
 
     #[test]

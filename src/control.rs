@@ -171,7 +171,15 @@ pub fn render(status: &DaemonStatus) -> String {
         let _ = writeln!(out, "  public key: {}", peer.public_key);
         let _ = writeln!(out, "  mesh address: {}", peer.mesh_address);
         let _ = writeln!(out, "  allowed ips: {}", allowed.join(", "));
-        let _ = writeln!(out, "  path: {}", peer.path.as_deref().unwrap_or("(none)"));
+        let path = peer.path.as_deref().unwrap_or("(none)");
+        match &peer.path_state {
+            Some(state) => {
+                let _ = writeln!(out, "  path: {path} ({state})");
+            }
+            None => {
+                let _ = writeln!(out, "  path: {path}");
+            }
+        }
         let _ = writeln!(out, "  latest handshake: {handshake}");
         let _ = writeln!(
             out,

@@ -69,12 +69,28 @@ impl Transports {
         Poll::Pending
     }
 
+    fn path_state(&self, to: &PeerAddr) -> Option<String> {
+        self.all
+            .iter()
+            .find(|t| t.kind() == to.kind())?
+            .path_state(to)
+    }
+
     fn describe(&self) -> Vec<String> {
         self.all.iter().map(|t| t.describe()).collect()
     }
 }
 
 type ControlRequest = (Request, oneshot::Sender<Response>);
+
+/// UDP ports Tox may bind (toxcore's own default range).
+const TOX_PORTS: (u16, u16) = (33445, 33545);
+
+fn tox_settings_lack_bootstrap(config: &Config) -> bool {
+    config.tox.as_ref().is_some_and(|t| {
+        t.bootstrap_nodes.is_empty() && t.tcp_relays.is_empty() && !t.local_discovery
+    })
+}
 
 /// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -88,10 +104,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ..UdpConfig::default()
     })
     .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
-    let transports = Transports {
-        all: vec![Box::new(udp)],
-        next: 0,
-    };
+    let mut all: Vec<Box<dyn Transport>> = vec![Box::new(udp)];
+    if let Some(tox) = &config.tox {
+        let tox = veilmesh_tox::ToxTransport::start(veilmesh_tox::ToxConfig {
+            state_file: tox.state_file.clone(),
+            udp: tox.udp,
+            local_discovery: tox.local_discovery,
+            port_range: TOX_PORTS,
+            relay_port: tox.relay_port,
+            bootstrap: tox.bootstrap_nodes.clone(),
+            tcp_relays: tox.tcp_relays.clone(),
+            friends: config.peers.iter().filter_map(|p| p.tox).collect(),
+        })
+        .with_context(|| format!("{}: [tox]", config.file.display()))?;
+        if tox_settings_lack_bootstrap(&config) {
+            tracing::warn!(
+                "[tox] has no bootstrap_nodes or tcp_relays: peers can only be found on the LAN"
+            );
+        }
+        all.push(Box::new(tox));
+    }
+    let transports = Transports { all, next: 0 };
 
     let now = Instant::now();
     let node = Node::new(
@@ -247,7 +280,7 @@ impl DataPath {
                 interface: self.device.name().to_owned(),
                 config_file: self.config.file.clone(),
                 transports: self.transports.describe(),
-                node: self.node.status(),
+                node: self.node.status_with(|to| self.transports.path_state(to)),
             }),
             Request::Reload { config } => match self.reload(config, notifier) {
                 Ok(report) => Response::Reloaded(report),
@@ -320,6 +353,7 @@ impl DataPath {
             ),
             ("hosts_file", old_if.hosts_file != new_if.hosts_file),
             ("user", old_if.user != new_if.user),
+            ("[tox]", self.config.tox != new.tox),
         ];
         let changed: Vec<&str> = restart_only
             .iter()

@@ -50,6 +50,12 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print this node's Tox ID (creating the Tox identity if needed),
+    /// e.g. to put in a peer's config before the first start.
+    ToxId {
+        #[command(flatten)]
+        file: ConfigFile,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
@@ -175,6 +181,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", control::render(&status));
             }
+        }
+        Command::ToxId { file } => {
+            let path = file.path();
+            let config = Config::load(&path)?;
+            let tox = config
+                .tox
+                .with_context(|| format!("{}: [tox] is not enabled", path.display()))?;
+            println!(
+                "{}",
+                veilmesh_tox::load_or_create_identity(&tox.state_file)?
+            );
         }
         Command::Completions { shell } => {
             clap_complete::generate(

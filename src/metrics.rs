@@ -150,6 +150,7 @@ mod tests {
                     mesh_address: "fd60:db4d:ddb5::2".parse().unwrap(),
                     allowed_ips: vec![],
                     path: Some("udp 198.18.0.2:51820".into()),
+                    path_state: None,
                     seconds_since_handshake: Some(7),
                     rx_bytes: 1000,
                     tx_bytes: 2000,

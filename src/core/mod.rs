@@ -200,7 +200,7 @@ impl Node {
             Some(self.rate_limiter.clone()),
         );
         Peer {
-            path: config.endpoint.map(PeerAddr::Udp),
+            path: configured_path(&config),
             tunn,
             config,
             counters: PeerCounters::default(),
@@ -225,8 +225,8 @@ impl Node {
                 Some(config) if config == peer.config => report.unchanged.push(config.name),
                 Some(config) => {
                     report.changed.push(config.name.clone());
-                    if config.endpoint != peer.config.endpoint {
-                        peer.path = config.endpoint.map(PeerAddr::Udp).or(peer.path.take());
+                    if config.endpoint != peer.config.endpoint || config.tox != peer.config.tox {
+                        peer.path = configured_path(&config).or(peer.path.take());
                     }
                     peer.config = config;
                 }
@@ -463,6 +463,15 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return FromNetwork::Dropped(DropReason::UnknownPeer);
         };
+        // A Tox friendship grants nothing: over Tox, only the peer's own
+        // configured Tox key may carry its session.
+        if let PeerAddr::Tox(pk) = from {
+            if peer.config.tox.map(|id| id.public_key()) != Some(*pk) {
+                peer.counters.bad_packet += 1;
+                tracing::debug!(peer = %peer.config.name, "datagram from a Tox key that is not this peer's");
+                return FromNetwork::Dropped(DropReason::BadPacket);
+            }
+        }
         match peer.tunn.decapsulate(from.ip(), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, src) => {
                 Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V4(src))
@@ -589,6 +598,12 @@ impl Node {
     }
 
     pub fn status(&self) -> NodeStatus {
+        self.status_with(|_| None)
+    }
+
+    /// `status`, with each path described further by `path_state` (the
+    /// transports' view, e.g. a Tox friend's connection).
+    pub fn status_with(&self, path_state: impl Fn(&PeerAddr) -> Option<String>) -> NodeStatus {
         NodeStatus {
             public_key: self.public_key().to_base64(),
             mesh_address: self.mesh_address,
@@ -605,6 +620,7 @@ impl Node {
                         mesh_address: p.config.public_key.mesh_address(),
                         allowed_ips: p.config.all_allowed_ips().collect(),
                         path: p.path.as_ref().map(|a| a.to_string()),
+                        path_state: p.path.as_ref().and_then(&path_state),
                         seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
                         rx_bytes: rx_bytes as u64,
                         tx_bytes: tx_bytes as u64,
@@ -614,6 +630,15 @@ impl Node {
                 .collect(),
         }
     }
+}
+
+/// Where a peer is reached before it is heard from: its UDP endpoint, else
+/// its Tox friend.
+fn configured_path(config: &PeerConfig) -> Option<PeerAddr> {
+    config
+        .endpoint
+        .map(PeerAddr::Udp)
+        .or_else(|| config.tox.map(|id| PeerAddr::Tox(id.public_key())))
 }
 
 const HANDSHAKE_INIT: u32 = 1;
@@ -661,6 +686,8 @@ pub struct PeerStatus {
     pub mesh_address: Ipv6Addr,
     pub allowed_ips: Vec<IpNet>,
     pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_state: Option<String>,
     pub seconds_since_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

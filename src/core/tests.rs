@@ -46,6 +46,7 @@ impl Side {
             },
             allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
             persistent_keepalive: None,
+            tox: None,
         }
     }
 }
@@ -455,4 +456,23 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
         m.node_a.handle_tun_packet(&new, limits, &mut out),
         FromTun::Send { .. }
     ));
+}
+
+#[test]
+fn over_tox_only_the_peers_own_tox_key_may_carry_its_session() {
+    use veilmesh_transport::ToxPublicKey;
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let datagram = data_message_from_a(&mut m, &ping);
+    // b has no Tox ID configured for a: a Tox friend cannot deliver a's traffic.
+    let stranger = PeerAddr::Tox(ToxPublicKey([9; 32]));
+    assert!(matches!(
+        m.node_b.handle_datagram(&stranger, &datagram, &mut m.buf),
+        FromNetwork::Dropped(DropReason::BadPacket)
+    ));
+    assert_eq!(
+        m.node_b.status().peers[0].path.as_deref(),
+        Some("udp 198.18.0.1:51820")
+    );
 }

@@ -371,6 +371,13 @@ impl Transport for ToxTransport {
         Ok(None)
     }
 
+    fn path_state(&self, to: &PeerAddr) -> Option<String> {
+        match to {
+            PeerAddr::Tox(pk) => Some(format!("friend {}", self.friend_state(pk))),
+            _ => None,
+        }
+    }
+
     fn describe(&self) -> String {
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let online = shared
@@ -596,6 +603,30 @@ fn run_tox(
             }
         }
     }
+}
+
+/// This node's Tox ID, creating the identity (and the state file) if there
+/// is none yet. Opens no socket: for writing configs before the first start.
+pub fn load_or_create_identity(state_file: &Path) -> Result<ToxId, ToxError> {
+    let state = read_state(state_file)?;
+    let offline = ToxConfig {
+        state_file: state_file.to_owned(),
+        udp: false,
+        local_discovery: false,
+        port_range: (0, 0),
+        relay_port: 0,
+        bootstrap: vec![],
+        tcp_relays: vec![],
+        friends: vec![],
+    };
+    let tox = new_tox(&offline, state.as_deref())?;
+    let id = self_info(tox).id;
+    if state.is_none() {
+        save(tox, state_file);
+    }
+    // SAFETY: created above on this thread, not used after.
+    unsafe { ffi::tox_kill(tox) };
+    Ok(id)
 }
 
 fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, ToxError> {

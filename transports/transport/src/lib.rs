@@ -166,6 +166,12 @@ pub trait Transport: Send {
     /// One-line human description of the transport's own state (bound port,
     /// session, ...), for `veilmesh show`.
     fn describe(&self) -> String;
+
+    /// The transport's view of one path, e.g. a Tox friend's connection
+    /// state; None where it has nothing to add.
+    fn path_state(&self, _to: &PeerAddr) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]
