@@ -57,70 +57,164 @@ impl Drop for Bootstrapd {
     }
 }
 
+/// Two nodes a (198.18.0.1) and b (.2) and tox-bootstrapd in r (.3) on a
+/// bridge; a and b know each other only by Tox ID.
+struct ToxPair {
+    _dir: tempfile::TempDir,
+    a: Netns,
+    b: Netns,
+    fa: NodeFiles,
+    fb: NodeFiles,
+    id_a: String,
+    _bootstrapd: Bootstrapd,
+    _r: Netns,
+    _br: Bridge,
+}
+
+impl ToxPair {
+    fn new(tag: &str, block_direct_udp: bool) -> ToxPair {
+        require_root();
+        reap_stale();
+        let dir = tempfile::tempdir().unwrap();
+        let mut br = Bridge::new(&format!("{tag}-br"));
+        let (a, b, r) = (
+            Netns::new(&format!("{tag}-a")),
+            Netns::new(&format!("{tag}-b")),
+            Netns::new(&format!("{tag}-r")),
+        );
+        br.attach(&a, "198.18.0.1/24");
+        br.attach(&b, "198.18.0.2/24");
+        br.attach(&r, "198.18.0.3/24");
+        if block_direct_udp {
+            for chain in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
+                let out = a.exec(&[
+                    "iptables",
+                    "-A",
+                    chain[0],
+                    "-p",
+                    "udp",
+                    chain[1],
+                    "198.18.0.2",
+                    "-j",
+                    "DROP",
+                ]);
+                assert!(
+                    out.status.success(),
+                    "iptables: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let bootstrapd = Bootstrapd::start(&r, dir.path());
+        let (fa, fb) = (
+            NodeFiles::new(dir.path(), "a"),
+            NodeFiles::new(dir.path(), "b"),
+        );
+        let key = bootstrapd.public_key.clone();
+        let tox_section = move |files: &NodeFiles| {
+            format!(
+                "\n[tox]\nenabled = true\nstate_file = \"{}\"\nbootstrap_nodes = [\"198.18.0.3:33445:{key}\"]\n\
+                 tcp_relays = [\"198.18.0.3:33446:{key}\"]\nlocal_discovery = false\n",
+                files.dir.join("veil0.tox").display(),
+            )
+        };
+        // Identities first: each config needs the other's Tox ID.
+        fa.write_config("", &tox_section(&fa));
+        fb.write_config("", &tox_section(&fb));
+        let (id_a, id_b) = (tox_id(&a, &fa), tox_id(&b, &fb));
+        assert_eq!(id_a.len(), 76);
+        assert_eq!(tox_id(&a, &fa), id_a, "the Tox ID must be stable");
+        let peer = |files: &NodeFiles, name: &str, id: &str| {
+            format!("{}tox = \"{id}\"\n", files.peer_block(name, None, &[]))
+        };
+        fa.write_config("", &(tox_section(&fa) + &peer(&fb, "b", &id_b)));
+        fb.write_config("", &(tox_section(&fb) + &peer(&fa, "a", &id_a)));
+        ToxPair {
+            _dir: dir,
+            a,
+            b,
+            fa,
+            fb,
+            id_a,
+            _bootstrapd: bootstrapd,
+            _r: r,
+            _br: br,
+        }
+    }
+
+    /// Pings b from a until it answers; returns the time it took.
+    fn first_reply(&self, since: Instant, daemon: &Daemon) -> Duration {
+        let b_mesh = self.fb.mesh().to_string();
+        loop {
+            let (_, got, _) = self.a.ping(&["-6", "-c", "1", "-W", "1", &b_mesh]);
+            if got == 1 {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < Duration::from_secs(120),
+                "no reply over Tox within 120 s:\n{}",
+                daemon.log_text()
+            );
+        }
+    }
+
+    /// iperf3 TCP from a to b's mesh address; returns Mbit/s.
+    fn iperf(&self, seconds: u32) -> f64 {
+        let b_mesh = self.fb.mesh().to_string();
+        let mut server = self.b.spawn(&["iperf3", "-s", "-1", "-B", &b_mesh]);
+        std::thread::sleep(Duration::from_millis(500));
+        let out = self
+            .a
+            .exec(&["iperf3", "-c", &b_mesh, "-t", &seconds.to_string(), "-J"]);
+        let _ = server.wait();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "iperf3 over Tox failed:\n{text}");
+        let bits = text
+            .split("\"sum_received\"")
+            .nth(1)
+            .and_then(|rest| rest.split("\"bits_per_second\":").nth(1))
+            .and_then(|v| v.split([',', '}']).next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("iperf3 JSON has sum_received.bits_per_second");
+        bits / 1e6
+    }
+}
+
+fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
+    let out = ns.exec(&[BIN, "tox-id", "--config", files.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn friend_state(daemon: &Daemon, peer: &str) -> Option<String> {
+    let status = daemon.show();
+    status
+        .node
+        .peers
+        .iter()
+        .find(|p| p.name == peer)?
+        .path_state
+        .clone()
+}
+
 #[test]
 fn two_nodes_reach_each_other_over_tox_only() {
-    require_root();
-    reap_stale();
-    let dir = tempfile::tempdir().unwrap();
-    let mut br = Bridge::new("tx-br");
-    let (a, b, r) = (Netns::new("tx-a"), Netns::new("tx-b"), Netns::new("tx-r"));
-    br.attach(&a, "198.18.0.1/24");
-    br.attach(&b, "198.18.0.2/24");
-    br.attach(&r, "198.18.0.3/24");
-    let bootstrapd = Bootstrapd::start(&r, dir.path());
-    let (fa, fb) = (
-        NodeFiles::new(dir.path(), "a"),
-        NodeFiles::new(dir.path(), "b"),
-    );
-    let tox_section = |files: &NodeFiles| {
-        format!(
-            "\n[tox]\nenabled = true\nstate_file = \"{}\"\nbootstrap_nodes = [\"198.18.0.3:33445:{}\"]\nlocal_discovery = false\n",
-            files.dir.join("veil0.tox").display(),
-            bootstrapd.public_key
-        )
-    };
-    // Identities first: each config needs the other's Tox ID.
-    fa.write_config("", &tox_section(&fa));
-    fb.write_config("", &tox_section(&fb));
-    let tox_id = |ns: &Netns, files: &NodeFiles| {
-        let out = ns.exec(&[BIN, "tox-id", "--config", files.config.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
-    let (id_a, id_b) = (tox_id(&a, &fa), tox_id(&b, &fb));
-    assert_eq!(id_a.len(), 76);
-    assert_eq!(tox_id(&a, &fa), id_a, "the Tox ID must be stable");
-
-    let peer = |files: &NodeFiles, name: &str, id: &str| {
-        format!("{}tox = \"{id}\"\n", files.peer_block(name, None, &[]))
-    };
-    fa.write_config("", &(tox_section(&fa) + &peer(&fb, "b", &id_b)));
-    fb.write_config("", &(tox_section(&fb) + &peer(&fa, "a", &id_a)));
+    let t = ToxPair::new("tx", false);
     let started = Instant::now();
-    let mut da = Daemon::start(&a, &fa);
-    let _db = Daemon::start(&b, &fb);
-
-    let b_mesh = fb.mesh().to_string();
-    loop {
-        let (_, got, _) = a.ping(&["-6", "-c", "1", "-W", "1", &b_mesh]);
-        if got == 1 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "no reply over Tox within 90 s:\n{}",
-            da.log_text()
-        );
-    }
+    let mut da = Daemon::start(&t.a, &t.fa);
+    let _db = Daemon::start(&t.b, &t.fb);
+    let took = t.first_reply(started, &da);
     println!(
         "first ping reply over Tox {:.1} s after start",
-        started.elapsed().as_secs_f64()
+        took.as_secs_f64()
     );
-    let (sent, got, out) = a.ping(&["-6", "-c", "10", "-i", "0.2", "-W", "2", &b_mesh]);
+    let b_mesh = t.fb.mesh().to_string();
+    let (sent, got, out) =
+        t.a.ping(&["-6", "-c", "10", "-i", "0.2", "-W", "2", &b_mesh]);
     assert!(got >= 9, "over Tox: {got}/{sent}\n{out}");
     println!(
         "ping -6 over Tox: {got}/{sent}, {}",
@@ -134,22 +228,52 @@ fn two_nodes_reach_each_other_over_tox_only() {
         "{:?}",
         to_b.path
     );
-    assert!(
-        matches!(
-            to_b.path_state.as_deref(),
-            Some("friend UDP" | "friend TCP")
-        ),
-        "{:?}",
-        to_b.path_state
-    );
+    assert_eq!(to_b.path_state.as_deref(), Some("friend UDP"));
     assert!(
         status
             .transports
             .iter()
-            .any(|t| t.contains(&format!("tox ID {id_a}"))),
+            .any(|s| s.contains(&format!("tox ID {}", t.id_a))),
         "{:?}",
         status.transports
     );
+
+    let mbit = t.iperf(10);
+    println!("iperf3 TCP 10 s over Tox (UDP): {mbit:.1} Mbit/s");
+    assert_eq!(
+        friend_state(&da, "b").as_deref(),
+        Some("friend UDP"),
+        "friend connection lost during iperf"
+    );
+    let (_, got, _) =
+        t.a.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", &b_mesh]);
+    assert!(got >= 2, "ping after iperf: {got}/3");
+
     assert!(da.stop().success());
-    assert_eq!(tox_id(&a, &fa), id_a, "the Tox ID changed across a restart");
+    assert_eq!(
+        tox_id(&t.a, &t.fa),
+        t.id_a,
+        "the Tox ID changed across a restart"
+    );
+}
+
+#[test]
+fn tox_falls_back_to_the_tcp_relay_when_udp_is_blocked() {
+    let t = ToxPair::new("tr", true);
+    let started = Instant::now();
+    let da = Daemon::start(&t.a, &t.fa);
+    let _db = Daemon::start(&t.b, &t.fb);
+    let took = t.first_reply(started, &da);
+    println!(
+        "first ping reply through the TCP relay {:.1} s after start",
+        took.as_secs_f64()
+    );
+    assert_eq!(friend_state(&da, "b").as_deref(), Some("friend TCP"));
+    let mbit = t.iperf(5);
+    println!("iperf3 TCP 5 s through the Tox TCP relay: {mbit:.2} Mbit/s");
+    let b_mesh = t.fb.mesh().to_string();
+    let (sent, got, out) =
+        t.a.ping(&["-6", "-c", "5", "-i", "0.2", "-W", "2", &b_mesh]);
+    assert!(got >= 4, "after a saturating transfer the relayed friend connection must survive: {got}/{sent}\n{out}");
+    assert_eq!(friend_state(&da, "b").as_deref(), Some("friend TCP"));
 }

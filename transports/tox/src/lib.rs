@@ -39,6 +39,62 @@ const BUSY_ITERATION: Duration = Duration::from_millis(1);
 /// How long traffic keeps the loop in its busy period.
 const BUSY_FOR: Duration = Duration::from_secs(1);
 const FRIEND_REQUEST_MESSAGE: &[u8] = b"veilmesh";
+/// Over a TCP relay, unpaced lossy packets fill the relay connection and
+/// toxcore drops the friend: at most this many packets per second...
+const TCP_PACKETS_PER_SECOND: f64 = 2000.0;
+/// ...with bursts of this many.
+const TCP_BURST: f64 = 64.0;
+/// After a refused send, skip that friend for a while, doubling up to the
+/// maximum; the first successful send resets it.
+const BACKOFF_MIN: Duration = Duration::from_millis(2);
+const BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+/// Pacing and back-off for one friend.
+struct Pacer {
+    tokens: f64,
+    refilled: Instant,
+    backoff: Duration,
+    paused_until: Instant,
+}
+
+impl Pacer {
+    fn new(now: Instant) -> Pacer {
+        Pacer {
+            tokens: TCP_BURST,
+            refilled: now,
+            backoff: Duration::ZERO,
+            paused_until: now,
+        }
+    }
+
+    /// May a packet go now? Only TCP-relayed friends are rate limited.
+    fn admit(&mut self, now: Instant, relayed: bool) -> bool {
+        if now < self.paused_until {
+            return false;
+        }
+        if !relayed {
+            return true;
+        }
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * TCP_PACKETS_PER_SECOND).min(TCP_BURST);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn sent(&mut self, ok: bool, now: Instant) {
+        if ok {
+            self.backoff = Duration::ZERO;
+        } else {
+            self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            self.paused_until = now + self.backoff;
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ToxIdError {
@@ -209,6 +265,8 @@ pub struct ToxCounters {
     pub inbound_dropped: u64,
     /// Sends toxcore refused (friend offline, queue full).
     pub send_errors: u64,
+    /// Packets held back by pacing or back-off on relayed friends.
+    pub paced_drops: u64,
 }
 
 /// This node on the Tox network.
@@ -386,11 +444,14 @@ impl Transport for ToxTransport {
             .filter(|s| **s != FriendState::None)
             .count();
         format!(
-            "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored",
+            "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored, \
+             {} send errors, {} paced drops",
             self.info.id,
             self.info.udp_port.map_or("-".into(), |p| p.to_string()),
             shared.friends.len(),
-            shared.counters.ignored_friend_requests
+            shared.counters.ignored_friend_requests,
+            shared.counters.send_errors,
+            shared.counters.paced_drops
         )
     }
 }
@@ -567,6 +628,7 @@ fn run_tox(
     let _ = ready.send(Ok(self_info(tox)));
 
     let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
+    let mut pacers: HashMap<[u8; 32], Pacer> = HashMap::new();
     loop {
         // SAFETY: as above; ctx outlives the call.
         unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
@@ -589,8 +651,16 @@ fn run_tox(
             let left = deadline.saturating_duration_since(Instant::now());
             match commands.recv_timeout(left) {
                 Ok(Command::Send(pk, datagram)) => {
-                    ctx.last_traffic = Instant::now();
-                    send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
+                    let now = Instant::now();
+                    ctx.last_traffic = now;
+                    let relayed = ctx.shared().friends.get(&pk) == Some(&FriendState::Tcp);
+                    let pacer = pacers.entry(pk).or_insert_with(|| Pacer::new(now));
+                    if pacer.admit(now, relayed) {
+                        let ok = send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
+                        pacer.sent(ok, now);
+                    } else {
+                        ctx.shared().counters.paced_drops += 1;
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -738,13 +808,14 @@ fn self_info(tox: *mut ffi::Tox) -> ToxInfo {
     }
 }
 
+/// Hands one datagram to toxcore; false if it was refused.
 fn send_packet(
     tox: *mut ffi::Tox,
     friend_numbers: &mut HashMap<[u8; 32], u32>,
     ctx: &CallbackContext,
     pk: [u8; 32],
     datagram: &[u8],
-) {
+) -> bool {
     let friend = match friend_numbers.get(&pk) {
         Some(&n) => n,
         None => {
@@ -753,7 +824,7 @@ fn send_packet(
             let n = unsafe { ffi::tox_friend_by_public_key(tox, pk.as_ptr(), &mut err) };
             if err != ffi::ERR_OK {
                 ctx.shared().counters.send_errors += 1;
-                return;
+                return false;
             }
             friend_numbers.insert(pk, n);
             n
@@ -771,6 +842,7 @@ fn send_packet(
         ctx.shared().counters.send_errors += 1;
         tracing::trace!(err, "tox lossy send failed");
     }
+    ok
 }
 
 fn save(tox: *mut ffi::Tox, path: &Path) {
@@ -828,6 +900,32 @@ mod tests {
         assert_eq!(node.to_string(), format!("198.18.0.3:33445:{key}"));
         assert!("198.18.0.3:33445".parse::<ToxNode>().is_err());
         assert!(format!("h:99999:{key}").parse::<ToxNode>().is_err());
+    }
+
+    #[test]
+    fn relayed_friends_are_paced_and_back_off_after_refusals() {
+        let start = Instant::now();
+        let mut p = Pacer::new(start);
+        // UDP friends are not rate limited.
+        assert!((0..1000).all(|_| p.admit(start, false)));
+        // Relayed: a burst, then the rate.
+        let admitted = (0..1000).filter(|_| p.admit(start, true)).count();
+        assert_eq!(admitted, TCP_BURST as usize);
+        let later = start + Duration::from_millis(10);
+        let admitted = (0..1000).filter(|_| p.admit(later, true)).count();
+        assert_eq!(admitted, (TCP_PACKETS_PER_SECOND * 0.010) as usize);
+        // Refusals pause the friend, doubling; a success resets.
+        p.sent(false, later);
+        assert!(!p.admit(later + Duration::from_millis(1), false));
+        assert!(p.admit(later + BACKOFF_MIN, false));
+        p.sent(false, later);
+        assert_eq!(p.backoff, BACKOFF_MIN * 2);
+        for _ in 0..20 {
+            p.sent(false, later);
+        }
+        assert_eq!(p.backoff, BACKOFF_MAX);
+        p.sent(true, later);
+        assert_eq!(p.backoff, Duration::ZERO);
     }
 
     #[test]
