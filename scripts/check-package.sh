@@ -22,7 +22,7 @@ check "unit installed" test -f /lib/systemd/system/veilmesh@.service
 check "example config installed" test -f /usr/share/doc/veilmesh/examples/veil0.toml
 check "bash completion installed" test -s /usr/share/bash-completion/completions/veilmesh
 check "daemon user created" getent passwd veilmesh
-check "no veilmesh process started by the install" bash -c '! pgrep -x veilmesh'
+check "no veilmesh process started by the install" bash -c '! pgrep -f "^/usr/bin/veilmesh"'
 check "no instance enabled by the install" bash -c '! ls /etc/systemd/system/multi-user.target.wants/ 2>/dev/null | grep -q veilmesh'
 dpkg --purge veilmesh >/dev/null
 check "purge removes the binary" test ! -e /usr/bin/veilmesh
