@@ -91,17 +91,71 @@ ip netns exec $A "$bin" up --config "$work/a.toml" 2> "$work/a.log" & pids+=($!)
 ip netns exec $B "$bin" up --config "$work/b.toml" 2> "$work/b.log" & pids+=($!)
 for _ in $(seq 50); do "$bin" show --socket "$work/b.sock" >/dev/null 2>&1 && break; sleep 0.1; done
 
+# --- veilmesh over Tox (BENCH_TOX=0 skips) ---------------------------------
+# A second pair of daemons (veil1) that know each other only by Tox ID,
+# bootstrapped to a tox-bootstrapd running in B's namespace.
+paths="veth wireguard-go veilmesh"
+declare -A tox_id
+if [ "${BENCH_TOX:-1}" = 1 ]; then
+  cat > "$work/bsd.conf" <<CONF
+port = 33447
+keys_file_path = "$work/bsd.keys"
+pid_file_path = "$work/bsd.pid"
+enable_ipv6 = false
+enable_ipv4_fallback = true
+enable_lan_discovery = false
+enable_tcp_relay = false
+enable_motd = false
+bootstrap_nodes = ()
+CONF
+  ip netns exec $B tox-bootstrapd --config "$work/bsd.conf" --foreground --log-backend stdout > "$work/bsd.log" 2>&1 & pids+=($!)
+  for _ in $(seq 50); do grep -q 'Public Key' "$work/bsd.log" && break; sleep 0.1; done
+  bsd_key=$(sed -n 's/.*Public Key: *//p' "$work/bsd.log" | head -1)
+  for side in a b; do
+    addr=198.19.2.1/24; [ $side = b ] && addr=198.19.2.2/24
+    "$bin" genkey > "$work/t$side.key"
+    cat > "$work/t$side.toml" <<CONF
+[interface]
+private_key_file = "$work/t$side.key"
+name = "veil1"
+listen_port = 51822
+control_socket = "$work/t$side.sock"
+hosts_file = ""
+addresses = ["$addr"]
+[tox]
+enabled = true
+state_file = "$work/t$side.tox"
+bootstrap_nodes = ["198.18.1.2:33447:$bsd_key"]
+local_discovery = false
+CONF
+  done
+  ns_of() { [ "$1" = a ] && echo $A || echo $B; }
+  for side in a b; do tox_id[$side]=$(ip netns exec "$(ns_of $side)" "$bin" tox-id --config "$work/t$side.toml"); done
+  for side in a b; do
+    other=b; peer_ip=198.19.2.2/32; [ $side = b ] && { other=a; peer_ip=198.19.2.1/32; }
+    printf '[[peer]]\nname = "%s"\npublic_key = "%s"\ntox = "%s"\nallowed_ips = ["%s"]\n' \
+      "$other" "$("$bin" pubkey < "$work/t$other.key")" "${tox_id[$other]}" "$peer_ip" >> "$work/t$side.toml"
+  done
+  ip netns exec $A "$bin" up --config "$work/ta.toml" 2> "$work/ta.log" & pids+=($!)
+  ip netns exec $B "$bin" up --config "$work/tb.toml" 2> "$work/tb.log" & pids+=($!)
+  t0=$(date +%s.%N)
+  for _ in $(seq 90); do in_a ping -c 1 -W 1 -q 198.19.2.2 >/dev/null 2>&1 && break; done
+  echo "tox path up $(python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$(date +%s.%N)") s after start" >&2
+  paths="$paths veilmesh-tox"
+fi
+
 # Warm up both tunnels (handshakes) before measuring.
 in_a ping -c 2 -i 0.2 -q 198.19.0.2 >/dev/null
 in_a ping -c 2 -i 0.2 -q 198.19.1.2 >/dev/null
 
 declare -A tput rt rtm
 for r in $(seq "$rounds"); do
-  for path in veth wireguard-go veilmesh; do
+  for path in $paths; do
     case $path in
       veth) dst=198.18.1.2 ;;
       wireguard-go) dst=198.19.0.2 ;;
       veilmesh) dst=198.19.1.2 ;;
+      veilmesh-tox) dst=198.19.2.2 ;;
     esac
     g=$(throughput $dst); read -r t m <<< "$(rtt $dst)"
     tput[$path]="${tput[$path]:-} $g"; rt[$path]="${rt[$path]:-} $t"; rtm[$path]="${rtm[$path]:-} $m"
@@ -127,3 +181,8 @@ print("throughput veilmesh / veth:         %.2f" % (vm_g / veth_g))
 print("added rtt veilmesh - veth:          %.3f ms avg, %.3f ms median" % (vm_r - veth_r, vm_m - veth_m))
 print("added rtt wireguard-go - veth:      %.3f ms avg, %.3f ms median" % (wg_r - veth_r, wg_m - veth_m))
 PY
+if [ -n "${tput[veilmesh-tox]:-}" ]; then
+  tx_g=$(avg "${tput[veilmesh-tox]}"); tx_r=$(avg "${rt[veilmesh-tox]}"); tx_m=$(avg "${rtm[veilmesh-tox]}")
+  printf '%-14s %10s %14s %14s\n' veilmesh-tox "$tx_g" "$tx_r" "$tx_m"
+  python3 -c 'import sys; g,u,r,v=map(float,sys.argv[1:]); print("throughput veilmesh tox / udp:      %.2f" % (g/u)); print("added rtt veilmesh tox - veth:      %.3f ms avg" % (r-v))' "$tx_g" "$vm_g" "$tx_r" "$veth_r"
+fi

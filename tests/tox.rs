@@ -238,6 +238,17 @@ fn two_nodes_reach_each_other_over_tox_only() {
         status.transports
     );
 
+    // 1398 bytes fit the TUN (1420) but not a Tox packet (1372 - 32 of Noise): an ICMPv6
+    // packet-too-big, never a silent drop.
+    let (_, _, out) = t.a.ping(&[
+        "-6", "-c", "1", "-W", "2", "-M", "do", "-s", "1350", &b_mesh,
+    ]);
+    assert!(
+        out.contains("mtu=1340"),
+        "no packet-too-big for the Tox path:\n{out}\n{:#?}",
+        da.show().node
+    );
+
     let mbit = t.iperf(10);
     println!("iperf3 TCP 10 s over Tox (UDP): {mbit:.1} Mbit/s");
     assert_eq!(
