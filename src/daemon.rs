@@ -127,12 +127,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let transports = Transports { all, next: 0 };
 
     let now = Instant::now();
-    let node = Node::new(
-        &iface.private_key,
-        &iface.addresses,
-        config.peers.clone(),
-        now,
-    )?;
+    let node = Node::new(&iface.private_key, config.peers.clone(), now)?;
     let routes: Vec<_> = config
         .peers
         .iter()

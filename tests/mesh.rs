@@ -165,6 +165,24 @@ fn mesh_of_three_with_site_to_site_and_cryptokey_routing() {
         "no packet-too-big with mtu 1440:\n{out}"
     );
     assert!(peer(&da.show(), "b").counters.oversize >= 1);
+    // The same over IPv4 (site-to-site): fragmentation needed, mtu 1440. The
+    // error must come from an address that is not a's own, or Linux drops
+    // it as a martian and TCP stalls.
+    let (_, _, out) = a.ping(&[
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "-M",
+        "do",
+        "-s",
+        "1452",
+        "192.168.50.2",
+    ]);
+    assert!(
+        out.contains("1440"),
+        "no fragmentation-needed with mtu 1440:\n{out}"
+    );
     println!(
         "oversize: {}",
         out.lines().find(|l| l.contains("1440")).unwrap_or("")

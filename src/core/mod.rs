@@ -10,7 +10,7 @@ pub mod packet;
 pub mod routing;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,7 +130,6 @@ pub struct Node {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     mesh_address: Ipv6Addr,
-    local_v4: Option<Ipv4Addr>,
     /// Indexed by peer id. Ids are never reused: they live on in session
     /// indices of messages still in flight after a peer is removed.
     peers: Vec<Option<Peer>>,
@@ -154,11 +153,8 @@ pub enum NodeError {
 }
 
 impl Node {
-    /// `addresses` are the TUN's extra addresses; the first IPv4 one is the
-    /// source of ICMPv4 errors.
     pub fn new(
         private_key: &PrivateKey,
-        addresses: &[IpNet],
         peers: Vec<PeerConfig>,
         now: Instant,
     ) -> Result<Node, NodeError> {
@@ -170,10 +166,6 @@ impl Node {
         let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let mut node = Node {
             mesh_address: PublicKey(public.to_bytes()).mesh_address(),
-            local_v4: addresses.iter().find_map(|n| match n.addr() {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            }),
             private,
             public,
             peers: Vec::with_capacity(peers.len()),
@@ -338,14 +330,7 @@ impl Node {
             peer.counters.oversize += 1;
             let mtu = limits.unfragmented.saturating_sub(NOISE_OVERHEAD);
             tracing::trace!(peer = %peer.config.name, len = packet.len(), mtu, "packet too big for path");
-            return match packet::packet_too_big(
-                packet,
-                &info,
-                mtu,
-                self.local_v4,
-                self.mesh_address,
-                out,
-            ) {
+            return match packet::packet_too_big(packet, &info, mtu, self.mesh_address, out) {
                 Some(n) => FromTun::Reply(&out[..n]),
                 None => FromTun::Done(DropReason::Oversize),
             };
@@ -373,14 +358,7 @@ impl Node {
         why: Unreachable,
         out: &'a mut [u8],
     ) -> FromTun<'a> {
-        match packet::destination_unreachable(
-            packet,
-            info,
-            why,
-            self.local_v4,
-            self.mesh_address,
-            out,
-        ) {
+        match packet::destination_unreachable(packet, info, why, self.mesh_address, out) {
             Some(n) => FromTun::Reply(&out[..n]),
             None => FromTun::Done(DropReason::NoRoute),
         }

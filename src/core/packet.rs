@@ -145,14 +145,15 @@ pub enum Unreachable {
 }
 
 /// Builds an ICMP "destination unreachable" answering `original` into `out`.
-/// `local_v4` is the source for ICMPv4 errors (falls back to the original
-/// destination); `local_v6` for ICMPv6. Returns the length written, or None
+/// ICMPv4 errors come from the original destination: Linux drops, as a
+/// martian, an IPv4 packet arriving with one of its own addresses as source,
+/// so an error "from" the TUN's address would never reach the sender.
+/// ICMPv6 errors come from `local_v6`. Returns the length written, or None
 /// where the rules forbid an answer.
 pub fn destination_unreachable(
     original: &[u8],
     info: &IpInfo,
     why: Unreachable,
-    local_v4: Option<Ipv4Addr>,
     local_v6: Ipv6Addr,
     out: &mut [u8],
 ) -> Option<usize> {
@@ -163,7 +164,7 @@ pub fn destination_unreachable(
                 Unreachable::NoRoute => 0,
                 Unreachable::NoPath => 1,
             };
-            icmpv4_error(original, info, 3, code, 0, local_v4, out)
+            icmpv4_error(original, info, 3, code, 0, out)
         }
         IpAddr::V6(_) => {
             // Type 1; code 0 = no route, 3 = address unreachable.
@@ -181,7 +182,6 @@ pub fn packet_too_big(
     original: &[u8],
     info: &IpInfo,
     mtu: usize,
-    local_v4: Option<Ipv4Addr>,
     local_v6: Ipv6Addr,
     out: &mut [u8],
 ) -> Option<usize> {
@@ -189,7 +189,7 @@ pub fn packet_too_big(
     match info.src {
         IpAddr::V4(_) => {
             let mtu16 = u16::try_from(mtu).unwrap_or(u16::MAX);
-            icmpv4_error(original, info, 3, 4, u32::from(mtu16), local_v4, out)
+            icmpv4_error(original, info, 3, 4, u32::from(mtu16), out)
         }
         IpAddr::V6(_) => icmpv6_error(original, info, 2, 0, mtu, local_v6, out),
     }
@@ -201,7 +201,6 @@ fn icmpv4_error(
     icmp_type: u8,
     code: u8,
     rest_of_header: u32,
-    local: Option<Ipv4Addr>,
     out: &mut [u8],
 ) -> Option<usize> {
     let (IpAddr::V4(orig_src), IpAddr::V4(orig_dst)) = (info.src, info.dst) else {
@@ -216,7 +215,7 @@ fn icmpv4_error(
         .min(ICMPV4_ERROR_MAX - IPV4_HEADER_MIN - ICMP_HEADER);
     let total = IPV4_HEADER_MIN + ICMP_HEADER + quoted;
     let out = out.get_mut(..total)?;
-    let src = local.unwrap_or(orig_dst);
+    let src = orig_dst;
     out[0] = 0x45;
     out[1] = 0xc0; // DSCP CS6: network control
     out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
@@ -390,8 +389,7 @@ pub(crate) mod tests {
         let p = ipv6_echo(A6, B6, 100);
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
-        let n =
-            destination_unreachable(&p, &info, Unreachable::NoRoute, None, A6, &mut out).unwrap();
+        let n = destination_unreachable(&p, &info, Unreachable::NoRoute, A6, &mut out).unwrap();
         let reply = parse(&out[..n]).unwrap();
         assert_eq!(reply.dst, IpAddr::V6(A6));
         assert_eq!(reply.protocol, PROTO_ICMPV6);
@@ -415,8 +413,10 @@ pub(crate) mod tests {
         );
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
-        let local = Ipv4Addr::new(10, 10, 1, 1);
-        let n = packet_too_big(&p, &info, 1340, Some(local), A6, &mut out).unwrap();
+        let n = packet_too_big(&p, &info, 1340, A6, &mut out).unwrap();
+        // From the original destination, never from the sender's own address.
+        assert_eq!(&out[12..16], &[192, 168, 50, 2]);
+        assert_eq!(&out[16..20], &[10, 10, 1, 1]);
         assert!(n <= ICMPV4_ERROR_MAX);
         assert_eq!(checksum(&[&out[..20]]), 0);
         assert_eq!(checksum(&[&out[20..n]]), 0);
@@ -429,12 +429,11 @@ pub(crate) mod tests {
         let p = ipv6_echo(A6, B6, 8);
         let info = parse(&p).unwrap();
         let mut out = [0u8; 2000];
-        let n =
-            destination_unreachable(&p, &info, Unreachable::NoRoute, None, B6, &mut out).unwrap();
+        let n = destination_unreachable(&p, &info, Unreachable::NoRoute, B6, &mut out).unwrap();
         let err = out[..n].to_vec();
         let err_info = parse(&err).unwrap();
         assert_eq!(
-            destination_unreachable(&err, &err_info, Unreachable::NoRoute, None, A6, &mut out),
+            destination_unreachable(&err, &err_info, Unreachable::NoRoute, A6, &mut out),
             None
         );
         let mut mcast = ipv6_echo(A6, "ff02::2".parse().unwrap(), 8);
@@ -442,7 +441,7 @@ pub(crate) mod tests {
         let info = parse(&mcast).unwrap();
         assert!(is_multicast_or_broadcast(&info.dst));
         assert_eq!(
-            destination_unreachable(&mcast, &info, Unreachable::NoRoute, None, A6, &mut out),
+            destination_unreachable(&mcast, &info, Unreachable::NoRoute, A6, &mut out),
             None
         );
     }
@@ -462,8 +461,8 @@ pub(crate) mod tests {
             if let Ok(info) = parse(&bytes) {
                 prop_assert!(info.total_len <= bytes.len());
                 let mut out = [0u8; 1500];
-                let _ = destination_unreachable(&bytes, &info, Unreachable::NoPath, None, A6, &mut out);
-                let _ = packet_too_big(&bytes, &info, 1280, None, A6, &mut out);
+                let _ = destination_unreachable(&bytes, &info, Unreachable::NoPath, A6, &mut out);
+                let _ = packet_too_big(&bytes, &info, 1280, A6, &mut out);
             }
         }
 
@@ -484,7 +483,7 @@ pub(crate) mod tests {
             };
             let info = parse(&p).unwrap();
             let mut out = [0u8; 1500];
-            let n = packet_too_big(&p, &info, 1280, Some(Ipv4Addr::new(10, 0, 0, 9)), A6, &mut out).unwrap();
+            let n = packet_too_big(&p, &info, 1280, A6, &mut out).unwrap();
             let reply = parse(&out[..n]).unwrap();
             prop_assert_eq!(reply.dst, info.src);
             prop_assert_eq!(reply.total_len, n);

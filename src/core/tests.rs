@@ -66,18 +66,11 @@ fn mesh() -> Mesh {
     let b = Side::new("198.18.0.2:51820");
     let node_a = Node::new(
         &a.key,
-        &["10.10.1.1/24".parse().unwrap()],
         vec![b.as_peer("b", true, &["192.168.50.0/24"])],
         now,
     )
     .unwrap();
-    let node_b = Node::new(
-        &b.key,
-        &[],
-        vec![a.as_peer("a", false, &["10.10.1.1/32"])],
-        now,
-    )
-    .unwrap();
+    let node_b = Node::new(&b.key, vec![a.as_peer("a", false, &["10.10.1.1/32"])], now).unwrap();
     Mesh {
         a,
         b,
@@ -195,7 +188,6 @@ fn handshake_from_unknown_key_is_dropped_and_counted() {
     let stranger = Side::new("198.18.0.9:51820");
     let mut node_s = Node::new(
         &stranger.key,
-        &[],
         vec![m.b.as_peer("b", true, &[])],
         Instant::now(),
     )
@@ -339,7 +331,7 @@ fn timers_start_a_handshake_for_keepalive_peers() {
     let mut peer = b.as_peer("b", true, &[]);
     peer.persistent_keepalive = Some(1);
     let start = Instant::now();
-    let mut node = Node::new(&a.key, &[], vec![peer], start).unwrap();
+    let mut node = Node::new(&a.key, vec![peer], start).unwrap();
     assert!(node.poll_timeout() <= start);
     // boringtun's keepalive timer reads its own clock; give it a second.
     std::thread::sleep(Duration::from_millis(1100));
