@@ -410,20 +410,24 @@ impl Validator<'_> {
                 .collect()
         };
         let mut bootstrap_nodes = nodes("bootstrap_nodes", &raw.bootstrap_nodes)?;
-        if let Some(file) = raw.bootstrap_nodes_file {
-            let file = self.relative_to_config(&file);
-            let text = std::fs::read_to_string(&file).map_err(|e| {
-                self.err(
-                    "tox.bootstrap_nodes_file",
-                    format!("cannot read {}: {e}", file.display()),
-                )
-            })?;
-            let lines: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned)
-                .collect();
+        let file_text = match raw.bootstrap_nodes_file {
+            Some(file) => {
+                let file = self.relative_to_config(&file);
+                Some(std::fs::read_to_string(&file).map_err(|e| {
+                    self.err(
+                        "tox.bootstrap_nodes_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?)
+            }
+            // Neither list nor file: the public nodes shipped with veilmesh.
+            None if bootstrap_nodes.is_empty() => {
+                Some(veilmesh_tox::DEFAULT_BOOTSTRAP_NODES.to_owned())
+            }
+            None => None,
+        };
+        if let Some(text) = file_text {
+            let lines: Vec<String> = veilmesh_tox::node_lines(&text).map(str::to_owned).collect();
             bootstrap_nodes.extend(nodes("bootstrap_nodes_file", &lines)?);
         }
         Ok(Some(ToxSettings {
@@ -852,6 +856,24 @@ mod tests {
             &format!("[interface]\nprivate_key = \"{KEY_A}\"\n[tox]\nenabled = true\nbootstrap_nodes = [\"1.2.3.4:33445\"]\n"),
             "tox.bootstrap_nodes[0]",
             "HOST:PORT:DHT_PUBLIC_KEY",
+        );
+    }
+
+    #[test]
+    fn tox_defaults_to_the_shipped_bootstrap_nodes_only_when_none_are_given() {
+        let base = format!("[interface]\nprivate_key = \"{KEY_A}\"\n[tox]\nenabled = true\n");
+        let default = parse(&base).unwrap().tox.unwrap();
+        assert!(default.bootstrap_nodes.len() >= 8);
+        assert_eq!(default.state_file, Path::new("/var/lib/veilmesh/veil0.tox"));
+        let key = "AB".repeat(32);
+        let own = parse(&format!(
+            "{base}bootstrap_nodes = [\"198.18.0.3:33445:{key}\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            own.tox.unwrap().bootstrap_nodes.len(),
+            1,
+            "the public list must not be added"
         );
     }
 

@@ -83,6 +83,9 @@ impl Transports {
 
 type ControlRequest = (Request, oneshot::Sender<Response>);
 
+/// Where per-interface state lives by default (systemd's StateDirectory).
+const DEFAULT_STATE_DIR: &str = "/var/lib/veilmesh";
+
 /// UDP ports Tox may bind (toxcore's own default range).
 const TOX_PORTS: (u16, u16) = (33445, 33545);
 
@@ -177,6 +180,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(dir) = &socket_dir {
             nix::unistd::chown(dir, Some(target.uid), Some(target.gid))
                 .with_context(|| format!("cannot hand {} to {}", dir.display(), target.name))?;
+        }
+        // Tox saves its state (friends) while running: the default state
+        // directory and the file go to the daemon user too.
+        if let Some(tox) = &config.tox {
+            let paths = [tox.state_file.parent(), Some(tox.state_file.as_path())];
+            for path in paths.into_iter().flatten() {
+                if path.starts_with(DEFAULT_STATE_DIR) && path.exists() {
+                    nix::unistd::chown(path, Some(target.uid), Some(target.gid)).with_context(
+                        || format!("cannot hand {} to {}", path.display(), target.name),
+                    )?;
+                }
+            }
         }
         privileges::drop_to(&target)?;
     }

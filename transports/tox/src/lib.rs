@@ -27,6 +27,17 @@ use veilmesh_transport::{
     DatagramLimits, PeerAddr, Received, SendError, ToxPublicKey, Transport, TransportKind,
 };
 
+/// The shipped list of public bootstrap nodes (bootstrap-nodes.txt), in
+/// the format of a `bootstrap_nodes_file`.
+pub const DEFAULT_BOOTSTRAP_NODES: &str = include_str!("../bootstrap-nodes.txt");
+
+/// Lines of a bootstrap nodes file, without blanks and comments.
+pub fn node_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
 /// First byte of every veilmesh packet (Tox lossy custom ids are 200-254).
 pub const PACKET_ID: u8 = 211;
 /// Largest Noise datagram a Tox packet carries: the custom packet limit
@@ -890,6 +901,14 @@ mod tests {
         let mut flipped = text.clone();
         flipped.replace_range(0..2, "02");
         assert_eq!(flipped.parse::<ToxId>(), Err(ToxIdError::Checksum));
+    }
+
+    #[test]
+    fn shipped_bootstrap_list_parses() {
+        let nodes: Vec<ToxNode> = node_lines(DEFAULT_BOOTSTRAP_NODES)
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert!(nodes.len() >= 8, "{nodes:?}");
     }
 
     #[test]
