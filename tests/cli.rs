@@ -2,31 +2,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::*;
 
 fn veilmesh(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_with_stdin(BIN, args, stdin)
 }
 
 #[test]
@@ -58,41 +37,17 @@ fn pinned_address_vector_from_the_readme() {
 #[test]
 fn keys_are_interchangeable_with_wireguard_tools() {
     let wg_key = must(&["wg", "genkey"]);
-    let wg_pub = {
-        let mut child = Command::new("wg")
-            .arg("pubkey")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("wg (wireguard-tools) is installed by .ci/run");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(wg_key.as_bytes())
-            .unwrap();
-        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
-    };
+    // wireguard-tools is installed by scripts/install-deps.sh.
+    let (ok, wg_pub, _) = run_with_stdin("wg", &["pubkey"], &wg_key);
+    assert!(ok);
     let (ok, ours, _) = veilmesh(&["pubkey"], &wg_key);
     assert!(ok);
-    assert_eq!(ours, wg_pub.trim());
+    assert_eq!(ours, wg_pub);
     // And a veilmesh key works with wg.
     let (_, private, _) = veilmesh(&["genkey"], "");
     let (_, public, _) = veilmesh(&["pubkey"], &private);
-    let mut child = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(private.as_bytes())
-        .unwrap();
-    let wg_view = String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap();
-    assert_eq!(wg_view.trim(), public);
+    let (_, wg_view, _) = run_with_stdin("wg", &["pubkey"], &private);
+    assert_eq!(wg_view, public);
 }
 
 #[test]

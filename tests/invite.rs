@@ -9,10 +9,7 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
     require_root();
     reap_stale();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (Netns::new("inv-a"), Netns::new("inv-b"));
-    veth(&a, "eth0", &b, "eth0");
-    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
-    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (a, b) = veth_pair("inv");
     let (hosts_a, hosts_b) = (NetnsHosts::new(&a), NetnsHosts::new(&b));
     let (fa, fb) = (
         NodeFiles::new(dir.path(), "a"),

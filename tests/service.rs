@@ -70,10 +70,7 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
     require_root();
     reap_stale();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (Netns::new("mx-a"), Netns::new("mx-b"));
-    veth(&a, "eth0", &b, "eth0");
-    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
-    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (a, b) = veth_pair("mx");
     let (fa, fb) = (
         NodeFiles::new(dir.path(), "a"),
         NodeFiles::new(dir.path(), "b"),
@@ -156,10 +153,7 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
     let dir = tempfile::tempdir().unwrap();
     // The dropped daemon must reach its own socket directory to remove it.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let (a, b) = (Netns::new("pv-a"), Netns::new("pv-b"));
-    veth(&a, "eth0", &b, "eth0");
-    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
-    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (a, b) = veth_pair("pv");
     let (mut fa, fb) = (
         NodeFiles::new(dir.path(), "a"),
         NodeFiles::new(dir.path(), "b"),
@@ -236,10 +230,7 @@ fn keys_never_reach_the_logs_even_at_trace_level() {
     require_root();
     reap_stale();
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (Netns::new("lg-a"), Netns::new("lg-b"));
-    veth(&a, "eth0", &b, "eth0");
-    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
-    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    let (a, b) = veth_pair("lg");
     let (fa, fb) = (
         NodeFiles::new(dir.path(), "a"),
         NodeFiles::new(dir.path(), "b"),

@@ -207,6 +207,42 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     b.ip(&["link", "set", b_if, "up"]);
 }
 
+/// Two namespaces `TAG-a` (198.18.0.1) and `TAG-b` (198.18.0.2) on one veth.
+pub fn veth_pair(tag: &str) -> (Netns, Netns) {
+    let (a, b) = (
+        Netns::new(&format!("{tag}-a")),
+        Netns::new(&format!("{tag}-b")),
+    );
+    veth(&a, "eth0", &b, "eth0");
+    a.ip(&["addr", "add", "198.18.0.1/24", "dev", "eth0"]);
+    b.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+    (a, b)
+}
+
+/// Runs `program` with `stdin` written to it; (success, stdout trimmed, stderr).
+pub fn run_with_stdin(program: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A bridge namespace hosts `br0`; `attach` plugs a host into it.
 pub struct Bridge {
     pub ns: Netns,
