@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     })
     .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
     let mut all: Vec<Box<dyn Transport>> = vec![Box::new(udp)];
+    let mut tox_control = None;
     if let Some(tox) = &config.tox {
         let tox = veilmesh_tox::ToxTransport::start(veilmesh_tox::ToxConfig {
             state_file: tox.state_file.clone(),
@@ -125,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 "[tox] has no bootstrap_nodes or tcp_relays: peers can only be found on the LAN"
             );
         }
+        tox_control = Some(tox.control());
         all.push(Box::new(tox));
     }
     let transports = Transports { all, next: 0 };
@@ -210,6 +212,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut path = DataPath {
+        tox_control,
         hosts,
         config: config.clone(),
         node,
@@ -275,6 +278,8 @@ struct DataPath {
     config: Config,
     /// Where peer names go, unless disabled.
     hosts: Option<HostsFile>,
+    /// Friend list updates for the Tox transport, when it runs.
+    tox_control: Option<veilmesh_tox::ToxControl>,
     node: Node,
     transports: Transports,
     device: NetDevice,
@@ -380,6 +385,9 @@ impl DataPath {
         self.device
             .sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
         let report = self.node.reconfigure(new.peers.clone())?;
+        if let Some(tox) = &self.tox_control {
+            tox.set_friends(new.peers.iter().filter_map(|p| p.tox).collect())?;
+        }
         self.config = new;
         self.update_hosts();
         Ok(report)

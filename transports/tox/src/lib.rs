@@ -308,6 +308,26 @@ struct Shared {
 
 enum Command {
     Send([u8; 32], Vec<u8>),
+    /// The configured peers changed (reload).
+    SetFriends(Vec<ToxId>),
+}
+
+/// Changes a running Tox transport from outside the event loop's
+/// `Transport` calls (config reload).
+#[derive(Clone)]
+pub struct ToxControl {
+    commands: SyncSender<Command>,
+}
+
+impl ToxControl {
+    /// Makes `friends` the configured peers: new ones get a friend request,
+    /// and only their keys are accepted from now on.
+    pub fn set_friends(&self, friends: Vec<ToxId>) -> Result<(), SendError> {
+        // Blocking is fine here: reloads are rare and the queue drains fast.
+        self.commands
+            .send(Command::SetFriends(friends))
+            .map_err(|_| SendError::NotReady("tox thread stopped"))
+    }
 }
 
 pub struct ToxTransport {
@@ -353,6 +373,12 @@ impl ToxTransport {
 
     pub fn info(&self) -> &ToxInfo {
         &self.info
+    }
+
+    pub fn control(&self) -> ToxControl {
+        ToxControl {
+            commands: self.commands.clone(),
+        }
     }
 
     pub fn friend_state(&self, public_key: &ToxPublicKey) -> FriendState {
@@ -673,6 +699,10 @@ fn run_tox(
                         ctx.shared().counters.paced_drops += 1;
                     }
                 }
+                Ok(Command::SetFriends(friends)) => {
+                    ctx.allowed = friends.iter().map(|id| id.public_key().0).collect();
+                    add_friends(tox, &friends, &mut ctx);
+                }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
                     save(tox, &config.state_file);
@@ -740,6 +770,11 @@ fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, To
 
 /// Bootstrap nodes, relays and friend requests to every configured peer.
 fn connect(tox: *mut ffi::Tox, config: &ToxConfig, ctx: &mut CallbackContext) {
+    bootstrap(tox, config);
+    add_friends(tox, &config.friends, ctx);
+}
+
+fn bootstrap(tox: *mut ffi::Tox, config: &ToxConfig) {
     for (node, relay) in config
         .bootstrap
         .iter()
@@ -774,7 +809,11 @@ fn connect(tox: *mut ffi::Tox, config: &ToxConfig, ctx: &mut CallbackContext) {
             tracing::warn!(%node, relay, err, "tox bootstrap node refused");
         }
     }
-    for id in &config.friends {
+}
+
+/// A friend request to each configured peer that is not a friend yet.
+fn add_friends(tox: *mut ffi::Tox, friends: &[ToxId], ctx: &mut CallbackContext) {
+    for id in friends {
         let mut err = 0;
         // SAFETY: live instance; id has TOX_ADDRESS_SIZE bytes; message is valid.
         unsafe {

@@ -137,4 +137,17 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
     });
     assert_eq!(c.friend_state(&pk_a), FriendState::None);
     println!("{}", a.describe());
+
+    // Once a's config lists c (a reload), c becomes a friend after all.
+    let pk_c = c.info().id.public_key();
+    a.control().set_friends(vec![id_b, c.info().id]).unwrap();
+    let took = wait_for(
+        "the friend added at runtime",
+        Duration::from_secs(60),
+        || a.friend_state(&pk_c) != FriendState::None && c.friend_state(&pk_a) != FriendState::None,
+    );
+    println!(
+        "friend added by set_friends connected after {:.1} s",
+        took.as_secs_f64()
+    );
 }
