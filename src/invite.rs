@@ -28,6 +28,9 @@ pub struct Invite {
     /// Its UDP endpoint, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Its Tox ID, when it runs the Tox transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tox: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -83,6 +86,13 @@ impl Invite {
             field: "public key",
             reason: e.to_string(),
         })?;
+        if let Some(tox) = &self.tox {
+            tox.parse::<veilmesh_tox::ToxId>()
+                .map_err(|e| InviteError::Invalid {
+                    field: "Tox ID",
+                    reason: e.to_string(),
+                })?;
+        }
         self.validate_name()
     }
 
@@ -146,6 +156,9 @@ pub fn add_peer(
     if let Some(endpoint) = &invite.endpoint {
         table["endpoint"] = toml_edit::value(endpoint.as_str());
     }
+    if let Some(tox) = &invite.tox {
+        table["tox"] = toml_edit::value(tox.as_str());
+    }
     table
         .decor_mut()
         .set_prefix(format!("\n# added by `veilmesh join` ({name})\n"));
@@ -175,6 +188,7 @@ mod tests {
             name: "alpha".into(),
             public_key: KEY.into(),
             endpoint: Some("198.18.0.1:51820".into()),
+            tox: None,
         }
     }
 
@@ -248,11 +262,41 @@ mod tests {
             name: "me".into(),
             public_key: own_pub,
             endpoint: None,
+            tox: None,
         };
         assert!(matches!(
             add_peer(&text, Path::new("x"), &me, "me"),
             Err(JoinError::WouldBreak(_))
         ));
+    }
+
+    #[test]
+    fn tox_ids_travel_in_invites_and_land_in_the_config() {
+        let mut bytes = vec![1u8; 32];
+        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
+        let sum = [
+            bytes.iter().step_by(2).fold(0, |a, b| a ^ b),
+            bytes.iter().skip(1).step_by(2).fold(0, |a, b| a ^ b),
+        ];
+        bytes.extend_from_slice(&sum);
+        let id: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        let with_tox = Invite {
+            tox: Some(id.clone()),
+            ..invite()
+        };
+        let decoded = Invite::decode(&with_tox.encode()).unwrap();
+        assert_eq!(decoded, with_tox);
+        let text = format!("[interface]\nprivate_key = \"{OWN}\"\n");
+        let out = add_peer(&text, Path::new("x.toml"), &decoded, "alpha").unwrap();
+        let cfg = Config::parse(&out, Path::new("x.toml")).unwrap();
+        assert_eq!(cfg.peers[0].tox.map(|t| t.to_string()), Some(id));
+        // A mangled Tox ID inside an intact token is refused too.
+        let bad = Invite {
+            tox: Some(format!("{}01", "00".repeat(37))),
+            ..invite()
+        };
+        let err = Invite::decode(&bad.encode()).unwrap_err();
+        assert!(err.to_string().contains("Tox ID"), "{err}");
     }
 
     proptest! {

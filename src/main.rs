@@ -222,10 +222,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => host_name_label()
                     .context("cannot derive a name from the host name; pass --name")?,
             };
+            // The Tox ID rides along when this node runs Tox, so the joining
+            // side can reach it without a UDP endpoint.
+            let tox = match &config.tox {
+                Some(tox) => {
+                    Some(veilmesh_tox::load_or_create_identity(&tox.state_file)?.to_string())
+                }
+                None => None,
+            };
             let invite = Invite {
                 name,
                 public_key: config.interface.private_key.public_key().to_base64(),
                 endpoint,
+                tox,
             };
             invite
                 .validate_name()
