@@ -177,6 +177,18 @@ pub fn default_control_socket(interface: &str) -> PathBuf {
 }
 
 impl Config {
+    /// Subnets routed into the TUN: every peer's allowed IPs.
+    pub fn peer_subnets(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+    }
+
+    /// The Tox IDs of the peers that have one: the Tox friend list.
+    pub fn tox_friends(&self) -> Vec<ToxId> {
+        self.peers.iter().filter_map(|p| p.tox).collect()
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_owned(),

@@ -34,14 +34,19 @@ struct Transports {
 }
 
 impl Transports {
-    fn get(&mut self, kind: TransportKind) -> Option<&mut Box<dyn Transport>> {
+    fn get(&self, kind: TransportKind) -> Option<&dyn Transport> {
+        self.all
+            .iter()
+            .find(|t| t.kind() == kind)
+            .map(|t| t.as_ref())
+    }
+
+    fn get_mut(&mut self, kind: TransportKind) -> Option<&mut Box<dyn Transport>> {
         self.all.iter_mut().find(|t| t.kind() == kind)
     }
 
     fn limits(&self, to: &PeerAddr) -> DatagramLimits {
-        self.all
-            .iter()
-            .find(|t| t.kind() == to.kind())
+        self.get(to.kind())
             .map(|t| t.limits(to))
             // No transport for this kind: nothing fits.
             .unwrap_or(DatagramLimits {
@@ -51,7 +56,7 @@ impl Transports {
     }
 
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
-        match self.get(to.kind()) {
+        match self.get_mut(to.kind()) {
             Some(t) => t.send(to, datagram),
             None => Err(SendError::NotReady("transport not enabled")),
         }
@@ -70,10 +75,7 @@ impl Transports {
     }
 
     fn path_state(&self, to: &PeerAddr) -> Option<String> {
-        self.all
-            .iter()
-            .find(|t| t.kind() == to.kind())?
-            .path_state(to)
+        self.get(to.kind())?.path_state(to)
     }
 
     fn describe(&self) -> Vec<String> {
@@ -118,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             relay_port: tox.relay_port,
             bootstrap: tox.bootstrap_nodes.clone(),
             tcp_relays: tox.tcp_relays.clone(),
-            friends: config.peers.iter().filter_map(|p| p.tox).collect(),
+            friends: config.tox_friends(),
         })
         .with_context(|| format!("{}: [tox]", config.file.display()))?;
         if tox_settings_lack_bootstrap(&config) {
@@ -133,17 +135,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let now = Instant::now();
     let node = Node::new(&iface.private_key, config.peers.clone(), now)?;
-    let routes: Vec<_> = config
-        .peers
-        .iter()
-        .flat_map(|p| p.allowed_ips.iter().copied())
-        .collect();
     let device = NetDevice::create(
         &iface.name,
         iface.mtu,
         node.mesh_address(),
         &iface.addresses,
-        routes,
+        config.peer_subnets(),
     )?;
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
@@ -180,8 +177,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             (parent == std::path::Path::new(control::DEFAULT_SOCKET_DIR)).then(|| parent.to_owned())
         });
         if let Some(dir) = &socket_dir {
-            nix::unistd::chown(dir, Some(target.uid), Some(target.gid))
-                .with_context(|| format!("cannot hand {} to {}", dir.display(), target.name))?;
+            target.hand_over(dir)?;
         }
         // Tox saves its state (friends) while running: the default state
         // directory and the file go to the daemon user too.
@@ -189,9 +185,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let paths = [tox.state_file.parent(), Some(tox.state_file.as_path())];
             for path in paths.into_iter().flatten() {
                 if path.starts_with(DEFAULT_STATE_DIR) && path.exists() {
-                    nix::unistd::chown(path, Some(target.uid), Some(target.gid)).with_context(
-                        || format!("cannot hand {} to {}", path.display(), target.name),
-                    )?;
+                    target.hand_over(path)?;
                 }
             }
         }
@@ -351,23 +345,29 @@ impl DataPath {
         let (old_if, new_if) = (&self.config.interface, &new.interface);
         let restart_only = [
             (
-                "private key",
+                "interface private key",
                 old_if.private_key.public_key() != new_if.private_key.public_key(),
             ),
-            ("name", old_if.name != new_if.name),
-            ("listen_port", old_if.listen_port != new_if.listen_port),
-            ("mtu", old_if.mtu != new_if.mtu),
-            ("addresses", old_if.addresses != new_if.addresses),
+            ("interface.name", old_if.name != new_if.name),
             (
-                "control_socket",
+                "interface.listen_port",
+                old_if.listen_port != new_if.listen_port,
+            ),
+            ("interface.mtu", old_if.mtu != new_if.mtu),
+            ("interface.addresses", old_if.addresses != new_if.addresses),
+            (
+                "interface.control_socket",
                 old_if.control_socket != new_if.control_socket,
             ),
             (
-                "metrics_address",
+                "interface.metrics_address",
                 old_if.metrics_address != new_if.metrics_address,
             ),
-            ("hosts_file", old_if.hosts_file != new_if.hosts_file),
-            ("user", old_if.user != new_if.user),
+            (
+                "interface.hosts_file",
+                old_if.hosts_file != new_if.hosts_file,
+            ),
+            ("interface.user", old_if.user != new_if.user),
             ("[tox]", self.config.tox != new.tox),
         ];
         let changed: Vec<&str> = restart_only
@@ -382,11 +382,10 @@ impl DataPath {
                 changed.join(", ")
             );
         }
-        self.device
-            .sync_routes(new.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()))?;
+        self.device.sync_routes(new.peer_subnets())?;
         let report = self.node.reconfigure(new.peers.clone())?;
         if let Some(tox) = &self.tox_control {
-            tox.set_friends(new.peers.iter().filter_map(|p| p.tox).collect())?;
+            tox.set_friends(new.tox_friends())?;
         }
         self.config = new;
         self.update_hosts();

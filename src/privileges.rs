@@ -48,6 +48,15 @@ fn net_admin_only() -> CapsHashSet {
     std::iter::once(Capability::CAP_NET_ADMIN).collect()
 }
 
+impl DropTarget {
+    /// Gives `path` to the target user, so the dropped daemon can still
+    /// write there.
+    pub fn hand_over(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        nix::unistd::chown(path, Some(self.uid), Some(self.gid))
+            .with_context(|| format!("cannot hand {} to {}", path.display(), self.name))
+    }
+}
+
 /// Becomes `target`, keeping only CAP_NET_ADMIN.
 pub fn drop_to(target: &DropTarget) -> anyhow::Result<()> {
     for cap in caps::all() {
