@@ -81,9 +81,9 @@ fn two_nodes_join_each_others_invites_and_reach_each_other_by_name() {
         "{hosts}"
     );
 
-    let (sent, got, out) = a.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", "beta.veil"]);
+    let (sent, got, out) = a.ping6("beta.veil", 3);
     assert_eq!((sent, got), (3, 3), "alpha -> beta.veil:\n{out}");
-    let (sent, got, out) = b.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", "alpha.veil"]);
+    let (sent, got, out) = b.ping6("alpha.veil", 3);
     assert_eq!((sent, got), (3, 3), "beta -> alpha.veil:\n{out}");
     println!("alpha <-> beta by name: ok");
 

@@ -79,7 +79,7 @@ fn mesh_of_three_with_site_to_site_and_cryptokey_routing() {
                 continue;
             }
             let target = to_files.mesh().to_string();
-            let (sent, got, out) = from.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", &target]);
+            let (sent, got, out) = from.ping6(&target, 3);
             assert_eq!(
                 (sent, got),
                 (3, 3),

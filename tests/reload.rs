@@ -55,16 +55,7 @@ fn reload_adds_and_removes_peers_without_disturbing_the_others() {
         "reload: {said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (sent, got, out) = a.ping(&[
-        "-6",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &fc.mesh().to_string(),
-    ]);
+    let (sent, got, out) = a.ping6(&fc.mesh().to_string(), 3);
     assert_eq!((sent, got), (3, 3), "a -> c after reload:\n{out}");
 
     std::fs::write(&fa.config, "[interface]\nprivate_key = \"garbage\"\n").unwrap();

@@ -82,16 +82,7 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
     fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
     let _da = Daemon::start(&a, &fa);
     let _db = Daemon::start(&b, &fb);
-    let (_, got, out) = a.ping(&[
-        "-6",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &fb.mesh().to_string(),
-    ]);
+    let (_, got, out) = a.ping6(&fb.mesh().to_string(), 2);
     assert_eq!(got, 2, "{out}");
 
     let scrape = a.exec(&[
@@ -189,16 +180,7 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
     for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
         assert_eq!(proc_status_field(pid, set), "0000000000001000", "{set}");
     }
-    let (_, got, out) = a.ping(&[
-        "-6",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &fb.mesh().to_string(),
-    ]);
+    let (_, got, out) = a.ping6(&fb.mesh().to_string(), 2);
     assert_eq!(got, 2, "{out}");
 
     // Reload as root: the unprivileged daemon still installs the new route.
@@ -240,16 +222,7 @@ fn keys_never_reach_the_logs_even_at_trace_level() {
     let trace = [("RUST_LOG", "trace")];
     let mut da = Daemon::start_with_env(&a, &fa, &trace);
     let mut db = Daemon::start_with_env(&b, &fb, &trace);
-    let (_, got, out) = a.ping(&[
-        "-6",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "-W",
-        "2",
-        &fb.mesh().to_string(),
-    ]);
+    let (_, got, out) = a.ping6(&fb.mesh().to_string(), 3);
     assert_eq!(got, 3, "{out}");
     let _ = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
     assert!(da.stop().success() && db.stop().success());

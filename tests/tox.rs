@@ -213,8 +213,7 @@ fn two_nodes_reach_each_other_over_tox_only() {
         took.as_secs_f64()
     );
     let b_mesh = t.fb.mesh().to_string();
-    let (sent, got, out) =
-        t.a.ping(&["-6", "-c", "10", "-i", "0.2", "-W", "2", &b_mesh]);
+    let (sent, got, out) = t.a.ping6(&b_mesh, 10);
     assert!(got >= 9, "over Tox: {got}/{sent}\n{out}");
     println!(
         "ping -6 over Tox: {got}/{sent}, {}",
@@ -256,8 +255,7 @@ fn two_nodes_reach_each_other_over_tox_only() {
         Some("friend UDP"),
         "friend connection lost during iperf"
     );
-    let (_, got, _) =
-        t.a.ping(&["-6", "-c", "3", "-i", "0.2", "-W", "2", &b_mesh]);
+    let (_, got, _) = t.a.ping6(&b_mesh, 3);
     assert!(got >= 2, "ping after iperf: {got}/3");
 
     assert!(da.stop().success());
@@ -283,8 +281,7 @@ fn tox_falls_back_to_the_tcp_relay_when_udp_is_blocked() {
     let mbit = t.iperf(5);
     println!("iperf3 TCP 5 s through the Tox TCP relay: {mbit:.2} Mbit/s");
     let b_mesh = t.fb.mesh().to_string();
-    let (sent, got, out) =
-        t.a.ping(&["-6", "-c", "5", "-i", "0.2", "-W", "2", &b_mesh]);
+    let (sent, got, out) = t.a.ping6(&b_mesh, 5);
     assert!(got >= 4, "after a saturating transfer the relayed friend connection must survive: {got}/{sent}\n{out}");
     assert_eq!(friend_state(&da, "b").as_deref(), Some("friend TCP"));
 }

@@ -151,6 +151,12 @@ pub fn ping_result(out: Output) -> (u32, u32, String) {
 }
 
 impl Netns {
+    /// `count` pings over IPv6, 0.2 s apart, each waiting up to 2 s.
+    pub fn ping6(&self, target: &str, count: u32) -> (u32, u32, String) {
+        let count = count.to_string();
+        self.ping(&["-6", "-c", &count, "-i", "0.2", "-W", "2", target])
+    }
+
     pub fn has_link(&self, name: &str) -> bool {
         run(&["ip", "-n", &self.name, "link", "show", name])
             .status
