@@ -18,6 +18,7 @@ packages=(
   pkg-config      # finds c-toxcore
   libtoxcore-dev  # the Tox transport links c-toxcore
   toxcore-utils   # tox-bootstrapd: a local DHT node / TCP relay in tests
+  i2pd            # the I2P transport's tests run a private network of i2pd routers
   ca-certificates
 )
 

@@ -513,31 +513,6 @@ fn read_state(path: &Path) -> Result<Option<Vec<u8>>, ToxError> {
     }
 }
 
-/// Writes the state atomically, readable by its owner only.
-fn write_state(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 /// What the toxcore callbacks reach through `user_data`.
 struct CallbackContext {
     allowed: HashSet<[u8; 32]>,
@@ -902,7 +877,7 @@ fn save(tox: *mut ffi::Tox, path: &Path) {
         ffi::tox_get_savedata(tox, bytes.as_mut_ptr());
         bytes
     };
-    if let Err(error) = write_state(path, &bytes) {
+    if let Err(error) = veilmesh_transport::write_private_file(path, &bytes) {
         tracing::error!(path = %path.display(), %error, "cannot save Tox state");
     }
 }

@@ -8,7 +8,6 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// The kinds of transport veilmesh knows, in the default order of preference.
@@ -61,14 +60,43 @@ impl fmt::Debug for ToxPublicKey {
     }
 }
 
-/// An I2P destination in its binary form (public key, signing key, certificate).
-/// Shared, because it is several hundred bytes and copied into every send.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct I2pDestination(pub Arc<[u8]>);
+/// An I2P destination named by its hash: the SHA-256 of the full
+/// destination, which is what a `.b32.i2p` address encodes. The I2P transport
+/// resolves it to the full destination before sending.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct I2pAddress(pub [u8; 32]);
 
-impl fmt::Debug for I2pDestination {
+impl I2pAddress {
+    /// The 52-character base32 name, without the `.b32.i2p` suffix.
+    pub fn base32(&self) -> String {
+        data_encoding::BASE32_NOPAD
+            .encode(&self.0)
+            .to_ascii_lowercase()
+    }
+
+    /// Parses `<52 base32 chars>.b32.i2p` (the suffix may be left off).
+    pub fn from_b32(text: &str) -> Option<I2pAddress> {
+        let name = text.trim();
+        let name = name.strip_suffix(".b32.i2p").unwrap_or(name);
+        if name.len() != 52 {
+            return None;
+        }
+        let bytes = data_encoding::BASE32_NOPAD
+            .decode(name.to_ascii_uppercase().as_bytes())
+            .ok()?;
+        Some(I2pAddress(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for I2pAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "I2pDestination({} bytes)", self.0.len())
+        write!(f, "{}.b32.i2p", self.base32())
+    }
+}
+
+impl fmt::Debug for I2pAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "I2pAddress({self})")
     }
 }
 
@@ -77,7 +105,7 @@ impl fmt::Debug for I2pDestination {
 pub enum PeerAddr {
     Udp(SocketAddr),
     Tox(ToxPublicKey),
-    I2p(I2pDestination),
+    I2p(I2pAddress),
 }
 
 impl PeerAddr {
@@ -104,7 +132,7 @@ impl fmt::Display for PeerAddr {
         match self {
             PeerAddr::Udp(sa) => write!(f, "udp {sa}"),
             PeerAddr::Tox(pk) => write!(f, "tox {pk:?}"),
-            PeerAddr::I2p(d) => write!(f, "i2p {d:?}"),
+            PeerAddr::I2p(d) => write!(f, "i2p {d}"),
         }
     }
 }
@@ -174,9 +202,52 @@ pub trait Transport: Send {
     }
 }
 
+/// Writes a transport's state or key file atomically, readable by its owner
+/// only; a missing directory is created private (0700).
+pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn i2p_addresses_print_and_parse_as_b32() {
+        let addr = I2pAddress([0xAB; 32]);
+        let text = addr.to_string();
+        assert_eq!(text.len(), 52 + ".b32.i2p".len());
+        assert_eq!(I2pAddress::from_b32(&text), Some(addr));
+        assert_eq!(
+            I2pAddress::from_b32(&addr.base32().to_uppercase()),
+            Some(addr)
+        );
+        assert_eq!(I2pAddress::from_b32("tooshort.b32.i2p"), None);
+        assert_eq!(
+            I2pAddress::from_b32(&format!("{}1.b32.i2p", &addr.base32()[..51])),
+            None
+        );
+    }
 
     #[test]
     fn transport_kind_round_trips_through_its_name() {
@@ -192,9 +263,6 @@ mod tests {
         let udp = PeerAddr::Udp("198.18.0.1:51820".parse().unwrap());
         assert_eq!(udp.ip(), Some("198.18.0.1".parse().unwrap()));
         assert_eq!(PeerAddr::Tox(ToxPublicKey([7; 32])).ip(), None);
-        assert_eq!(
-            PeerAddr::I2p(I2pDestination(Arc::from(vec![1u8; 391]))).ip(),
-            None
-        );
+        assert_eq!(PeerAddr::I2p(I2pAddress([1; 32])).ip(), None);
     }
 }

@@ -1,0 +1,975 @@
+//! I2P transport: veilmesh's Noise datagrams travel as repliable I2P
+//! datagrams through the SAM v3 bridge of an I2P router (i2pd or Java I2P).
+//!
+//! Three tokio tasks do the I/O; the event loop only touches the transport
+//! through [`Transport`]:
+//! * the supervisor holds the SAM control connection (the session lives as
+//!   long as it does), re-creates the session on the next bridge when it
+//!   dies, and resolves peers' `.b32.i2p` addresses with NAMING LOOKUP on
+//!   the session's own connection, so the router has a peer's LeaseSet
+//!   before the first datagram goes (otherwise that datagram is lost);
+//! * the pacer sends datagrams to the bridge's UDP port at a bounded rate,
+//!   because bursts overflow the bridge's socket;
+//! * receiving needs no task: the bridge forwards datagrams to our UDP
+//!   socket, read by `poll_recv`.
+//!
+//! Nothing here ever sends this node's IP addresses anywhere but to the
+//! configured SAM bridges.
+
+pub mod dest;
+pub mod sam;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use veilmesh_transport::{
+    DatagramLimits, I2pAddress, PeerAddr, Received, SendError, Transport, TransportKind,
+};
+
+pub use dest::{parse_peer_address, Destination, PrivateKeys};
+pub use sam::{SamError, SessionOptions};
+
+/// Largest Noise datagram sent over I2P. I2P carries up to ~31 KB, but
+/// loss grows with every 1 KB tunnel message a datagram spans; the TUN MTU
+/// keeps real packets far below this.
+pub const MAX_DATAGRAM: usize = 8 * 1024;
+/// Datagrams queued for the pacer before senders see backpressure.
+const SEND_QUEUE: usize = 512;
+/// Pacing: i2pd's SAM socket loses datagrams in unpaced bursts (54-81 %
+/// measured) and none at ~900/s.
+const DATAGRAMS_PER_SECOND: f64 = 2000.0;
+const BURST: f64 = 32.0;
+/// Datagrams held per destination while its lookup runs.
+const HELD_PER_LOOKUP: usize = 16;
+/// How long a NAMING LOOKUP may take (the router asks floodfills).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// A destination that could not be found is not asked for again sooner.
+const LOOKUP_RETRY: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// i2pd answers SESSION CREATE only once tunnels are built (20 s at least
+/// in 2.45.1; longer with 3-hop tunnels on the real network).
+const SESSION_CREATE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Waits between rounds over all bridges: doubling up to the maximum.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Notice a bridge that vanished without closing the connection.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+const KEEPALIVE_PROBES: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct I2pConfig {
+    /// SAM bridges (`host:port` of the TCP port), tried in order. The UDP
+    /// port for datagrams is the TCP port minus one (7655 for 7656).
+    pub bridges: Vec<String>,
+    /// This node's destination with private keys; created on first contact
+    /// with a bridge, then reused so the address stays the same.
+    pub key_file: PathBuf,
+    pub options: SessionOptions,
+    /// Part of the session ID (the interface name), for the router's logs.
+    pub label: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum I2pError {
+    #[error("{}: {source}", path.display())]
+    KeyFile { path: PathBuf, source: io::Error },
+    #[error("{}: not an I2P private key: {source}", path.display())]
+    BadKeyFile {
+        path: PathBuf,
+        source: dest::DestinationError,
+    },
+    #[error(
+        "{} is accessible by group or others (mode {mode:04o}); run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    KeyFileMode { path: PathBuf, mode: u32 },
+    #[error("cannot open the UDP socket for datagrams from the SAM bridge: {0}")]
+    Socket(io::Error),
+}
+
+/// Counters of the transport; monotonic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct I2pCounters {
+    pub sent: u64,
+    pub received: u64,
+    /// Sessions created (the first, then one per failover or restart).
+    pub sessions: u64,
+    pub lookups: u64,
+    pub lookup_failures: u64,
+    /// Datagrams dropped: send queue full, or too many held for a lookup.
+    pub queue_drops: u64,
+    /// UDP datagrams that are not from the bridge or not SAM-framed.
+    pub bad_datagrams: u64,
+}
+
+/// How a peer's destination is known to the current session.
+enum Lookup {
+    /// NAMING LOOKUP sent (or waiting its turn); datagrams held meanwhile.
+    Pending {
+        held: Vec<Vec<u8>>,
+    },
+    /// Base64 destination, ready to send to.
+    Resolved(Arc<str>),
+    Failed {
+        until: Instant,
+        why: String,
+    },
+}
+
+/// The session datagrams currently go through.
+#[derive(Clone)]
+struct Live {
+    bridge: String,
+    /// The bridge's UDP port for datagrams.
+    udp: SocketAddr,
+    id: String,
+}
+
+#[derive(Default)]
+struct Shared {
+    live: Option<Live>,
+    address: Option<I2pAddress>,
+    /// What the supervisor is doing, for `veilmesh show`.
+    state: String,
+    lookups: HashMap<I2pAddress, Lookup>,
+    counters: I2pCounters,
+}
+
+type Outbound = (SocketAddr, Vec<u8>);
+
+/// Everything the tasks and the transport share.
+struct Inner {
+    shared: Mutex<Shared>,
+    outbound: mpsc::Sender<Outbound>,
+    lookup_requests: mpsc::UnboundedSender<I2pAddress>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a datagram for a resolved destination of the live session.
+    fn queue(&self, shared: &mut Shared, live: &Live, dest: &str, datagram: &[u8]) -> bool {
+        let header = sam::datagram_header(&live.id, dest);
+        let mut packet = Vec::with_capacity(header.len() + datagram.len());
+        packet.extend_from_slice(header.as_bytes());
+        packet.extend_from_slice(datagram);
+        match self.outbound.try_send((live.udp, packet)) {
+            Ok(()) => true,
+            Err(_) => {
+                shared.counters.queue_drops += 1;
+                false
+            }
+        }
+    }
+}
+
+pub struct I2pTransport {
+    inner: Arc<Inner>,
+    socket: Arc<UdpSocket>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl I2pTransport {
+    /// Reads the key file (if there is one yet) and starts the tasks. Must
+    /// run inside a tokio runtime. Never waits for a bridge: the session
+    /// comes up in the background, and comes back after failures.
+    pub fn start(config: I2pConfig) -> Result<I2pTransport, I2pError> {
+        let keys = load_keys(&config.key_file)?;
+        let socket = Arc::new(bind_forward_socket().map_err(I2pError::Socket)?);
+        let (outbound, outbound_rx) = mpsc::channel(SEND_QUEUE);
+        let (lookup_requests, lookup_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            shared: Mutex::new(Shared {
+                address: keys.as_ref().map(|k| k.public().address()),
+                state: "starting".into(),
+                ..Shared::default()
+            }),
+            outbound,
+            lookup_requests,
+        });
+        let forward_port = socket.local_addr().map_err(I2pError::Socket)?.port();
+        tracing::info!(
+            address = ?inner.lock().address.map(|a| a.to_string()),
+            bridges = ?config.bridges,
+            "i2p transport starting"
+        );
+        let supervisor = Supervisor {
+            config,
+            keys,
+            inner: inner.clone(),
+            forward_port,
+        };
+        let tasks = vec![
+            tokio::spawn(supervisor.run(lookup_rx)),
+            tokio::spawn(pace(socket.clone(), outbound_rx, inner.clone())),
+        ];
+        Ok(I2pTransport {
+            inner,
+            socket,
+            tasks,
+        })
+    }
+
+    /// This node's `.b32.i2p` address, once it has a destination.
+    pub fn address(&self) -> Option<I2pAddress> {
+        self.inner.lock().address
+    }
+
+    pub fn counters(&self) -> I2pCounters {
+        self.inner.lock().counters.clone()
+    }
+
+    /// Whether a session is up, and on which bridge.
+    pub fn session_bridge(&self) -> Option<String> {
+        self.inner.lock().live.as_ref().map(|l| l.bridge.clone())
+    }
+
+    /// Turns one UDP datagram into a received Noise datagram at the start of
+    /// `buf`, or None (counted) if it is not a datagram from our bridge.
+    fn accept(&self, from: SocketAddr, len: usize, buf: &mut [u8]) -> Option<Received> {
+        let mut shared = self.inner.lock();
+        let bridge_ip = shared.live.as_ref().map(|l| canonical_ip(l.udp.ip()));
+        if bridge_ip != Some(canonical_ip(from.ip())) {
+            shared.counters.bad_datagrams += 1;
+            tracing::trace!(%from, "datagram not from the SAM bridge in use");
+            return None;
+        }
+        match sam::parse_forwarded(&buf[..len]) {
+            Ok((source, start)) => {
+                shared.counters.received += 1;
+                buf.copy_within(start..len, 0);
+                Some(Received {
+                    from: PeerAddr::I2p(source.address()),
+                    len: len - start,
+                })
+            }
+            Err(error) => {
+                shared.counters.bad_datagrams += 1;
+                tracing::debug!(%error, "bad datagram from the SAM bridge");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for I2pTransport {
+    fn drop(&mut self) {
+        // Dropping the control connection ends the session at the router.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Transport for I2pTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::I2p
+    }
+
+    fn limits(&self, _to: &PeerAddr) -> DatagramLimits {
+        DatagramLimits {
+            unfragmented: MAX_DATAGRAM,
+            absolute: MAX_DATAGRAM,
+        }
+    }
+
+    fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
+        let PeerAddr::I2p(address) = to else {
+            return Err(SendError::WrongTransport(to.clone()));
+        };
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(SendError::TooBig {
+                len: datagram.len(),
+                max: MAX_DATAGRAM,
+            });
+        }
+        let inner = &self.inner;
+        let mut guard = inner.lock();
+        let shared = &mut *guard;
+        let Some(live) = shared.live.clone() else {
+            return Err(SendError::NotReady(
+                "no I2P session (SAM bridge not reached yet)",
+            ));
+        };
+        let now = Instant::now();
+        match shared.lookups.get_mut(address) {
+            Some(Lookup::Resolved(dest)) => {
+                let dest = dest.clone();
+                if inner.queue(shared, &live, &dest, datagram) {
+                    Ok(())
+                } else {
+                    Err(SendError::Backpressure)
+                }
+            }
+            Some(Lookup::Pending { held }) => {
+                if held.len() < HELD_PER_LOOKUP {
+                    held.push(datagram.to_vec());
+                    Ok(())
+                } else {
+                    shared.counters.queue_drops += 1;
+                    Err(SendError::Backpressure)
+                }
+            }
+            Some(Lookup::Failed { until, .. }) if now < *until => {
+                Err(SendError::NotReady("I2P destination not found"))
+            }
+            _ => {
+                shared.lookups.insert(
+                    *address,
+                    Lookup::Pending {
+                        held: vec![datagram.to_vec()],
+                    },
+                );
+                let _ = inner.lookup_requests.send(*address);
+                Ok(())
+            }
+        }
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
+        loop {
+            let mut read = tokio::io::ReadBuf::new(buf);
+            let from = match self.socket.poll_recv_from(cx, &mut read) {
+                Poll::Ready(Ok(from)) => from,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            let len = read.filled().len();
+            if let Some(received) = self.accept(from, len, buf) {
+                return Poll::Ready(Ok(received));
+            }
+        }
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        loop {
+            let (len, from) = match self.socket.try_recv_from(buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if let Some(received) = self.accept(from, len, buf) {
+                return Ok(Some(received));
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let shared = self.inner.lock();
+        let c = &shared.counters;
+        format!(
+            "i2p {} ({}), {} sent, {} received, {} sessions, {} lookups ({} failed), \
+             {} queue drops, {} bad datagrams",
+            shared
+                .address
+                .map_or("(no destination yet)".into(), |a| a.to_string()),
+            shared.state,
+            c.sent,
+            c.received,
+            c.sessions,
+            c.lookups,
+            c.lookup_failures,
+            c.queue_drops,
+            c.bad_datagrams
+        )
+    }
+
+    fn path_state(&self, to: &PeerAddr) -> Option<String> {
+        let PeerAddr::I2p(address) = to else {
+            return None;
+        };
+        let shared = self.inner.lock();
+        if shared.live.is_none() {
+            return Some("no I2P session".into());
+        }
+        Some(match shared.lookups.get(address) {
+            None => "not contacted yet".into(),
+            Some(Lookup::Pending { .. }) => "looking up".into(),
+            Some(Lookup::Resolved(_)) => "destination resolved".into(),
+            Some(Lookup::Failed { why, .. }) => format!("lookup failed: {why}"),
+        })
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One socket receives forwarded datagrams from whichever bridge is in use
+/// and sends ours to it: dual-stack on a free port.
+fn bind_forward_socket() -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
+        Ok(s) => {
+            s.set_only_v6(false)?;
+            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+            s
+        }
+        Err(_) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+            s
+        }
+    };
+    socket.set_nonblocking(true)?;
+    let _ = socket.set_recv_buffer_size(2 << 20);
+    let _ = socket.set_send_buffer_size(2 << 20);
+    UdpSocket::from_std(socket.into())
+}
+
+/// The key file: None until the first bridge generated one.
+fn load_keys(path: &Path) -> Result<Option<PrivateKeys>, I2pError> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(I2pError::KeyFile {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode())
+        .unwrap_or(0);
+    if mode & 0o077 != 0 {
+        return Err(I2pError::KeyFileMode {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    PrivateKeys::from_base64(&text)
+        .map(Some)
+        .map_err(|source| I2pError::BadKeyFile {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Sends queued datagrams to the bridge at a bounded rate.
+async fn pace(socket: Arc<UdpSocket>, mut queue: mpsc::Receiver<Outbound>, inner: Arc<Inner>) {
+    let mut tokens = BURST;
+    let mut refilled = tokio::time::Instant::now();
+    while let Some((to, packet)) = queue.recv().await {
+        loop {
+            let now = tokio::time::Instant::now();
+            tokens = (tokens + now.duration_since(refilled).as_secs_f64() * DATAGRAMS_PER_SECOND)
+                .min(BURST);
+            refilled = now;
+            if tokens >= 1.0 {
+                tokens -= 1.0;
+                break;
+            }
+            let wait = (1.0 - tokens) / DATAGRAMS_PER_SECOND;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+        match socket.send_to(&packet, to).await {
+            Ok(_) => inner.lock().counters.sent += 1,
+            Err(error) => tracing::debug!(%to, %error, "datagram to the SAM bridge failed"),
+        }
+    }
+}
+
+/// Why a session attempt or a running session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Sam(#[from] SamError),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("the bridge closed the connection")]
+    Closed,
+    #[error("cannot resolve `{0}`")]
+    Resolve(String),
+    #[error("the bridge created a session for another destination")]
+    WrongDestination,
+}
+
+/// A SAM control connection after HELLO.
+struct Control {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    peer: SocketAddr,
+    local: SocketAddr,
+}
+
+impl Control {
+    async fn connect(bridge: &str) -> Result<Control, SessionError> {
+        let addr = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host(bridge))
+            .await
+            .map_err(|_| SessionError::Timeout("name resolution"))??
+            .next()
+            .ok_or_else(|| SessionError::Resolve(bridge.to_owned()))?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| SessionError::Timeout("the TCP connection"))??;
+        stream.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES);
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+        let (peer, local) = (stream.peer_addr()?, stream.local_addr()?);
+        let (read, writer) = stream.into_split();
+        let mut control = Control {
+            reader: BufReader::new(read),
+            writer,
+            peer,
+            local,
+        };
+        let hello = control
+            .ask(&sam::hello(), REPLY_TIMEOUT, "HELLO REPLY")
+            .await?;
+        tracing::debug!(bridge, version = ?hello.get("VERSION"), "SAM bridge answered");
+        Ok(control)
+    }
+
+    async fn ask(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+        expected: &'static str,
+    ) -> Result<sam::Reply, SessionError> {
+        self.writer.write_all(command.as_bytes()).await?;
+        let line = tokio::time::timeout(timeout, read_line(&mut self.reader))
+            .await
+            .map_err(|_| SessionError::Timeout(expected))??;
+        Ok(sam::Reply::parse(&line)?.expect_ok(expected)?)
+    }
+}
+
+/// One line from the bridge, at most `sam::MAX_LINE` long.
+async fn read_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> Result<String, SessionError> {
+    let mut line = Vec::new();
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Err(SessionError::Closed);
+        }
+        match available.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&available[..i]);
+                reader.consume(i + 1);
+                break;
+            }
+            None => {
+                let n = available.len();
+                line.extend_from_slice(available);
+                reader.consume(n);
+            }
+        }
+        if line.len() > sam::MAX_LINE {
+            return Err(SamError::Malformed("reply line too long".into()).into());
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+struct Supervisor {
+    config: I2pConfig,
+    keys: Option<PrivateKeys>,
+    inner: Arc<Inner>,
+    forward_port: u16,
+}
+
+impl Supervisor {
+    fn set_state(&self, state: String) {
+        self.inner.lock().state = state;
+    }
+
+    async fn run(mut self, mut lookups: mpsc::UnboundedReceiver<I2pAddress>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut next = 0;
+        loop {
+            let mut errors = Vec::new();
+            let mut lost_session = false;
+            let count = self.config.bridges.len();
+            for i in 0..count {
+                let index = (next + i) % count;
+                let bridge = self.config.bridges[index].clone();
+                self.set_state(format!("creating a session on SAM bridge {bridge}"));
+                match self.open(&bridge).await {
+                    Ok((control, live)) => {
+                        backoff = BACKOFF_MIN;
+                        let why = self.serve(control, live, &mut lookups).await;
+                        tracing::warn!(%bridge, "I2P session lost: {why}; re-creating it");
+                        // Fail over: the next attempt starts with the following bridge.
+                        next = index + 1;
+                        lost_session = true;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%bridge, "cannot create an I2P session: {error}");
+                        errors.push(format!("{bridge}: {error}"));
+                    }
+                }
+            }
+            if lost_session {
+                continue;
+            }
+            self.set_state(format!(
+                "no SAM bridge reachable ({}); retrying in {} s",
+                errors.join("; "),
+                backoff.as_secs()
+            ));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// HELLO, the destination (generated on first use), SESSION CREATE.
+    async fn open(&mut self, bridge: &str) -> Result<(Control, Live), SessionError> {
+        let mut control = Control::connect(bridge).await?;
+        let keys = match &self.keys {
+            Some(keys) => keys.clone(),
+            None => {
+                let reply = control
+                    .ask(&sam::dest_generate(), REPLY_TIMEOUT, "DEST REPLY")
+                    .await?;
+                let keys = PrivateKeys::from_base64(reply.require("PRIV")?).map_err(|e| {
+                    SamError::Malformed(format!("DEST REPLY PRIV is not a private key: {e}"))
+                })?;
+                self.save_keys(&keys);
+                self.inner.lock().address = Some(keys.public().address());
+                self.keys = Some(keys.clone());
+                keys
+            }
+        };
+        let id = session_id(&self.config.label);
+        // The bridge forwards datagrams to the address it sees us on.
+        let host = canonical_ip(control.local.ip());
+        let command = sam::session_create(
+            &id,
+            keys.base64(),
+            &host.to_string(),
+            self.forward_port,
+            &self.config.options,
+        );
+        let started = Instant::now();
+        let reply = control
+            .ask(&command, SESSION_CREATE_TIMEOUT, "SESSION STATUS")
+            .await?;
+        // i2pd echoes the private keys back: they must be ours.
+        if let Some(echo) = reply.get("DESTINATION") {
+            let same = PrivateKeys::from_base64(echo)
+                .map(|k| k.public().address() == keys.public().address())
+                .unwrap_or(false);
+            if !same {
+                return Err(SessionError::WrongDestination);
+            }
+        }
+        let udp = SocketAddr::new(control.peer.ip(), control.peer.port().saturating_sub(1));
+        tracing::info!(
+            %bridge,
+            address = %keys.public().address(),
+            seconds = started.elapsed().as_secs_f32(),
+            "I2P session created"
+        );
+        Ok((
+            control,
+            Live {
+                bridge: bridge.to_owned(),
+                udp,
+                id,
+            },
+        ))
+    }
+
+    fn save_keys(&self, keys: &PrivateKeys) {
+        let path = &self.config.key_file;
+        match veilmesh_transport::write_private_file(path, keys.base64().as_bytes()) {
+            Ok(()) => tracing::info!(path = %path.display(), "new I2P destination saved"),
+            // Still usable, but the address changes at the next start.
+            Err(error) => tracing::error!(
+                path = %path.display(),
+                %error,
+                "cannot save the new I2P destination; this address lasts until restart"
+            ),
+        }
+    }
+
+    /// Runs a created session until its control connection ends: answers
+    /// lookups one at a time (i2pd reads one command per read and drops the
+    /// rest), never sends anything else (an unknown command makes i2pd
+    /// close the session).
+    async fn serve(
+        &self,
+        mut control: Control,
+        live: Live,
+        requests: &mut mpsc::UnboundedReceiver<I2pAddress>,
+    ) -> SessionError {
+        {
+            let mut shared = self.inner.lock();
+            // LeaseSets a previous session looked up are not this session's.
+            shared.lookups.clear();
+            shared.live = Some(live.clone());
+            shared.counters.sessions += 1;
+            shared.state = format!("session up on SAM bridge {}", live.bridge);
+        }
+        while requests.try_recv().is_ok() {}
+        let result = self.serve_lookups(&mut control, requests).await;
+        let mut shared = self.inner.lock();
+        shared.live = None;
+        shared.lookups.clear();
+        shared.state = format!("session on {} lost", live.bridge);
+        result
+    }
+
+    async fn serve_lookups(
+        &self,
+        control: &mut Control,
+        requests: &mut mpsc::UnboundedReceiver<I2pAddress>,
+    ) -> SessionError {
+        let mut waiting: VecDeque<I2pAddress> = VecDeque::new();
+        let mut asked: Option<(I2pAddress, tokio::time::Instant)> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if asked.is_none() {
+                if let Some(address) = waiting.pop_front() {
+                    let name = address.to_string();
+                    if let Err(e) = control
+                        .writer
+                        .write_all(sam::naming_lookup(&name).as_bytes())
+                        .await
+                    {
+                        return e.into();
+                    }
+                    self.inner.lock().counters.lookups += 1;
+                    tracing::debug!(%address, "looking up I2P destination");
+                    asked = Some((address, tokio::time::Instant::now()));
+                }
+            }
+            tokio::select! {
+                line = read_line(&mut control.reader) => {
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(error) => return error,
+                    };
+                    match sam::Reply::parse(&line) {
+                        Ok(reply) if reply.topic == "NAMING" && reply.kind == "REPLY" => {
+                            let name = reply.get("NAME").unwrap_or_default();
+                            if let Some((address, _)) = asked.filter(|(a, _)| I2pAddress::from_b32(name) == Some(*a)) {
+                                asked = None;
+                                self.finish_lookup(address, reply);
+                            } else {
+                                tracing::debug!(name, "NAMING REPLY for nothing we asked");
+                            }
+                        }
+                        Ok(reply) => tracing::debug!(topic = %reply.topic, kind = %reply.kind, "unexpected SAM message ignored"),
+                        Err(error) => tracing::debug!(%error, "unparseable SAM message ignored"),
+                    }
+                }
+                Some(address) = requests.recv() => {
+                    if asked.map(|(a, _)| a) != Some(address) && !waiting.contains(&address) {
+                        waiting.push_back(address);
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some((address, since)) = asked {
+                        if since.elapsed() > LOOKUP_TIMEOUT {
+                            // A late reply is ignored: it names what it answers.
+                            asked = None;
+                            self.fail_lookup(address, "timed out".into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_lookup(&self, address: I2pAddress, reply: sam::Reply) {
+        let result = reply
+            .expect_ok("NAMING REPLY")
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                let value = r.require("VALUE").map_err(|e| e.to_string())?;
+                let dest = Destination::from_base64(value).map_err(|e| e.to_string())?;
+                // The bridge must answer with the destination the hash names.
+                if dest.address() != address {
+                    return Err("the bridge returned another destination".into());
+                }
+                Ok(dest)
+            });
+        match result {
+            Ok(dest) => {
+                let dest: Arc<str> = dest.to_base64().into();
+                let mut guard = self.inner.lock();
+                let shared = &mut *guard;
+                let held = match shared
+                    .lookups
+                    .insert(address, Lookup::Resolved(dest.clone()))
+                {
+                    Some(Lookup::Pending { held }) => held,
+                    _ => Vec::new(),
+                };
+                tracing::debug!(%address, held = held.len(), "I2P destination resolved");
+                if let Some(live) = shared.live.clone() {
+                    for datagram in held {
+                        self.inner.queue(shared, &live, &dest, &datagram);
+                    }
+                }
+            }
+            Err(why) => self.fail_lookup(address, why),
+        }
+    }
+
+    fn fail_lookup(&self, address: I2pAddress, why: String) {
+        tracing::info!(%address, %why, "I2P destination lookup failed");
+        let mut shared = self.inner.lock();
+        shared.counters.lookup_failures += 1;
+        shared.lookups.insert(
+            address,
+            Lookup::Failed {
+                until: Instant::now() + LOOKUP_RETRY,
+                why,
+            },
+        );
+    }
+}
+
+/// Unique per attempt: a router may still hold a session of ours that it
+/// has not noticed is dead, and refuses a duplicate ID.
+fn session_id(label: &str) -> String {
+    let mut random = [0u8; 4];
+    let _ = getrandom::fill(&mut random);
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let label: String = label
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    format!("veilmesh-{label}-{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_config(bridge: &str, dir: &Path) -> I2pConfig {
+        I2pConfig {
+            bridges: vec![bridge.to_owned()],
+            key_file: dir.join("veil0.i2p"),
+            options: SessionOptions {
+                inbound_length: 1,
+                outbound_length: 0,
+                inbound_quantity: 1,
+                outbound_quantity: 1,
+                encryption_types: "4".into(),
+            },
+            label: "test".into(),
+        }
+    }
+
+    #[test]
+    fn session_ids_are_unique_and_one_word() {
+        let a = session_id("veil 0");
+        let b = session_id("veil 0");
+        assert_ne!(a, b);
+        assert!(a.starts_with("veilmesh-veil0-") && !a.contains(' '), "{a}");
+    }
+
+    #[test]
+    fn key_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("veil0.i2p");
+        assert!(load_keys(&path).unwrap().is_none());
+        let mut blob = dest::tests::sample_destination(2);
+        blob.extend_from_slice(&[1; 288]);
+        veilmesh_transport::write_private_file(&path, dest::I2P_BASE64.encode(&blob).as_bytes())
+            .unwrap();
+        let keys = load_keys(&path).unwrap().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(keys.public().address().to_string().ends_with(".b32.i2p"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_keys(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(load_keys(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not an I2P private key"));
+    }
+
+    /// A bridge that is not there: the transport starts anyway, reports
+    /// why, and refuses sends without panicking.
+    #[tokio::test]
+    async fn starts_without_a_bridge_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bridge = unused.local_addr().unwrap().to_string();
+        drop(unused);
+        let mut transport = I2pTransport::start(test_config(&bridge, dir.path())).unwrap();
+        let to = PeerAddr::I2p(I2pAddress([7; 32]));
+        assert!(matches!(
+            transport.send(&to, b"x"),
+            Err(SendError::NotReady(_))
+        ));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !transport.describe().contains("no SAM bridge reachable") {
+            assert!(Instant::now() < deadline, "{}", transport.describe());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            transport.describe().contains(&bridge),
+            "{}",
+            transport.describe()
+        );
+        assert!(transport.address().is_none());
+    }
+
+    /// A fake bridge that answers garbage: a clear error, no panic, and the
+    /// transport keeps retrying.
+    #[tokio::test]
+    async fn garbage_from_the_bridge_is_an_error_not_a_panic() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bridge = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HELLO REPLY RESULT=OK VERSION=3.1\n\xff\xfe garbage \"\n")
+                    .await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let transport = I2pTransport::start(test_config(&bridge, dir.path())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !transport.describe().contains("malformed SAM reply") {
+            assert!(Instant::now() < deadline, "{}", transport.describe());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!dir.path().join("veil0.i2p").exists());
+    }
+}
