@@ -12,7 +12,9 @@ use ipnet::{IpNet, Ipv6Net};
 use serde::Deserialize;
 
 use crate::identity::{PrivateKey, PublicKey};
+use veilmesh_i2p::SessionOptions;
 use veilmesh_tox::{ToxId, ToxNode};
+use veilmesh_transport::{I2pAddress, TransportKind};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -52,6 +54,7 @@ impl fmt::Display for ConfigError {
 struct RawConfig {
     interface: RawInterface,
     tox: Option<RawTox>,
+    i2p: Option<RawI2p>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -92,6 +95,20 @@ struct RawTox {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawI2p {
+    #[serde(default)]
+    enabled: bool,
+    sam: Option<Vec<String>>,
+    key_file: Option<PathBuf>,
+    inbound_length: Option<u8>,
+    outbound_length: Option<u8>,
+    inbound_quantity: Option<u8>,
+    outbound_quantity: Option<u8>,
+    encryption_types: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPeer {
     name: Option<String>,
     public_key: String,
@@ -100,6 +117,8 @@ struct RawPeer {
     allowed_ips: Vec<String>,
     persistent_keepalive: Option<u16>,
     tox: Option<String>,
+    i2p: Option<String>,
+    transports: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,7 +127,31 @@ pub struct Config {
     pub interface: InterfaceConfig,
     /// The Tox transport, when enabled.
     pub tox: Option<ToxSettings>,
+    /// The I2P transport, when enabled.
+    pub i2p: Option<I2pSettings>,
     pub peers: Vec<PeerConfig>,
+}
+
+/// Safe for the real I2P network: 3 hops each way (the I2P default).
+pub const DEFAULT_I2P_TUNNEL_LENGTH: u8 = 3;
+pub const DEFAULT_I2P_TUNNEL_QUANTITY: u8 = 2;
+/// ECIES-X25519 lease sets.
+pub const DEFAULT_I2P_ENCRYPTION: &str = "4";
+pub const DEFAULT_SAM_BRIDGE: &str = "127.0.0.1:7656";
+/// I2P routers build tunnels of at most 7 hops.
+const MAX_I2P_TUNNEL_LENGTH: u8 = 7;
+const MAX_I2P_TUNNEL_QUANTITY: u8 = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct I2pSettings {
+    /// SAM bridges, `host:port`, tried in order.
+    pub sam: Vec<String>,
+    pub key_file: PathBuf,
+    pub options: SessionOptions,
+}
+
+pub fn default_i2p_key_file(interface: &str) -> PathBuf {
+    PathBuf::from(format!("/var/lib/veilmesh/{interface}.i2p"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +197,11 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
     /// The peer's Tox ID, for the Tox transport.
     pub tox: Option<ToxId>,
+    /// The peer's I2P destination (by hash), for the I2P transport.
+    pub i2p: Option<I2pAddress>,
+    /// The transports this peer may be reached over, in order of preference.
+    /// Nothing is ever sent to the peer, or accepted from it, over another.
+    pub transports: Vec<TransportKind>,
 }
 
 impl PeerConfig {
@@ -165,6 +213,10 @@ impl PeerConfig {
     /// its configured subnets.
     pub fn all_allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
         std::iter::once(self.mesh_net()).chain(self.allowed_ips.iter().copied())
+    }
+
+    pub fn allows(&self, kind: TransportKind) -> bool {
+        self.transports.contains(&kind)
     }
 }
 
@@ -182,6 +234,13 @@ impl Config {
         self.peers
             .iter()
             .flat_map(|p| p.allowed_ips.iter().copied())
+    }
+
+    /// Files the transports write while running (Tox state, I2P key).
+    pub fn state_files(&self) -> impl Iterator<Item = &Path> {
+        let tox = self.tox.as_ref().map(|t| t.state_file.as_path());
+        let i2p = self.i2p.as_ref().map(|t| t.key_file.as_path());
+        tox.into_iter().chain(i2p)
     }
 
     /// The Tox IDs of the peers that have one: the Tox friend list.
@@ -253,10 +312,23 @@ impl Validator<'_> {
             .map(|t| self.tox(t, &interface.name))
             .transpose()?
             .flatten();
+        let i2p = raw
+            .i2p
+            .map(|t| self.i2p(t, &interface.name))
+            .transpose()?
+            .flatten();
+        let enabled: Vec<TransportKind> = TransportKind::ALL
+            .into_iter()
+            .filter(|kind| match kind {
+                TransportKind::Udp => true,
+                TransportKind::Tox => tox.is_some(),
+                TransportKind::I2p => i2p.is_some(),
+            })
+            .collect();
         let own_key = interface.private_key.public_key();
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peers.len());
         for (index, raw_peer) in raw.peers.into_iter().enumerate() {
-            let peer = self.peer(index, raw_peer)?;
+            let peer = self.peer(index, raw_peer, &enabled)?;
             let label = peer_label(index, &peer.name);
             if peer.public_key == own_key {
                 return Err(self.err(
@@ -294,6 +366,7 @@ impl Validator<'_> {
             file: self.file.to_owned(),
             interface,
             tox,
+            i2p,
             peers,
         })
     }
@@ -455,7 +528,99 @@ impl Validator<'_> {
         }))
     }
 
-    fn peer(&self, index: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
+    fn i2p(&self, raw: RawI2p, interface: &str) -> Result<Option<I2pSettings>, ConfigError> {
+        if !raw.enabled {
+            return Ok(None);
+        }
+        let sam = raw
+            .sam
+            .unwrap_or_else(|| vec![DEFAULT_SAM_BRIDGE.to_owned()]);
+        if sam.is_empty() {
+            return Err(self.err(
+                "i2p.sam",
+                "lists no SAM bridge (default: [\"127.0.0.1:7656\"])",
+            ));
+        }
+        for (i, bridge) in sam.iter().enumerate() {
+            let valid = bridge.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 1)
+            });
+            if !valid {
+                return Err(self.err(
+                    format!("i2p.sam[{i}]"),
+                    format!("`{bridge}` is not HOST:PORT of a SAM bridge, like 127.0.0.1:7656"),
+                ));
+            }
+        }
+        let tunnel = |field: &str, value: Option<u8>, default: u8, range: (u8, u8)| {
+            let value = value.unwrap_or(default);
+            if (range.0..=range.1).contains(&value) {
+                Ok(value)
+            } else {
+                Err(self.err(
+                    format!("i2p.{field}"),
+                    format!("{value} is outside {}..={}", range.0, range.1),
+                ))
+            }
+        };
+        let lengths = (0, MAX_I2P_TUNNEL_LENGTH);
+        let quantities = (1, MAX_I2P_TUNNEL_QUANTITY);
+        let encryption_types = raw
+            .encryption_types
+            .unwrap_or_else(|| DEFAULT_I2P_ENCRYPTION.to_owned());
+        if encryption_types.is_empty()
+            || !encryption_types
+                .split(',')
+                .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err(self.err(
+                "i2p.encryption_types",
+                format!("`{encryption_types}` is not a list of I2P encryption types like \"4\" or \"4,0\""),
+            ));
+        }
+        Ok(Some(I2pSettings {
+            sam,
+            key_file: raw
+                .key_file
+                .map(|p| self.relative_to_config(&p))
+                .unwrap_or_else(|| default_i2p_key_file(interface)),
+            options: SessionOptions {
+                inbound_length: tunnel(
+                    "inbound_length",
+                    raw.inbound_length,
+                    DEFAULT_I2P_TUNNEL_LENGTH,
+                    lengths,
+                )?,
+                outbound_length: tunnel(
+                    "outbound_length",
+                    raw.outbound_length,
+                    DEFAULT_I2P_TUNNEL_LENGTH,
+                    lengths,
+                )?,
+                inbound_quantity: tunnel(
+                    "inbound_quantity",
+                    raw.inbound_quantity,
+                    DEFAULT_I2P_TUNNEL_QUANTITY,
+                    quantities,
+                )?,
+                outbound_quantity: tunnel(
+                    "outbound_quantity",
+                    raw.outbound_quantity,
+                    DEFAULT_I2P_TUNNEL_QUANTITY,
+                    quantities,
+                )?,
+                encryption_types,
+            },
+        }))
+    }
+
+    /// `enabled`: the transports this node runs, in default order.
+    fn peer(
+        &self,
+        index: usize,
+        raw: RawPeer,
+        enabled: &[TransportKind],
+    ) -> Result<PeerConfig, ConfigError> {
         let provisional = peer_label(index, raw.name.as_deref().unwrap_or(""));
         let public_key = PublicKey::parse(&raw.public_key)
             .map_err(|e| self.err(format!("{provisional}.public_key"), e.to_string()))?;
@@ -496,11 +661,55 @@ impl Validator<'_> {
                     .map_err(|e| self.err(format!("{label}.tox"), format!("bad Tox ID: {e}")))
             })
             .transpose()?;
+        let i2p = raw
+            .i2p
+            .map(|text| {
+                veilmesh_i2p::parse_peer_address(&text)
+                    .map_err(|m| self.err(format!("{label}.i2p"), m))
+            })
+            .transpose()?;
+        let transports = match raw.transports {
+            None => enabled.to_vec(),
+            Some(list) => {
+                let field = format!("{label}.transports");
+                if list.is_empty() {
+                    return Err(self.err(field, "is empty: the peer could never be reached"));
+                }
+                let mut kinds: Vec<TransportKind> = Vec::with_capacity(list.len());
+                for text in &list {
+                    let kind: TransportKind = text.parse().map_err(|m| self.err(&field, m))?;
+                    if kinds.contains(&kind) {
+                        return Err(self.err(&field, format!("lists {kind} twice")));
+                    }
+                    if !enabled.contains(&kind) {
+                        return Err(self.err(
+                            &field,
+                            format!("lists {kind}, but [{kind}] is not enabled on this node"),
+                        ));
+                    }
+                    let address_field = match kind {
+                        TransportKind::Udp => None,
+                        TransportKind::Tox => tox.is_none().then_some("tox"),
+                        TransportKind::I2p => i2p.is_none().then_some("i2p"),
+                    };
+                    if let Some(missing) = address_field {
+                        return Err(self.err(
+                            &field,
+                            format!("lists {kind}, but the peer has no `{missing}` address"),
+                        ));
+                    }
+                    kinds.push(kind);
+                }
+                kinds
+            }
+        };
         Ok(PeerConfig {
             name,
             public_key,
             endpoint,
             tox,
+            i2p,
+            transports,
             allowed_ips,
             persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
         })
@@ -900,5 +1109,86 @@ mod tests {
         ] {
             assert!(parse(text).is_err(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn i2p_section_has_safe_defaults() {
+        let b32 = format!("{}.b32.i2p", "a".repeat(52));
+        let text = format!(
+            "[interface]\nprivate_key = \"{KEY_A}\"\n[i2p]\nenabled = true\n\
+             [[peer]]\npublic_key = \"{PUB_B}\"\ni2p = \"{b32}\"\ntransports = [\"i2p\"]\n\
+             [[peer]]\npublic_key = \"{PUB_C}\"\n"
+        );
+        let config = parse(&text).unwrap();
+        let i2p = config.i2p.unwrap();
+        assert_eq!(i2p.sam, vec!["127.0.0.1:7656".to_owned()]);
+        assert_eq!(i2p.key_file, Path::new("/var/lib/veilmesh/veil0.i2p"));
+        assert_eq!(
+            (i2p.options.inbound_length, i2p.options.outbound_length),
+            (3, 3)
+        );
+        assert_eq!(i2p.options.encryption_types, "4");
+        assert_eq!(config.peers[0].transports, vec![TransportKind::I2p]);
+        assert_eq!(config.peers[0].i2p.unwrap().to_string(), b32);
+        // Unrestricted peers may use every transport this node runs.
+        assert_eq!(
+            config.peers[1].transports,
+            vec![TransportKind::Udp, TransportKind::I2p]
+        );
+    }
+
+    #[test]
+    fn i2p_mistakes_are_named() {
+        let i2p = |body: &str| {
+            format!("[interface]\nprivate_key = \"{KEY_A}\"\n[i2p]\nenabled = true\n{body}")
+        };
+        expect_error(&i2p("sam = [\"localhost\"]"), "i2p.sam[0]", "HOST:PORT");
+        expect_error(&i2p("sam = []"), "i2p.sam", "no SAM bridge");
+        expect_error(&i2p("inbound_length = 8"), "i2p.inbound_length", "0..=7");
+        expect_error(
+            &i2p("outbound_quantity = 0"),
+            "i2p.outbound_quantity",
+            "1..=16",
+        );
+        expect_error(
+            &i2p("encryption_types = \"x\""),
+            "i2p.encryption_types",
+            "encryption types",
+        );
+        let peer = |body: &str| {
+            with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n{body}"
+            ))
+        };
+        expect_error(&peer("i2p = \"nope.b32.i2p\""), "peer[0] \"b\".i2p", "b32");
+        expect_error(&peer("i2p = \"AAAA\""), "peer[0] \"b\".i2p", "destination");
+        expect_error(
+            &peer("transports = []"),
+            "peer[0] \"b\".transports",
+            "empty",
+        );
+        expect_error(
+            &peer("transports = [\"udp\", \"udp\"]"),
+            "peer[0] \"b\".transports",
+            "twice",
+        );
+        expect_error(
+            &peer("transports = [\"pigeon\"]"),
+            "peer[0] \"b\".transports",
+            "pigeon",
+        );
+        expect_error(
+            &i2p(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\ntransports = [\"i2p\"]"
+            )),
+            "peer[0] \"b\".transports",
+            "no `i2p` address",
+        );
+        let b32 = format!("{}q.b32.i2p", "b".repeat(51));
+        expect_error(
+            &peer(&format!("i2p = \"{b32}\"\ntransports = [\"i2p\"]")),
+            "peer[0] \"b\".transports",
+            "[i2p] is not enabled",
+        );
     }
 }

@@ -131,6 +131,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tox_control = Some(tox.control());
         all.push(Box::new(tox));
     }
+    if let Some(i2p) = &config.i2p {
+        let i2p = veilmesh_i2p::I2pTransport::start(veilmesh_i2p::I2pConfig {
+            bridges: i2p.sam.clone(),
+            key_file: i2p.key_file.clone(),
+            options: i2p.options.clone(),
+            label: iface.name.clone(),
+        })
+        .with_context(|| format!("{}: [i2p]", config.file.display()))?;
+        all.push(Box::new(i2p));
+    }
     let transports = Transports { all, next: 0 };
 
     let now = Instant::now();
@@ -179,11 +189,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         if let Some(dir) = &socket_dir {
             target.hand_over(dir)?;
         }
-        // Tox saves its state (friends) while running: the default state
-        // directory and the file go to the daemon user too.
-        if let Some(tox) = &config.tox {
-            let paths = [tox.state_file.parent(), Some(tox.state_file.as_path())];
-            for path in paths.into_iter().flatten() {
+        // Tox saves its state (friends) and I2P its new destination while
+        // running: the default state directory and the files go to the
+        // daemon user too.
+        for file in config.state_files() {
+            // The I2P key may only be written after the drop: its default
+            // directory must exist and be ours by then.
+            if let Some(dir) = file.parent().filter(|d| d.starts_with(DEFAULT_STATE_DIR)) {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            for path in [file.parent(), Some(file)].into_iter().flatten() {
                 if path.starts_with(DEFAULT_STATE_DIR) && path.exists() {
                     target.hand_over(path)?;
                 }
@@ -369,6 +389,7 @@ impl DataPath {
             ),
             ("interface.user", old_if.user != new_if.user),
             ("[tox]", self.config.tox != new.tox),
+            ("[i2p]", self.config.i2p != new.i2p),
         ];
         let changed: Vec<&str> = restart_only
             .iter()

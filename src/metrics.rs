@@ -73,6 +73,7 @@ pub fn render(status: &DaemonStatus) -> String {
             ("no_route", c.no_route),
             ("oversize", c.oversize),
             ("bad_packet", c.bad_packet),
+            ("wrong_path", c.wrong_path),
         ] {
             drops.push((
                 format!(",peer=\"{}\",reason=\"{reason}\"", label(&p.name)),

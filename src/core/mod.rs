@@ -21,7 +21,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use veilmesh_transport::{DatagramLimits, PeerAddr};
+use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 
 use crate::config::PeerConfig;
 use crate::identity::{PrivateKey, PublicKey};
@@ -50,6 +50,10 @@ pub struct PeerCounters {
     pub oversize: u64,
     /// Datagrams from this peer that failed to authenticate or parse.
     pub bad_packet: u64,
+    /// Datagrams claiming this peer over a path it may not use: a transport
+    /// outside its `transports`, or a Tox key / I2P destination not its own.
+    #[serde(default)]
+    pub wrong_path: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
     /// Noise handshakes completed (either side initiating).
@@ -84,6 +88,7 @@ pub enum DropReason {
     Oversize,
     Spoofed,
     UnknownPeer,
+    WrongPath,
     Queued,
 }
 
@@ -217,8 +222,13 @@ impl Node {
                 Some(config) if config == peer.config => report.unchanged.push(config.name),
                 Some(config) => {
                     report.changed.push(config.name.clone());
-                    if config.endpoint != peer.config.endpoint || config.tox != peer.config.tox {
-                        peer.path = configured_path(&config).or(peer.path.take());
+                    let paths_changed = config.endpoint != peer.config.endpoint
+                        || config.tox != peer.config.tox
+                        || config.i2p != peer.config.i2p
+                        || config.transports != peer.config.transports;
+                    if paths_changed {
+                        let current = peer.path.take().filter(|p| path_allowed(&config, p));
+                        peer.path = configured_path(&config).or(current);
                     }
                     peer.config = config;
                 }
@@ -441,14 +451,10 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return FromNetwork::Dropped(DropReason::UnknownPeer);
         };
-        // A Tox friendship grants nothing: over Tox, only the peer's own
-        // configured Tox key may carry its session.
-        if let PeerAddr::Tox(pk) = from {
-            if peer.config.tox.map(|id| id.public_key()) != Some(*pk) {
-                peer.counters.bad_packet += 1;
-                tracing::debug!(peer = %peer.config.name, "datagram from a Tox key that is not this peer's");
-                return FromNetwork::Dropped(DropReason::BadPacket);
-            }
+        if !path_allowed(&peer.config, from) {
+            peer.counters.wrong_path += 1;
+            tracing::debug!(peer = %peer.config.name, %from, "datagram over a path this peer may not use");
+            return FromNetwork::Dropped(DropReason::WrongPath);
         }
         match peer.tunn.decapsulate(from.ip(), datagram, out) {
             TunnResult::WriteToTunnelV4(packet, src) => {
@@ -610,13 +616,28 @@ impl Node {
     }
 }
 
-/// Where a peer is reached before it is heard from: its UDP endpoint, else
-/// its Tox friend.
+/// Where a peer is reached before it is heard from: the first of its
+/// transports, in its order, for which it has an address.
 fn configured_path(config: &PeerConfig) -> Option<PeerAddr> {
-    config
-        .endpoint
-        .map(PeerAddr::Udp)
-        .or_else(|| config.tox.map(|id| PeerAddr::Tox(id.public_key())))
+    config.transports.iter().find_map(|kind| match kind {
+        TransportKind::Udp => config.endpoint.map(PeerAddr::Udp),
+        TransportKind::Tox => config.tox.map(|id| PeerAddr::Tox(id.public_key())),
+        TransportKind::I2p => config.i2p.map(PeerAddr::I2p),
+    })
+}
+
+/// May this path carry the peer's session? Only over its allowed
+/// transports (an I2P-only peer must never learn our IP), and over Tox or
+/// I2P only from its own configured identity there: a Tox friendship or an
+/// I2P datagram grants nothing by itself. UDP endpoints roam freely, as in
+/// WireGuard.
+fn path_allowed(config: &PeerConfig, path: &PeerAddr) -> bool {
+    config.allows(path.kind())
+        && match path {
+            PeerAddr::Udp(_) => true,
+            PeerAddr::Tox(pk) => config.tox.map(|id| id.public_key()) == Some(*pk),
+            PeerAddr::I2p(address) => config.i2p == Some(*address),
+        }
 }
 
 const HANDSHAKE_INIT: u32 = 1;

@@ -47,6 +47,8 @@ impl Side {
             allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
             persistent_keepalive: None,
             tox: None,
+            i2p: None,
+            transports: veilmesh_transport::TransportKind::ALL.to_vec(),
         }
     }
 }
@@ -461,10 +463,79 @@ fn over_tox_only_the_peers_own_tox_key_may_carry_its_session() {
     let stranger = PeerAddr::Tox(ToxPublicKey([9; 32]));
     assert!(matches!(
         m.node_b.handle_datagram(&stranger, &datagram, &mut m.buf),
-        FromNetwork::Dropped(DropReason::BadPacket)
+        FromNetwork::Dropped(DropReason::WrongPath)
     ));
     assert_eq!(
         m.node_b.status().peers[0].path.as_deref(),
         Some("udp 198.18.0.1:51820")
     );
+}
+
+#[test]
+fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
+    use veilmesh_transport::I2pAddress;
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    // b now allows a only over I2P, though it knows a UDP endpoint too.
+    let a_dest = I2pAddress([5; 32]);
+    let mut restricted = m.a.as_peer("a", true, &["10.10.1.1/32"]);
+    restricted.i2p = Some(a_dest);
+    restricted.transports = vec![TransportKind::I2p];
+    m.node_b.reconfigure(vec![restricted]).unwrap();
+    let path_of_a = |node: &Node| node.status().peers[0].path.clone();
+    assert_eq!(path_of_a(&m.node_b), Some(format!("i2p {a_dest}")));
+
+    // Authentic traffic from a over UDP is dropped before decryption, and
+    // b does not roam to UDP.
+    let over_udp = data_message_from_a(&mut m, &ping);
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&m.a.addr.clone(), &over_udp, &mut m.buf),
+        FromNetwork::Dropped(DropReason::WrongPath)
+    ));
+    // So is traffic from another I2P destination.
+    let other_dest = PeerAddr::I2p(I2pAddress([6; 32]));
+    assert!(matches!(
+        m.node_b.handle_datagram(&other_dest, &over_udp, &mut m.buf),
+        FromNetwork::Dropped(DropReason::WrongPath)
+    ));
+    assert_eq!(m.node_b.status().peers[0].counters.wrong_path, 2);
+    assert_eq!(path_of_a(&m.node_b), Some(format!("i2p {a_dest}")));
+
+    // From a's own destination it is delivered, and b answers over I2P.
+    let over_i2p = data_message_from_a(&mut m, &ping);
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&PeerAddr::I2p(a_dest), &over_i2p, &mut m.buf),
+        FromNetwork::ToTun(_)
+    ));
+    let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+        FromTun::Send { to, .. } => assert_eq!(to, PeerAddr::I2p(a_dest)),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Timers (keepalives, rekeys) also only ever go over I2P.
+    m.node_b
+        .handle_timeout(Instant::now() + Duration::from_secs(200));
+    while let Some(t) = m.node_b.poll_transmit() {
+        assert_eq!(t.to, PeerAddr::I2p(a_dest));
+    }
+}
+
+#[test]
+fn transports_order_chooses_the_first_path() {
+    use veilmesh_transport::I2pAddress;
+    let side = Side::new("198.18.0.1:51820");
+    let mut peer = side.as_peer("p", true, &[]);
+    peer.i2p = Some(I2pAddress([1; 32]));
+    assert_eq!(configured_path(&peer), Some(side.addr.clone()));
+    peer.transports = vec![TransportKind::I2p, TransportKind::Udp];
+    assert_eq!(
+        configured_path(&peer),
+        Some(PeerAddr::I2p(I2pAddress([1; 32])))
+    );
+    peer.transports = vec![TransportKind::Tox];
+    assert_eq!(configured_path(&peer), None);
 }
