@@ -144,39 +144,18 @@ impl ToxPair {
 
     /// Pings b from a until it answers; returns the time it took.
     fn first_reply(&self, since: Instant, daemon: &Daemon) -> Duration {
-        let b_mesh = self.fb.mesh().to_string();
-        loop {
-            let (_, got, _) = self.a.ping(&["-6", "-c", "1", "-W", "1", &b_mesh]);
-            if got == 1 {
-                return since.elapsed();
-            }
-            assert!(
-                since.elapsed() < Duration::from_secs(120),
-                "no reply over Tox within 120 s:\n{}",
-                daemon.log_text()
-            );
-        }
+        first_reply(
+            &self.a,
+            &self.fb.mesh().to_string(),
+            since,
+            Duration::from_secs(120),
+            daemon,
+        )
     }
 
     /// iperf3 TCP from a to b's mesh address; returns Mbit/s.
     fn iperf(&self, seconds: u32) -> f64 {
-        let b_mesh = self.fb.mesh().to_string();
-        let mut server = self.b.spawn(&["iperf3", "-s", "-1", "-B", &b_mesh]);
-        std::thread::sleep(Duration::from_millis(500));
-        let out = self
-            .a
-            .exec(&["iperf3", "-c", &b_mesh, "-t", &seconds.to_string(), "-J"]);
-        let _ = server.wait();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "iperf3 over Tox failed:\n{text}");
-        let bits = text
-            .split("\"sum_received\"")
-            .nth(1)
-            .and_then(|rest| rest.split("\"bits_per_second\":").nth(1))
-            .and_then(|v| v.split([',', '}']).next())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .expect("iperf3 JSON has sum_received.bits_per_second");
-        bits / 1e6
+        iperf_mbit(&self.a, &self.b, &self.fb.mesh().to_string(), seconds)
     }
 }
 

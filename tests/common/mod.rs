@@ -411,6 +411,10 @@ impl Daemon {
         Pid::from_raw(self.child.id() as i32)
     }
 
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGTERM and wait (at most 10 s) for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let _ = kill(self.pid(), Signal::SIGTERM);
@@ -436,4 +440,46 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Pings `target` from `ns` once a second until it answers; returns the
+/// time since `since`. Fails with the daemon's log after `limit`.
+pub fn first_reply(
+    ns: &Netns,
+    target: &str,
+    since: Instant,
+    limit: Duration,
+    daemon: &Daemon,
+) -> Duration {
+    loop {
+        let (_, got, _) = ns.ping(&["-6", "-c", "1", "-W", "1", target]);
+        if got == 1 {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "no reply from {target} within {limit:?}:\n{}",
+            daemon.log_text()
+        );
+    }
+}
+
+/// iperf3 TCP from `client` to a server in `server` on `address`; returns
+/// the received Mbit/s.
+pub fn iperf_mbit(client: &Netns, server: &Netns, address: &str, seconds: u32) -> f64 {
+    let mut listener = server.spawn(&["iperf3", "-s", "-1", "-B", address]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = client.exec(&["iperf3", "-c", address, "-t", &seconds.to_string(), "-J"]);
+    let _ = listener.kill();
+    let _ = listener.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "iperf3 to {address} failed:\n{text}");
+    let bits = text
+        .split("\"sum_received\"")
+        .nth(1)
+        .and_then(|rest| rest.split("\"bits_per_second\":").nth(1))
+        .and_then(|v| v.split([',', '}']).next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("iperf3 JSON has sum_received.bits_per_second");
+    bits / 1e6
 }

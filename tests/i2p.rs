@@ -1,0 +1,543 @@
+//! veilmesh over a private I2P network: real i2pd routers (Debian's
+//! 2.45.1) on 198.18.0.0/24 inside namespaces, reseeded from a zip of their
+//! own router infos, with no route out, no reseed servers, no NTP, no UPnP.
+//! Needs root.
+//!
+//! i2pd 2.45.1 facts these tests steer around: routers that host SAM
+//! sessions must not be floodfills; outbound tunnels of length 0 (a longer
+//! one fails the first LeaseSet publish for ~10 minutes); SESSION CREATE
+//! answers after 20 s; SIGTERM stops it at once.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// One i2pd router in its own namespace, at 198.18.0.INDEX.
+struct Router {
+    ns: Netns,
+    index: u8,
+    dir: PathBuf,
+    floodfill: bool,
+    child: Option<Child>,
+}
+
+impl Router {
+    fn ip(&self) -> String {
+        format!("198.18.0.{}", self.index)
+    }
+
+    fn write_config(&self, seed: &Path) {
+        fs::create_dir_all(self.dir.join("data")).unwrap();
+        fs::create_dir_all(self.dir.join("tunnels.d")).unwrap();
+        fs::write(self.dir.join("tunnels.conf"), "").unwrap();
+        // An enabled address book with nothing to fetch: disabling it
+        // crashes 2.45.1 on some SAM commands.
+        fs::write(self.dir.join("data/hosts.txt"), "").unwrap();
+        fs::write(self.dir.join("data/subscriptions.txt"), "# none\n").unwrap();
+        let ip = self.ip();
+        let conf = format!(
+            "log = file\nlogfile = {dir}/i2pd.log\nloglevel = warn\ndaemon = false\nservice = false\n\
+             netid = 77\nipv4 = true\nipv6 = false\nhost = {ip}\naddress4 = {ip}\nnat = false\n\
+             port = 12345\nreservedrange = false\nfloodfill = {ff}\nbandwidth = X\nnotransit = false\n\
+             [ntcp2]\nenabled = true\npublished = true\nport = 12345\n\
+             [ssu2]\nenabled = true\npublished = true\nport = 12345\n\
+             [nettime]\nenabled = false\nfrompeers = false\n\
+             [upnp]\nenabled = false\n\
+             [reseed]\nverify = false\nurls =\nyggurls =\nzipfile = {seed}\nthreshold = 0\n\
+             [addressbook]\nenabled = true\ndefaulturl = http://127.0.0.1/none\n\
+             [http]\nenabled = false\n[httpproxy]\nenabled = false\n[socksproxy]\nenabled = false\n\
+             [sam]\nenabled = true\naddress = 0.0.0.0\nport = 7656\nsinglethread = true\n\
+             [bob]\nenabled = false\n[i2cp]\nenabled = false\n[i2pcontrol]\nenabled = false\n\
+             [precomputation]\nelgamal = false\n[meshnets]\nyggdrasil = false\n\
+             [exploratory]\ninbound.length = 1\noutbound.length = 1\ninbound.quantity = 2\noutbound.quantity = 2\n\
+             [persist]\nprofiles = false\naddressbook = false\n",
+            dir = self.dir.display(),
+            ff = self.floodfill,
+            seed = seed.display(),
+        );
+        fs::write(self.dir.join("i2pd.conf"), conf).unwrap();
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "router {} already runs", self.index);
+        let dir = self.dir.display().to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name, "i2pd"])
+            .arg(format!("--datadir={dir}/data"))
+            .arg(format!("--conf={dir}/i2pd.conf"))
+            .arg(format!("--tunconf={dir}/tunnels.conf"))
+            .arg(format!("--tunnelsdir={dir}/tunnels.d"))
+            .arg("--certsdir=/usr/share/i2pd/certificates")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("i2pd is installed by scripts/install-deps.sh");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM (i2pd stops at once), SIGKILL if it lingers.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("i2pd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Routers 1..=count on one bridge; the last is the floodfill, the others
+/// host SAM sessions.
+struct I2pNet {
+    routers: Vec<Router>,
+    bridge: Bridge,
+    dir: tempfile::TempDir,
+}
+
+impl I2pNet {
+    fn new(tag: &str, count: u8) -> I2pNet {
+        require_root();
+        reap_stale();
+        let dir = tempfile::tempdir().unwrap();
+        let mut bridge = Bridge::new(&format!("{tag}-br"));
+        let seed = dir.path().join("seed.zip");
+        let mut routers: Vec<Router> = (1..=count)
+            .map(|index| {
+                let ns = Netns::new(&format!("{tag}-r{index}"));
+                bridge.attach(&ns, &format!("198.18.0.{index}/24"));
+                Router {
+                    ns,
+                    index,
+                    dir: dir.path().join(format!("r{index}")),
+                    floodfill: index == count,
+                    child: None,
+                }
+            })
+            .collect();
+        // First start: each router creates its identity (router.info).
+        for router in &mut routers {
+            router.write_config(&seed);
+            router.start();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for router in &mut routers {
+            let info = router.dir.join("data/router.info");
+            while fs::metadata(&info).map(|m| m.len()).unwrap_or(0) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "router {} wrote no router.info",
+                    router.index
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for router in &mut routers {
+            router.stop();
+        }
+        // Every router reseeds from the same zip of all identities.
+        let mut zip = zip::ZipWriter::new(fs::File::create(&seed).unwrap());
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for router in &routers {
+            zip.start_file(format!("routerInfo-r{}.dat", router.index), stored)
+                .unwrap();
+            let info = fs::read(router.dir.join("data/router.info")).unwrap();
+            std::io::Write::write_all(&mut zip, &info).unwrap();
+        }
+        zip.finish().unwrap();
+        for router in &mut routers {
+            let _ = fs::remove_dir_all(router.dir.join("data/netDb"));
+            let _ = fs::remove_file(router.dir.join("i2pd.log"));
+            router.start();
+        }
+        I2pNet {
+            routers,
+            bridge,
+            dir,
+        }
+    }
+
+    fn router(&mut self, index: u8) -> &mut Router {
+        &mut self.routers[index as usize - 1]
+    }
+
+    fn sam(&self, index: u8) -> String {
+        format!("198.18.0.{index}:7656")
+    }
+
+    /// A namespace for a veilmesh node on the routers' network.
+    fn host(&mut self, tag: &str, role: &str, ip: &str) -> Netns {
+        let ns = Netns::new(&format!("{tag}-{role}"));
+        self.bridge.attach(&ns, &format!("{ip}/24"));
+        ns
+    }
+
+    fn logs(&self) -> String {
+        self.routers
+            .iter()
+            .map(|r| format!("--- router {} ---\n{}", r.index, r.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// `[i2p]` for tests: short tunnels (see the module comment).
+fn i2p_section(files: &NodeFiles, bridges: &[String]) -> String {
+    let list: Vec<String> = bridges.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "[i2p]\nenabled = true\nsam = [{}]\nkey_file = \"{}\"\ninbound_length = 1\n\
+         outbound_length = 0\ninbound_quantity = 2\noutbound_quantity = 2\n",
+        list.join(", "),
+        files.dir.join("veil0.i2p").display()
+    )
+}
+
+/// This node's .b32.i2p address, once its daemon has a destination.
+fn i2p_address(daemon: &Daemon) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = daemon.show();
+        let address = status
+            .transports
+            .iter()
+            .find_map(|t| t.strip_prefix("i2p "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|a| a.ends_with(".b32.i2p"));
+        if let Some(address) = address {
+            return address.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no I2P destination: {:?}\n{}",
+            status.transports,
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn reload(files: &NodeFiles) {
+    let out = run(&[BIN, "reload", "--socket", files.socket.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "reload: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn path_to(daemon: &Daemon, peer: &str) -> (Option<String>, Option<String>) {
+    let status = daemon.show();
+    let p = status.node.peers.iter().find(|p| p.name == peer).unwrap();
+    (p.path.clone(), p.path_state.clone())
+}
+
+/// Lines of a capture whose source is `ip`.
+fn captured_from(capture: &Path, ip: &str) -> Vec<String> {
+    let out = run(&["tcpdump", "-n", "-r", capture.to_str().unwrap()]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!(" IP {ip}.")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
+    let tag = "ip";
+    let mut net = I2pNet::new(tag, 3);
+    let started = Instant::now();
+    let a = net.host(tag, "a", "198.18.0.11");
+    let b = net.host(tag, "b", "198.18.0.12");
+    // Everything that reaches b from a's address is recorded from the start.
+    let capture = net.dir.path().join("b.pcap");
+    let mut tcpdump = b.spawn(&[
+        "tcpdump",
+        "-i",
+        "eth0",
+        "-n",
+        "-U",
+        "-w",
+        capture.to_str().unwrap(),
+        "ip",
+    ]);
+    let (fa, fb) = (
+        NodeFiles::new(net.dir.path(), "a"),
+        NodeFiles::new(net.dir.path(), "b"),
+    );
+    let (sam_a, sam_b) = (net.sam(1), net.sam(2));
+    fa.write_config("listen_port = 51820", &i2p_section(&fa, &[sam_a.clone()]));
+    fb.write_config("listen_port = 51820", &i2p_section(&fb, &[sam_b.clone()]));
+    let da = Daemon::start(&a, &fa);
+    let db = Daemon::start(&b, &fb);
+    let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
+    // a knows b's UDP endpoint but may reach b only over I2P. b would use
+    // UDP to a (udp comes first by default): a must never answer there.
+    fa.write_config(
+        "listen_port = 51820",
+        &format!(
+            "{}{}i2p = \"{addr_b}\"\ntransports = [\"i2p\"]\n",
+            i2p_section(&fa, &[sam_a]),
+            fb.peer_block("b", Some("198.18.0.12:51820"), &[])
+        ),
+    );
+    fb.write_config(
+        "listen_port = 51820",
+        &format!(
+            "{}{}i2p = \"{addr_a}\"\n",
+            i2p_section(&fb, &[sam_b]),
+            fa.peer_block("a", Some("198.18.0.11:51820"), &[])
+        ),
+    );
+    reload(&fa);
+    reload(&fb);
+    // b speaks first: its handshakes go to a's UDP endpoint, where a must
+    // drop them unanswered.
+    let (_, got, _) = b.ping6(&fa.mesh().to_string(), 2);
+    assert_eq!(got, 0, "a answered b over UDP");
+
+    let b_mesh = fb.mesh().to_string();
+    let took = first_reply(&a, &b_mesh, started, Duration::from_secs(150), &da);
+    println!(
+        "I2P: first ping reply {:.1} s after the routers started",
+        took.as_secs_f64()
+    );
+    let (sent, got, out) = a.ping6(&b_mesh, 10);
+    assert!(got >= 9, "ping over I2P: {got}/{sent}\n{out}");
+    println!(
+        "I2P: ping -6 {got}/{sent}, {}",
+        out.lines().last().unwrap_or("")
+    );
+    let (path, state) = path_to(&da, "b");
+    assert_eq!(path, Some(format!("i2p {addr_b}")));
+    assert_eq!(state.as_deref(), Some("destination resolved"));
+
+    let mbit = iperf_mbit(&a, &b, &b_mesh, 10);
+    println!("I2P: iperf3 TCP 10 s: {mbit:.2} Mbit/s");
+    assert!(mbit > 0.0);
+    let (_, got, out) = a.ping6(&b_mesh, 5);
+    assert!(got >= 4, "ping after iperf: {got}/5\n{out}");
+    println!(
+        "I2P: after iperf, ping {}",
+        out.lines().last().unwrap_or("")
+    );
+
+    // b tried UDP first; a refused every one of those datagrams.
+    let status_a = da.show();
+    let to_b = status_a.node.peers.iter().find(|p| p.name == "b").unwrap();
+    println!(
+        "I2P: a refused {} datagrams from b over UDP",
+        to_b.counters.wrong_path
+    );
+    assert!(
+        to_b.counters.wrong_path > 0,
+        "b never tried UDP: the test proves nothing"
+    );
+    assert_eq!(path_to(&db, "a").0, Some(format!("i2p {addr_a}")));
+
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = kill(Pid::from_raw(tcpdump.id() as i32), Signal::SIGINT);
+    let _ = tcpdump.wait();
+    let from_a = captured_from(&capture, "198.18.0.11");
+    let from_router = captured_from(&capture, "198.18.0.2");
+    assert!(
+        !from_router.is_empty(),
+        "the capture saw nothing from b's router: it proves nothing"
+    );
+    assert!(
+        from_a.is_empty(),
+        "b's namespace saw packets from a's address:\n{}",
+        from_a.join("\n")
+    );
+    println!(
+        "I2P: capture in b: {} packets from b's router, 0 from a",
+        from_router.len()
+    );
+    let _ = net.logs();
+}
+
+/// Packets b has decrypted from a: proof that a's traffic gets through.
+fn received_from(daemon: &Daemon, peer: &str) -> u64 {
+    let status = daemon.show();
+    status
+        .node
+        .peers
+        .iter()
+        .find(|p| p.name == peer)
+        .map_or(0, |p| p.counters.rx_packets)
+}
+
+/// Pings from `ns` until b has decrypted more from a than `before`, for
+/// at most `limit`; how long it took, if it happened.
+fn delivery_within(
+    ns: &Netns,
+    target: &str,
+    db: &Daemon,
+    before: u64,
+    limit: Duration,
+) -> Option<Duration> {
+    let since = Instant::now();
+    while since.elapsed() < limit {
+        if received_from(db, "a") > before {
+            return Some(since.elapsed());
+        }
+        let _ = ns.ping(&["-6", "-c", "1", "-W", "1", target]);
+    }
+    None
+}
+
+/// Waits until a's I2P session is up on `bridge` for the `nth` time.
+fn wait_session(da: &Daemon, bridge: &str, nth: u32) -> Duration {
+    let since = Instant::now();
+    loop {
+        let state = session_bridge(da);
+        if state.contains(&format!("session up on SAM bridge {bridge}"))
+            && state.contains(&format!(" {nth} sessions"))
+        {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(90),
+            "no session #{nth} on {bridge}: {state}\n{}",
+            da.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Prints how a's traffic and b's replies come back after a move.
+fn report_recovery(what: &str, a: &Netns, b_mesh: &str, db: &Daemon, before: u64) {
+    match delivery_within(a, b_mesh, db, before, Duration::from_secs(40)) {
+        Some(t) => println!(
+            "I2P {what}: a's packets reach b {:.1} s after the new session",
+            t.as_secs_f64()
+        ),
+        None => println!("I2P {what}: a's packets did not reach b within 40 s of the new session"),
+    }
+    // b's router keeps its ECIES session with a's old router instance until
+    // it expires (i2pd 2.45.1: up to 10 min): replies may lag.
+    match reply_within(a, b_mesh, Duration::from_secs(20)) {
+        Some(t) => println!("I2P {what}: replies resumed {:.1} s later", t.as_secs_f64()),
+        None => println!(
+            "I2P {what}: no reply within 20 s more (b's router still uses a's old session)"
+        ),
+    }
+}
+
+/// Waits up to `limit` for a reply; None if none came.
+fn reply_within(ns: &Netns, target: &str, limit: Duration) -> Option<Duration> {
+    let since = Instant::now();
+    while since.elapsed() < limit {
+        if ns.ping(&["-6", "-c", "1", "-W", "1", target]).1 == 1 {
+            return Some(since.elapsed());
+        }
+    }
+    None
+}
+
+fn session_bridge(daemon: &Daemon) -> String {
+    daemon
+        .show()
+        .transports
+        .into_iter()
+        .find(|t| t.starts_with("i2p "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() {
+    let tag = "if";
+    // r1, r2, r3 host sessions; r4 is the floodfill.
+    let mut net = I2pNet::new(tag, 4);
+    let a = net.host(tag, "a", "198.18.0.11");
+    let b = net.host(tag, "b", "198.18.0.12");
+    let (fa, fb) = (
+        NodeFiles::new(net.dir.path(), "a"),
+        NodeFiles::new(net.dir.path(), "b"),
+    );
+    let two_bridges = [net.sam(1), net.sam(3)];
+    let sam_b = [net.sam(2)];
+    fa.write_config("", &i2p_section(&fa, &two_bridges));
+    fb.write_config("", &i2p_section(&fb, &sam_b));
+    let mut da = Daemon::start(&a, &fa);
+    let db = Daemon::start(&b, &fb);
+    let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
+    let peers = |own: &[String], files: &NodeFiles, other: &NodeFiles, name: &str, addr: &str| {
+        format!(
+            "{}{}i2p = \"{addr}\"\ntransports = [\"i2p\"]\n",
+            i2p_section(files, own),
+            other.peer_block(name, None, &[])
+        )
+    };
+    fa.write_config("", &peers(&two_bridges, &fa, &fb, "b", &addr_b));
+    fb.write_config("", &peers(&sam_b, &fb, &fa, "a", &addr_a));
+    reload(&fa);
+    reload(&fb);
+    let b_mesh = fb.mesh().to_string();
+    first_reply(&a, &b_mesh, Instant::now(), Duration::from_secs(150), &da);
+
+    // The router holding a's session dies: a re-creates it, with the same
+    // destination, on its second bridge, and never exits.
+    wait_session(&da, &net.sam(1), 1);
+    let before = received_from(&db, "a");
+    net.router(1).stop();
+    let took = wait_session(&da, &net.sam(3), 2);
+    println!(
+        "I2P failover: new session on the second bridge {:.1} s after a's router was killed",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        i2p_address(&da),
+        addr_a,
+        "the destination must survive failover"
+    );
+    report_recovery("failover", &a, &b_mesh, &db, before);
+
+    // The only router left for a dies and comes back: so does the session.
+    net.router(3).stop();
+    std::thread::sleep(Duration::from_secs(2));
+    let state = session_bridge(&da);
+    assert!(
+        state.contains("no SAM bridge reachable") || state.contains("creating a session"),
+        "{state}"
+    );
+    let before = received_from(&db, "a");
+    net.router(3).start();
+    let took = wait_session(&da, &net.sam(3), 3);
+    println!(
+        "I2P restart: session back {:.1} s after a's router restarted",
+        took.as_secs_f64()
+    );
+    assert_eq!(i2p_address(&da), addr_a);
+    report_recovery("restart", &a, &b_mesh, &db, before);
+    assert!(da.is_running(), "veilmesh exited:\n{}", da.log_text());
+    println!("I2P: a: {}", session_bridge(&da));
+}
