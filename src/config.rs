@@ -151,7 +151,7 @@ pub struct I2pSettings {
 }
 
 pub fn default_i2p_key_file(interface: &str) -> PathBuf {
-    PathBuf::from(format!("/var/lib/veilmesh/{interface}.i2p"))
+    Path::new(DEFAULT_STATE_DIR).join(format!("{interface}.i2p"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,8 +164,11 @@ pub struct ToxSettings {
     pub relay_port: u16,
 }
 
+/// Where per-interface state lives by default (systemd's StateDirectory).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/veilmesh";
+
 pub fn default_tox_state_file(interface: &str) -> PathBuf {
-    PathBuf::from(format!("/var/lib/veilmesh/{interface}.tox"))
+    Path::new(DEFAULT_STATE_DIR).join(format!("{interface}.tox"))
 }
 
 #[derive(Debug, Clone)]
@@ -538,7 +541,7 @@ impl Validator<'_> {
         if sam.is_empty() {
             return Err(self.err(
                 "i2p.sam",
-                "lists no SAM bridge (default: [\"127.0.0.1:7656\"])",
+                format!("lists no SAM bridge (default: [\"{DEFAULT_SAM_BRIDGE}\"])"),
             ));
         }
         for (i, bridge) in sam.iter().enumerate() {

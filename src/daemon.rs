@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
 use veilmesh_udp::{UdpConfig, UdpTransport};
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
@@ -84,9 +84,6 @@ impl Transports {
 }
 
 type ControlRequest = (Request, oneshot::Sender<Response>);
-
-/// Where per-interface state lives by default (systemd's StateDirectory).
-const DEFAULT_STATE_DIR: &str = "/var/lib/veilmesh";
 
 /// UDP ports Tox may bind (toxcore's own default range).
 const TOX_PORTS: (u16, u16) = (33445, 33545);

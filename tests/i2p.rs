@@ -255,9 +255,8 @@ fn reload(files: &NodeFiles) {
 }
 
 fn path_to(daemon: &Daemon, peer: &str) -> (Option<String>, Option<String>) {
-    let status = daemon.show();
-    let p = status.node.peers.iter().find(|p| p.name == peer).unwrap();
-    (p.path.clone(), p.path_state.clone())
+    let p = daemon.peer(peer);
+    (p.path, p.path_state)
 }
 
 /// Lines of a capture whose source is `ip`.
@@ -351,8 +350,7 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     );
 
     // b tried UDP first; a refused every one of those datagrams.
-    let status_a = da.show();
-    let to_b = status_a.node.peers.iter().find(|p| p.name == "b").unwrap();
+    let to_b = da.peer("b");
     println!(
         "I2P: a refused {} datagrams from b over UDP",
         to_b.counters.wrong_path
@@ -386,13 +384,7 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
 
 /// Packets b has decrypted from a: proof that a's traffic gets through.
 fn received_from(daemon: &Daemon, peer: &str) -> u64 {
-    let status = daemon.show();
-    status
-        .node
-        .peers
-        .iter()
-        .find(|p| p.name == peer)
-        .map_or(0, |p| p.counters.rx_packets)
+    daemon.peer(peer).counters.rx_packets
 }
 
 /// Pings from `ns` until b has decrypted more from a than `before`, for

@@ -170,14 +170,7 @@ fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
 }
 
 fn friend_state(daemon: &Daemon, peer: &str) -> Option<String> {
-    let status = daemon.show();
-    status
-        .node
-        .peers
-        .iter()
-        .find(|p| p.name == peer)?
-        .path_state
-        .clone()
+    daemon.peer(peer).path_state
 }
 
 #[test]
@@ -200,7 +193,7 @@ fn two_nodes_reach_each_other_over_tox_only() {
     );
 
     let status = da.show();
-    let to_b = status.node.peers.iter().find(|p| p.name == "b").unwrap();
+    let to_b = da.peer("b");
     assert!(
         to_b.path.as_deref().unwrap_or("").starts_with("tox "),
         "{:?}",

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use veilmesh::control::{self, DaemonStatus};
+use veilmesh::core::PeerStatus;
 use veilmesh::identity::PrivateKey;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_veilmesh");
@@ -401,6 +402,16 @@ impl Daemon {
 
     pub fn show(&self) -> DaemonStatus {
         control::show(&self.socket).expect("show")
+    }
+
+    /// The daemon's view of one peer, by name.
+    pub fn peer(&self, name: &str) -> PeerStatus {
+        self.show()
+            .node
+            .peers
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no peer {name} in show"))
     }
 
     pub fn log_text(&self) -> String {

@@ -21,7 +21,7 @@ pub mod sam;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -102,7 +102,7 @@ pub enum I2pError {
 
 /// Counters of the transport; monotonic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct I2pCounters {
+struct I2pCounters {
     pub sent: u64,
     pub received: u64,
     /// Sessions created (the first, then one per failover or restart).
@@ -230,21 +230,12 @@ impl I2pTransport {
         self.inner.lock().address
     }
 
-    pub fn counters(&self) -> I2pCounters {
-        self.inner.lock().counters.clone()
-    }
-
-    /// Whether a session is up, and on which bridge.
-    pub fn session_bridge(&self) -> Option<String> {
-        self.inner.lock().live.as_ref().map(|l| l.bridge.clone())
-    }
-
     /// Turns one UDP datagram into a received Noise datagram at the start of
     /// `buf`, or None (counted) if it is not a datagram from our bridge.
     fn accept(&self, from: SocketAddr, len: usize, buf: &mut [u8]) -> Option<Received> {
         let mut shared = self.inner.lock();
-        let bridge_ip = shared.live.as_ref().map(|l| canonical_ip(l.udp.ip()));
-        if bridge_ip != Some(canonical_ip(from.ip())) {
+        let bridge_ip = shared.live.as_ref().map(|l| l.udp.ip().to_canonical());
+        if bridge_ip != Some(from.ip().to_canonical()) {
             shared.counters.bad_datagrams += 1;
             tracing::trace!(%from, "datagram not from the SAM bridge in use");
             return None;
@@ -403,13 +394,6 @@ impl Transport for I2pTransport {
             Some(Lookup::Resolved(_)) => "destination resolved".into(),
             Some(Lookup::Failed { why, .. }) => format!("lookup failed: {why}"),
         })
-    }
-}
-
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
     }
 }
 
@@ -660,7 +644,7 @@ impl Supervisor {
         };
         let id = session_id(&self.config.label);
         // The bridge forwards datagrams to the address it sees us on.
-        let host = canonical_ip(control.local.ip());
+        let host = control.local.ip().to_canonical();
         let command = sam::session_create(
             &id,
             keys.base64(),

@@ -101,13 +101,7 @@ fn bind_socket(domain: Domain, port: u16) -> io::Result<Socket> {
 /// Dual-stack sockets report IPv4 senders as `::ffff:a.b.c.d`; peers are
 /// configured and shown with plain IPv4 addresses.
 fn canonical(sa: SocketAddr) -> SocketAddr {
-    match sa {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => sa,
-        },
-        v4 => v4,
-    }
+    SocketAddr::new(sa.ip().to_canonical(), sa.port())
 }
 
 impl Transport for UdpTransport {
