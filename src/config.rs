@@ -53,6 +53,7 @@ impl fmt::Display for ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     interface: RawInterface,
+    udp: Option<RawUdp>,
     tox: Option<RawTox>,
     i2p: Option<RawI2p>,
     #[serde(default, rename = "peer")]
@@ -73,6 +74,14 @@ struct RawInterface {
     metrics_address: Option<String>,
     hosts_file: Option<PathBuf>,
     user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUdp {
+    #[serde(default)]
+    stun_servers: Vec<String>,
+    punch_ttl: Option<u8>,
 }
 
 #[derive(Deserialize)]
@@ -125,11 +134,30 @@ struct RawPeer {
 pub struct Config {
     pub file: PathBuf,
     pub interface: InterfaceConfig,
+    /// NAT traversal settings of the UDP transport.
+    pub udp: UdpSettings,
     /// The Tox transport, when enabled.
     pub tox: Option<ToxSettings>,
     /// The I2P transport, when enabled.
     pub i2p: Option<I2pSettings>,
     pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpSettings {
+    /// Asked for our public mapping; none by default (peers also tell us).
+    pub stun_servers: Vec<SocketAddr>,
+    /// TTL of the probe that opens our NAT mapping for a punch.
+    pub punch_ttl: u8,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            stun_servers: Vec::new(),
+            punch_ttl: crate::core::DEFAULT_PUNCH_TTL,
+        }
+    }
 }
 
 /// Safe for the real I2P network: 3 hops each way (the I2P default).
@@ -310,6 +338,11 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let interface = self.interface(raw.interface)?;
+        let udp = raw
+            .udp
+            .map(|u| self.udp(u))
+            .transpose()?
+            .unwrap_or_default();
         let tox = raw
             .tox
             .map(|t| self.tox(t, &interface.name))
@@ -368,6 +401,7 @@ impl Validator<'_> {
         Ok(Config {
             file: self.file.to_owned(),
             interface,
+            udp,
             tox,
             i2p,
             peers,
@@ -529,6 +563,28 @@ impl Validator<'_> {
             tcp_relays: nodes("tcp_relays", &raw.tcp_relays)?,
             relay_port: raw.relay_port,
         }))
+    }
+
+    fn udp(&self, raw: RawUdp) -> Result<UdpSettings, ConfigError> {
+        let stun_servers = raw
+            .stun_servers
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse_endpoint(text).map_err(|m| self.err(format!("udp.stun_servers[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let punch_ttl = raw.punch_ttl.unwrap_or(crate::core::DEFAULT_PUNCH_TTL);
+        if punch_ttl == 0 {
+            return Err(self.err(
+                "udp.punch_ttl",
+                "must be at least 1 (hops to leave your own NAT; default 2)",
+            ));
+        }
+        Ok(UdpSettings {
+            stun_servers,
+            punch_ttl,
+        })
     }
 
     fn i2p(&self, raw: RawI2p, interface: &str) -> Result<Option<I2pSettings>, ConfigError> {

@@ -55,11 +55,24 @@ impl Transports {
             })
     }
 
-    fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
-        match self.get_mut(to.kind()) {
-            Some(t) => t.send(to, datagram),
-            None => Err(SendError::NotReady("transport not enabled")),
+    fn send(&mut self, to: &PeerAddr, datagram: &[u8], ttl: Option<u8>) -> Result<(), SendError> {
+        match (self.get_mut(to.kind()), ttl) {
+            (Some(t), None) => t.send(to, datagram),
+            (Some(t), Some(ttl)) => t.send_with_ttl(to, datagram, ttl),
+            (None, _) => Err(SendError::NotReady("transport not enabled")),
         }
+    }
+
+    /// Our UDP endpoints, as the transports know them.
+    fn local_udp_endpoints(&self) -> Vec<std::net::SocketAddr> {
+        self.all
+            .iter()
+            .flat_map(|t| t.local_endpoints())
+            .filter_map(|a| match a {
+                PeerAddr::Udp(sa) => Some(sa),
+                _ => None,
+            })
+            .collect()
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
@@ -103,6 +116,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::netdev::ensure_absent(&iface.name)?;
     let udp = UdpTransport::bind(UdpConfig {
         listen_port: iface.listen_port,
+        stun_servers: config.udp.stun_servers.clone(),
+        skip_interfaces: vec![iface.name.clone()],
         ..UdpConfig::default()
     })
     .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
@@ -141,7 +156,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let transports = Transports { all, next: 0 };
 
     let now = Instant::now();
-    let node = Node::new(&iface.private_key, config.peers.clone(), now)?;
+    let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
+    node.set_punch_ttl(config.udp.punch_ttl);
     let device = NetDevice::create(
         &iface.name,
         iface.mtu,
@@ -253,7 +269,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: reloading {}", path.config.file.display());
                 let _ = path.reload(None, &notifier);
             }
-            _ = &mut timer => path.node.handle_timeout(Instant::now()),
+            _ = &mut timer => {
+                let now = Instant::now();
+                path.node.set_local_candidates(path.transports.local_udp_endpoints(), now);
+                path.node.handle_timeout(now);
+                path.flush_transmits();
+            }
             Some((request, reply)) = control_rx.recv() => {
                 let _ = reply.send(path.answer(request, &notifier));
             }
@@ -306,7 +327,9 @@ impl DataPath {
                 interface: self.device.name().to_owned(),
                 config_file: self.config.file.clone(),
                 transports: self.transports.describe(),
-                node: self.node.status_with(|to| self.transports.path_state(to)),
+                node: self
+                    .node
+                    .status_with(Instant::now(), |to| self.transports.path_state(to)),
             }),
             Request::Reload { config } => match self.reload(config, notifier) {
                 Ok(report) => Response::Reloaded(report),
@@ -385,6 +408,7 @@ impl DataPath {
                 old_if.hosts_file != new_if.hosts_file,
             ),
             ("interface.user", old_if.user != new_if.user),
+            ("[udp]", self.config.udp != new.udp),
             ("[tox]", self.config.tox != new.tox),
             ("[i2p]", self.config.i2p != new.i2p),
         ];
@@ -401,7 +425,7 @@ impl DataPath {
             );
         }
         self.device.sync_routes(new.peer_subnets())?;
-        let report = self.node.reconfigure(new.peers.clone())?;
+        let report = self.node.reconfigure(new.peers.clone(), Instant::now())?;
         if let Some(tox) = &self.tox_control {
             tox.set_friends(new.tox_friends())?;
         }
@@ -437,7 +461,7 @@ impl DataPath {
                 &mut self.out,
             ) {
                 FromTun::Send { to, datagram } => {
-                    if let Err(error) = self.transports.send(&to, datagram) {
+                    if let Err(error) = self.transports.send(&to, datagram, None) {
                         self.node.record_send_error();
                         tracing::trace!(%to, %error, "send failed");
                     }
@@ -485,10 +509,12 @@ impl DataPath {
                 return;
             }
         };
-        if let FromNetwork::ToTun(packet) =
-            self.node
-                .handle_datagram(&got.from, &self.net_buf[..got.len], &mut self.out)
-        {
+        if let FromNetwork::ToTun(packet) = self.node.handle_datagram(
+            &got.from,
+            &self.net_buf[..got.len],
+            &mut self.out,
+            Instant::now(),
+        ) {
             write_tun(&self.device.tun, packet).await;
         }
         self.flush_transmits();
@@ -496,7 +522,7 @@ impl DataPath {
 
     fn flush_transmits(&mut self) {
         while let Some(t) = self.node.poll_transmit() {
-            if let Err(error) = self.transports.send(&t.to, &t.payload) {
+            if let Err(error) = self.transports.send(&t.to, &t.payload, t.ttl) {
                 self.node.record_send_error();
                 tracing::debug!(to = %t.to, %error, "send failed");
             }

@@ -146,6 +146,7 @@ mod tests {
                     ..Default::default()
                 },
                 peers: vec![PeerStatus {
+                    paths: Vec::new(),
                     name: name.into(),
                     public_key: "p".into(),
                     mesh_address: "fd60:db4d:ddb5::2".parse().unwrap(),

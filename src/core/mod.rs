@@ -7,10 +7,12 @@
 //! runs on the `now` passed in.
 
 pub mod packet;
+pub mod paths;
+pub mod peer_messages;
 pub mod routing;
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,8 @@ use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 use crate::config::PeerConfig;
 use crate::identity::{PrivateKey, PublicKey};
 use packet::{IpInfo, Unreachable};
+use paths::{PathSet, PathStatus};
+use peer_messages::PeerMessage;
 use routing::RoutingTable;
 
 /// WireGuard data message overhead: 16-byte header + 16-byte tag.
@@ -36,6 +40,18 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Peer ids live in the top 24 bits of boringtun's session indices.
 const MAX_PEERS: usize = 1 << 24;
+/// Without a live direct path, endpoints are re-announced (and so punched
+/// again) this often.
+const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
+/// A peer's announcement asking for ours gets no answer if we announced
+/// this recently (both sides announce after a handshake).
+const ANNOUNCE_QUIET: Duration = Duration::from_secs(2);
+/// Endpoints peers saw us at (from probe replies), kept as candidates.
+const MAX_OBSERVED_SELF: usize = 4;
+/// Default TTL of the opening punch probe: enough to leave one NAT
+/// gateway (the first hop), not enough to cross the next router and reach
+/// the peer's NAT.
+pub const DEFAULT_PUNCH_TTL: u8 = 2;
 
 pub type PeerId = usize;
 
@@ -120,15 +136,45 @@ pub enum FromNetwork<'a> {
 pub struct Transmit {
     pub to: PeerAddr,
     pub payload: Vec<u8>,
+    /// Send with this IP TTL instead of the default (punch probes).
+    pub ttl: Option<u8>,
+}
+
+impl Transmit {
+    fn new(to: PeerAddr, payload: &[u8]) -> Transmit {
+        Transmit {
+            to,
+            payload: payload.to_vec(),
+            ttl: None,
+        }
+    }
 }
 
 struct Peer {
     config: PeerConfig,
     tunn: Tunn,
-    /// Where replies go: the configured endpoint until the peer is heard
-    /// from somewhere else (roaming).
-    path: Option<PeerAddr>,
+    /// Candidate paths and the one in use.
+    paths: PathSet,
+    /// When to announce our UDP endpoints to the peer next.
+    announce_at: Option<Instant>,
+    last_announce: Option<Instant>,
     counters: PeerCounters,
+}
+
+impl Peer {
+    fn path(&self) -> Option<PeerAddr> {
+        self.paths.in_use().cloned()
+    }
+
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
+
+    fn select_path(&mut self, now: Instant) {
+        if let Some(path) = self.paths.select(now, &self.config.transports) {
+            tracing::info!(peer = %self.config.name, %path, "path in use changed");
+        }
+    }
 }
 
 pub struct Node {
@@ -145,7 +191,18 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     next_tick: Instant,
     next_rate_limit_reset: Instant,
+    /// When some peer's probes or announcement are due.
+    next_probe_due: Instant,
+    /// Our UDP endpoints (interface addresses, STUN mappings), announced
+    /// to peers that may use UDP.
+    local_candidates: Vec<SocketAddr>,
+    /// Where peers saw our probes come from: our NAT's mappings.
+    observed_self: VecDeque<SocketAddr>,
+    punch_ttl: u8,
+    /// The latest `now` handed in, for the per-packet calls that take none.
+    last_now: Instant,
     scratch: Vec<u8>,
+    message_buf: Vec<u8>,
 }
 
 /// Room for the largest datagram any transport carries plus Noise overhead.
@@ -181,13 +238,19 @@ impl Node {
             transmits: VecDeque::new(),
             next_tick: now,
             next_rate_limit_reset: now + Duration::from_secs(1),
+            next_probe_due: now,
+            local_candidates: Vec::new(),
+            observed_self: VecDeque::new(),
+            punch_ttl: DEFAULT_PUNCH_TTL,
+            last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
+            message_buf: Vec::with_capacity(512),
         };
-        node.reconfigure(peers)?;
+        node.reconfigure(peers, now)?;
         Ok(node)
     }
 
-    fn new_peer(&self, id: PeerId, config: PeerConfig) -> Peer {
+    fn new_peer(&self, id: PeerId, config: PeerConfig, now: Instant) -> Peer {
         let tunn = Tunn::new(
             self.private.clone(),
             config.public_key.to_x25519(),
@@ -197,7 +260,9 @@ impl Node {
             Some(self.rate_limiter.clone()),
         );
         Peer {
-            path: configured_path(&config),
+            paths: PathSet::new(configured_paths(&config), now),
+            announce_at: None,
+            last_announce: None,
             tunn,
             config,
             counters: PeerCounters::default(),
@@ -208,7 +273,11 @@ impl Node {
     /// is unchanged keep their session, path and counters; a changed peer
     /// keeps its session too, unless its keepalive changed (boringtun fixes
     /// that at creation). Removed peers are forgotten.
-    pub fn reconfigure(&mut self, peers: Vec<PeerConfig>) -> Result<ReconfigureReport, NodeError> {
+    pub fn reconfigure(
+        &mut self,
+        peers: Vec<PeerConfig>,
+        now: Instant,
+    ) -> Result<ReconfigureReport, NodeError> {
         let mut report = ReconfigureReport::default();
         let mut wanted: HashMap<[u8; 32], PeerConfig> =
             peers.into_iter().map(|p| (p.public_key.0, p)).collect();
@@ -227,10 +296,13 @@ impl Node {
                         || config.i2p != peer.config.i2p
                         || config.transports != peer.config.transports;
                     if paths_changed {
-                        let current = peer.path.take().filter(|p| path_allowed(&config, p));
-                        peer.path = configured_path(&config).or(current);
+                        peer.paths
+                            .set_configured(configured_paths(&config), now, |p| {
+                                path_allowed(&config, p)
+                            });
                     }
                     peer.config = config;
+                    peer.select_path(now);
                 }
             }
         }
@@ -245,8 +317,8 @@ impl Node {
             .collect();
         for id in keepalive_changed {
             if let Some(old) = self.peers[id].take() {
-                let mut fresh = self.new_peer(id, old.config);
-                fresh.path = old.path;
+                let mut fresh = self.new_peer(id, old.config, now);
+                fresh.paths = old.paths;
                 fresh.counters = old.counters;
                 self.peers[id] = Some(fresh);
             }
@@ -259,7 +331,8 @@ impl Node {
         for config in added {
             report.added.push(config.name.clone());
             let id = self.peers.len();
-            let peer = self.new_peer(id, config);
+            let mut peer = self.new_peer(id, config, now);
+            peer.select_path(now);
             self.peers.push(Some(peer));
         }
         self.rebuild_indexes();
@@ -311,6 +384,11 @@ impl Node {
             }
         };
         let packet = &packet[..info.total_len];
+        if peer_messages::is_peer_message(packet) {
+            // Only cores write these; the kernel (a raw socket) may not.
+            self.counters.bad_tun_packet += 1;
+            return FromTun::Done(DropReason::BadPacket);
+        }
         if packet::is_multicast_or_broadcast(&info.dst) {
             self.counters.multicast_ignored += 1;
             return FromTun::Done(DropReason::Multicast);
@@ -324,7 +402,7 @@ impl Node {
             self.counters.no_route += 1;
             return FromTun::Done(DropReason::NoRoute);
         };
-        let Some(path) = peer.path.clone() else {
+        let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.config.name, "no path to peer");
             return self.unreachable(packet, &info, Unreachable::NoPath, out);
@@ -347,7 +425,17 @@ impl Node {
         }
         match peer.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
-                peer.counters.tx_packets += 1;
+                if message_type(datagram) == Some(HANDSHAKE_INIT) {
+                    // No session yet: the packet waits in boringtun, and the
+                    // initiation tries every path that may carry it.
+                    for to in peer.paths.handshake_targets(self.last_now) {
+                        if to != path {
+                            self.transmits.push_back(Transmit::new(to, datagram));
+                        }
+                    }
+                } else {
+                    peer.counters.tx_packets += 1;
+                }
                 FromTun::Send { to: path, datagram }
             }
             TunnResult::Done => FromTun::Done(DropReason::Queued),
@@ -412,10 +500,8 @@ impl Node {
             Ok(Packet::HandshakeInit(init)) => init,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.counters.cookies_sent += 1;
-                self.transmits.push_back(Transmit {
-                    to: from.clone(),
-                    payload: cookie.to_vec(),
-                });
+                self.transmits
+                    .push_back(Transmit::new(from.clone(), cookie));
                 return Err(DropReason::UnknownPeer);
             }
             _ => {
@@ -443,7 +529,9 @@ impl Node {
         from: &PeerAddr,
         datagram: &[u8],
         out: &'a mut [u8],
+        now: Instant,
     ) -> FromNetwork<'a> {
+        self.last_now = now;
         let id = match self.identify_sender(from, datagram) {
             Ok(id) => id,
             Err(drop) => return FromNetwork::Dropped(drop),
@@ -456,69 +544,241 @@ impl Node {
             tracing::debug!(peer = %peer.config.name, %from, "datagram over a path this peer may not use");
             return FromNetwork::Dropped(DropReason::WrongPath);
         }
-        match peer.tunn.decapsulate(from.ip(), datagram, out) {
-            TunnResult::WriteToTunnelV4(packet, src) => {
-                Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V4(src))
-            }
-            TunnResult::WriteToTunnelV6(packet, src) => {
-                Self::accept_inbound(&self.routes, peer, id, from, packet, IpAddr::V6(src))
-            }
+        let (packet, src) = match peer.tunn.decapsulate(from.ip(), datagram, out) {
+            TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
+            TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
             TunnResult::WriteToNetwork(reply) => {
                 // Cookie replies answer unauthenticated packets: no roaming on those.
                 if message_type(reply) != Some(COOKIE_REPLY) {
-                    Self::roam(peer, from);
+                    match message_type(datagram) {
+                        Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
+                        _ => Self::heard(peer, from, now),
+                    }
                     if matches!(
                         message_type(datagram),
                         Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)
                     ) {
                         peer.counters.handshakes += 1;
+                        // A fresh session: measure every path, swap endpoints.
+                        peer.paths.probe_all_now(now);
+                        peer.announce_at = Some(now);
+                        self.next_probe_due = now;
                     }
+                    peer.select_path(now);
                 }
-                self.transmits.push_back(Transmit {
-                    to: from.clone(),
-                    payload: reply.to_vec(),
-                });
+                self.transmits.push_back(Transmit::new(from.clone(), reply));
                 self.flush_queued(id);
-                FromNetwork::Consumed
+                return FromNetwork::Consumed;
             }
             TunnResult::Done => {
                 // A keepalive or cookie; only data messages authenticate the sender.
                 if message_type(datagram) == Some(DATA) {
-                    Self::roam(peer, from);
+                    Self::heard(peer, from, now);
                 }
-                FromNetwork::Consumed
+                return FromNetwork::Consumed;
             }
             TunnResult::Err(error) => {
                 peer.counters.bad_packet += 1;
                 log_decapsulate_error(&peer.config.name, from, &error);
-                FromNetwork::Dropped(DropReason::BadPacket)
+                return FromNetwork::Dropped(DropReason::BadPacket);
             }
-        }
-    }
-
-    fn accept_inbound<'a>(
-        routes: &RoutingTable<PeerId>,
-        peer: &mut Peer,
-        id: PeerId,
-        from: &PeerAddr,
-        packet: &'a [u8],
-        src: IpAddr,
-    ) -> FromNetwork<'a> {
+        };
         // Authenticated: the peer may have moved, whatever the payload says.
-        Self::roam(peer, from);
-        if routes.lookup(src) != Some(&id) {
+        Self::heard(peer, from, now);
+        if self.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.config.name, %src, "dropped packet with a source outside the peer's allowed IPs");
             return FromNetwork::Dropped(DropReason::Spoofed);
+        }
+        if peer_messages::is_peer_message(packet) {
+            let message = peer_messages::parse_packet(packet);
+            let from_mesh =
+                peer_messages::source(packet) == Some(peer.config.public_key.mesh_address());
+            match message {
+                Ok(message) if from_mesh => self.handle_peer_message(id, from, message, now),
+                Ok(_) => {
+                    peer.counters.spoofed_source += 1;
+                    return FromNetwork::Dropped(DropReason::Spoofed);
+                }
+                Err(error) => {
+                    peer.counters.bad_packet += 1;
+                    tracing::debug!(peer = %peer.config.name, %error, "bad peer message");
+                    return FromNetwork::Dropped(DropReason::BadPacket);
+                }
+            }
+            return FromNetwork::Consumed;
         }
         peer.counters.rx_packets += 1;
         FromNetwork::ToTun(packet)
     }
 
-    fn roam(peer: &mut Peer, from: &PeerAddr) {
-        if peer.path.as_ref() != Some(from) {
-            tracing::info!(peer = %peer.config.name, path = %from, "peer path changed");
-            peer.path = Some(from.clone());
+    /// Authenticated traffic over `from`: a new path is probed at once, and
+    /// with nothing verified yet it carries the replies (roaming).
+    fn heard(peer: &mut Peer, from: &PeerAddr, now: Instant) {
+        if peer.paths.heard(from, now) {
+            peer.paths.probe_all_now(now);
+        }
+        peer.select_path(now);
+    }
+
+    fn handle_peer_message(
+        &mut self,
+        id: PeerId,
+        from: &PeerAddr,
+        message: PeerMessage,
+        now: Instant,
+    ) {
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        match message {
+            PeerMessage::Probe { id: probe } => {
+                let observed = match from {
+                    PeerAddr::Udp(sa) => Some(*sa),
+                    _ => None,
+                };
+                let reply = PeerMessage::ProbeReply {
+                    id: probe,
+                    observed,
+                };
+                self.send_peer_message(id, from.clone(), &reply, None);
+            }
+            PeerMessage::ProbeReply {
+                id: probe,
+                observed,
+            } => {
+                if !peer.paths.pong(probe, now) {
+                    tracing::trace!(peer = %peer.config.name, probe, "stale probe reply");
+                    return;
+                }
+                peer.select_path(now);
+                if let (PeerAddr::Udp(_), Some(sa)) = (from, observed) {
+                    self.observed(sa, now);
+                }
+            }
+            PeerMessage::Candidates { endpoints, reply } => {
+                if !peer.config.allows(TransportKind::Udp) {
+                    peer.counters.wrong_path += 1;
+                    tracing::debug!(peer = %peer.config.name, "endpoints announced by a peer not allowed UDP");
+                    return;
+                }
+                let routes = &self.routes;
+                let usable: Vec<SocketAddr> = endpoints
+                    .into_iter()
+                    .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
+                    .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
+                    .collect();
+                tracing::debug!(peer = %peer.config.name, ?usable, "peer announced endpoints");
+                // The peer punches when it gets our answer: start full
+                // probes once our short-TTL probes have opened our NAT.
+                let relay_rtt = peer.paths.rtt(from).unwrap_or_default();
+                let delay =
+                    (relay_rtt + Duration::from_millis(150)).max(Duration::from_millis(200));
+                peer.paths.announced(&usable, now, delay);
+                let quiet = peer
+                    .last_announce
+                    .is_some_and(|t| now.saturating_duration_since(t) < ANNOUNCE_QUIET);
+                if reply && !quiet {
+                    self.announce(id, false, now);
+                }
+                self.next_probe_due = now;
+            }
+        }
+    }
+
+    /// A peer saw our probe come from `sa`: one of our NAT's mappings.
+    fn observed(&mut self, sa: SocketAddr, now: Instant) {
+        if self.observed_self.contains(&sa) || self.local_candidates.contains(&sa) {
+            return;
+        }
+        tracing::info!(endpoint = %sa, "a peer sees us at a new endpoint");
+        if self.observed_self.len() == MAX_OBSERVED_SELF {
+            self.observed_self.pop_front();
+        }
+        self.observed_self.push_back(sa);
+        self.announce_to_all(now);
+    }
+
+    /// Our UDP endpoints (interface addresses with the port, STUN
+    /// mappings). A change is announced to every peer that may use UDP.
+    pub fn set_local_candidates(&mut self, mut endpoints: Vec<SocketAddr>, now: Instant) {
+        endpoints.retain(usable_endpoint);
+        endpoints.dedup();
+        if endpoints != self.local_candidates {
+            tracing::info!(?endpoints, "local UDP endpoints");
+            self.local_candidates = endpoints;
+            self.announce_to_all(now);
+        }
+    }
+
+    /// The TTL of the opening punch probe.
+    pub fn set_punch_ttl(&mut self, ttl: u8) {
+        self.punch_ttl = ttl.max(1);
+    }
+
+    fn announce_to_all(&mut self, now: Instant) {
+        for peer in self.peers.iter_mut().flatten() {
+            peer.announce_at = Some(now);
+        }
+        self.next_probe_due = now;
+    }
+
+    fn candidates(&self) -> Vec<SocketAddr> {
+        let mut all = self.local_candidates.clone();
+        for sa in &self.observed_self {
+            if !all.contains(sa) {
+                all.push(*sa);
+            }
+        }
+        all.truncate(peer_messages::MAX_CANDIDATES);
+        all
+    }
+
+    /// Sends our UDP endpoints to a peer, never to one restricted away
+    /// from UDP: they carry our IP addresses.
+    fn announce(&mut self, id: PeerId, reply: bool, now: Instant) {
+        let endpoints = self.candidates();
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        peer.announce_at = None;
+        if !peer.config.allows(TransportKind::Udp) || endpoints.is_empty() {
+            return;
+        }
+        let Some(path) = peer.path() else { return };
+        peer.last_announce = Some(now);
+        if !peer.paths.has_live(TransportKind::Udp, now) {
+            peer.announce_at = Some(now + REPUNCH_INTERVAL);
+        }
+        tracing::debug!(peer = %peer.config.name, %path, count = endpoints.len(), "announcing endpoints");
+        self.send_peer_message(
+            id,
+            path,
+            &PeerMessage::Candidates { endpoints, reply },
+            None,
+        );
+    }
+
+    /// Encrypts a peer message in the peer's session and queues it; needs
+    /// a session (callers check), else boringtun would hold it.
+    fn send_peer_message(
+        &mut self,
+        id: PeerId,
+        to: PeerAddr,
+        message: &PeerMessage,
+        ttl: Option<u8>,
+    ) {
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        let peer_mesh = peer.config.public_key.mesh_address();
+        peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
+        if let TunnResult::WriteToNetwork(datagram) =
+            peer.tunn.encapsulate(&self.message_buf, &mut self.scratch)
+        {
+            let mut transmit = Transmit::new(to, datagram);
+            transmit.ttl = ttl;
+            self.transmits.push_back(transmit);
         }
     }
 
@@ -527,67 +787,121 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return;
         };
-        let Some(path) = peer.path.clone() else {
+        let Some(path) = peer.path() else {
             return;
         };
         loop {
             match peer.tunn.decapsulate(None, &[], &mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => {
                     peer.counters.tx_packets += 1;
-                    self.transmits.push_back(Transmit {
-                        to: path.clone(),
-                        payload: datagram.to_vec(),
-                    });
+                    self.transmits
+                        .push_back(Transmit::new(path.clone(), datagram));
                 }
                 _ => break,
             }
         }
     }
 
-    /// Drives timers: handshake retries, rekeys, keepalives.
+    /// Drives timers: handshake retries, rekeys, keepalives, path probes
+    /// and endpoint announcements.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
         if now >= self.next_rate_limit_reset {
             self.rate_limiter.reset_count();
             self.next_rate_limit_reset = now + Duration::from_secs(1);
         }
-        if now < self.next_tick {
-            return;
+        if now >= self.next_tick {
+            self.next_tick = now + TIMER_TICK;
+            self.drive_session_timers(now);
         }
-        self.next_tick = now + TIMER_TICK;
+        if now >= self.next_probe_due {
+            self.drive_paths(now);
+        }
+    }
+
+    fn drive_session_timers(&mut self, now: Instant) {
         for peer in self.peers.iter_mut().flatten() {
             match peer.tunn.update_timers(&mut self.scratch) {
-                TunnResult::WriteToNetwork(datagram) => match &peer.path {
-                    Some(path) => self.transmits.push_back(Transmit {
-                        to: path.clone(),
-                        payload: datagram.to_vec(),
-                    }),
-                    None => peer.counters.no_route += 1,
-                },
+                TunnResult::WriteToNetwork(datagram) => {
+                    let targets = if message_type(datagram) == Some(HANDSHAKE_INIT) {
+                        peer.paths.handshake_targets(now)
+                    } else {
+                        peer.path().into_iter().collect()
+                    };
+                    if targets.is_empty() {
+                        peer.counters.no_route += 1;
+                    }
+                    for to in targets {
+                        self.transmits.push_back(Transmit::new(to, datagram));
+                    }
+                }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(error) => {
                     tracing::debug!(peer = %peer.config.name, ?error, "timer error");
                 }
                 _ => {}
             }
+            peer.paths.prune(now);
+            peer.select_path(now);
         }
+    }
+
+    /// Sends due probes and announcements of peers with a session, and
+    /// works out when the next are due.
+    fn drive_paths(&mut self, now: Instant) {
+        let mut next = now + TIMER_TICK;
+        for id in 0..self.peers.len() {
+            let Some(peer) = self.peers[id].as_mut() else {
+                continue;
+            };
+            if !peer.has_session() {
+                continue;
+            }
+            let probes = peer.paths.poll_probes(now);
+            let announce_due = peer.announce_at.is_some_and(|t| t <= now);
+            for probe in probes {
+                let ttl = probe.short_ttl.then_some(self.punch_ttl);
+                tracing::trace!(%probe.to, ?ttl, "probe");
+                self.send_peer_message(id, probe.to, &PeerMessage::Probe { id: probe.id }, ttl);
+            }
+            if announce_due {
+                self.announce(id, true, now);
+            }
+            let Some(peer) = self.peers[id].as_mut() else {
+                continue;
+            };
+            for due in [peer.paths.next_probe(), peer.announce_at]
+                .into_iter()
+                .flatten()
+            {
+                next = next.min(due.max(now + Duration::from_millis(1)));
+            }
+        }
+        self.next_probe_due = next;
     }
 
     /// When `handle_timeout` wants to run next.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick.min(self.next_rate_limit_reset)
+        self.next_tick
+            .min(self.next_rate_limit_reset)
+            .min(self.next_probe_due)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }
 
-    pub fn status(&self) -> NodeStatus {
-        self.status_with(|_| None)
+    pub fn status(&self, now: Instant) -> NodeStatus {
+        self.status_with(now, |_| None)
     }
 
     /// `status`, with each path described further by `path_state` (the
     /// transports' view, e.g. a Tox friend's connection).
-    pub fn status_with(&self, path_state: impl Fn(&PeerAddr) -> Option<String>) -> NodeStatus {
+    pub fn status_with(
+        &self,
+        now: Instant,
+        path_state: impl Fn(&PeerAddr) -> Option<String>,
+    ) -> NodeStatus {
         NodeStatus {
             public_key: self.public_key().to_base64(),
             mesh_address: self.mesh_address,
@@ -603,8 +917,9 @@ impl Node {
                         public_key: p.config.public_key.to_base64(),
                         mesh_address: p.config.public_key.mesh_address(),
                         allowed_ips: p.config.all_allowed_ips().collect(),
-                        path: p.path.as_ref().map(|a| a.to_string()),
-                        path_state: p.path.as_ref().and_then(&path_state),
+                        path: p.paths.in_use().map(|a| a.to_string()),
+                        path_state: p.paths.in_use().and_then(&path_state),
+                        paths: p.paths.status(now),
                         seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
                         rx_bytes: rx_bytes as u64,
                         tx_bytes: tx_bytes as u64,
@@ -616,14 +931,29 @@ impl Node {
     }
 }
 
-/// Where a peer is reached before it is heard from: the first of its
-/// transports, in its order, for which it has an address.
-fn configured_path(config: &PeerConfig) -> Option<PeerAddr> {
-    config.transports.iter().find_map(|kind| match kind {
-        TransportKind::Udp => config.endpoint.map(PeerAddr::Udp),
-        TransportKind::Tox => config.tox.map(|id| PeerAddr::Tox(id.public_key())),
-        TransportKind::I2p => config.i2p.map(PeerAddr::I2p),
-    })
+/// The paths the config gives a peer, in its transports' order: only
+/// transports it allows, only where it has an address.
+fn configured_paths(config: &PeerConfig) -> Vec<PeerAddr> {
+    config
+        .transports
+        .iter()
+        .filter_map(|kind| match kind {
+            TransportKind::Udp => config.endpoint.map(PeerAddr::Udp),
+            TransportKind::Tox => config.tox.map(|id| PeerAddr::Tox(id.public_key())),
+            TransportKind::I2p => config.i2p.map(PeerAddr::I2p),
+        })
+        .collect()
+}
+
+/// May a peer's announced endpoint be probed? Never the unspecified,
+/// multicast or broadcast addresses, nor port 0.
+fn usable_endpoint(sa: &SocketAddr) -> bool {
+    let ip = sa.ip().to_canonical();
+    sa.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
+        && !matches!(ip, IpAddr::V6(v6) if crate::identity::is_mesh_address(&v6))
 }
 
 /// May this path carry the peer's session? Only over its allowed
@@ -687,6 +1017,9 @@ pub struct PeerStatus {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_state: Option<String>,
+    /// Every candidate path, with its state and RTT.
+    #[serde(default)]
+    pub paths: Vec<PathStatus>,
     pub seconds_since_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,

@@ -105,7 +105,9 @@ fn pump(m: &mut Mesh, first: Option<(bool, Vec<u8>)>) -> (Vec<Vec<u8>>, Vec<Vec<
         } else {
             (&mut m.node_a, &m.b.addr, &mut to_tun_a)
         };
-        if let FromNetwork::ToTun(p) = node.handle_datagram(from, &datagram, &mut m.buf) {
+        if let FromNetwork::ToTun(p) =
+            node.handle_datagram(from, &datagram, &mut m.buf, Instant::now())
+        {
             sink.push(p.to_vec());
         }
     }
@@ -141,16 +143,21 @@ fn first_packet_survives_the_handshake_and_arrives_intact() {
         }
         other => panic!("unexpected {other:?}"),
     };
-    let got = m.node_a.handle_datagram(&m.b.addr, &datagram, &mut m.buf);
+    let got = m
+        .node_a
+        .handle_datagram(&m.b.addr, &datagram, &mut m.buf, Instant::now());
     assert!(matches!(got, FromNetwork::ToTun(p) if p == &reply[..]));
-    let status = m.node_b.status();
+    let status = m.node_b.status(Instant::now());
     assert_eq!(
         status.peers[0].path.as_deref(),
         Some("udp 198.18.0.1:51820")
     );
     assert_eq!(status.peers[0].counters.rx_packets, 1);
     assert_eq!(status.peers[0].counters.handshakes, 1);
-    assert_eq!(m.node_a.status().peers[0].counters.handshakes, 1);
+    assert_eq!(
+        m.node_a.status(Instant::now()).peers[0].counters.handshakes,
+        1
+    );
     assert!(status.peers[0].seconds_since_handshake.is_some());
 }
 
@@ -181,7 +188,12 @@ fn spoofed_source_is_dropped_and_counted() {
     );
     let (_, at_b) = send_from_a(&mut m, &spoofed);
     assert!(at_b.is_empty());
-    assert_eq!(m.node_b.status().peers[0].counters.spoofed_source, 1);
+    assert_eq!(
+        m.node_b.status(Instant::now()).peers[0]
+            .counters
+            .spoofed_source,
+        1
+    );
 }
 
 #[test]
@@ -203,7 +215,9 @@ fn handshake_from_unknown_key_is_dropped_and_counted() {
         FromTun::Send { datagram, .. } => datagram.to_vec(),
         other => panic!("unexpected {other:?}"),
     };
-    let got = m.node_b.handle_datagram(&stranger.addr, &init, &mut m.buf);
+    let got = m
+        .node_b
+        .handle_datagram(&stranger.addr, &init, &mut m.buf, Instant::now());
     assert!(matches!(got, FromNetwork::Dropped(DropReason::UnknownPeer)));
     assert_eq!(m.node_b.counters().unknown_peer_handshakes, 1);
     assert!(
@@ -239,7 +253,10 @@ fn peer_without_path_gets_address_unreachable() {
         FromTun::Reply(icmp) => assert_eq!((icmp[40], icmp[41]), (1, 3)),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(m.node_b.status().peers[0].counters.no_route, 1);
+    assert_eq!(
+        m.node_b.status(Instant::now()).peers[0].counters.no_route,
+        1
+    );
 }
 
 #[test]
@@ -267,7 +284,10 @@ fn oversize_packets_get_packet_too_big_with_the_path_mtu() {
         FromTun::Reply(icmp) => assert_eq!((icmp[20], icmp[21]), (3, 4)),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(m.node_a.status().peers[0].counters.oversize, 2);
+    assert_eq!(
+        m.node_a.status(Instant::now()).peers[0].counters.oversize,
+        2
+    );
     // Without DF the outer datagram may be fragmented: it goes through.
     let big4_frag = ipv4_udp(
         Ipv4Addr::new(10, 10, 1, 1),
@@ -297,18 +317,19 @@ fn authenticated_traffic_from_a_new_address_moves_the_path() {
     // Garbage from the new address must not move the path...
     let _ = m
         .node_b
-        .handle_datagram(&moved, &[4, 0, 0, 0, 1, 2, 3], &mut m.buf);
+        .handle_datagram(&moved, &[4, 0, 0, 0, 1, 2, 3], &mut m.buf, Instant::now());
     assert_eq!(
-        m.node_b.status().peers[0].path.as_deref(),
+        m.node_b.status(Instant::now()).peers[0].path.as_deref(),
         Some("udp 198.18.0.1:51820")
     );
     // ...an authenticated packet does.
     assert!(matches!(
-        m.node_b.handle_datagram(&moved, &datagram, &mut m.buf),
+        m.node_b
+            .handle_datagram(&moved, &datagram, &mut m.buf, Instant::now()),
         FromNetwork::ToTun(_)
     ));
     assert_eq!(
-        m.node_b.status().peers[0].path.as_deref(),
+        m.node_b.status(Instant::now()).peers[0].path.as_deref(),
         Some("udp 198.18.0.77:40000")
     );
 }
@@ -357,10 +378,10 @@ proptest! {
             datagram[..4].copy_from_slice(&u32::from(kind + 1).to_le_bytes());
         }
         let before = m.node_b.counters().clone();
-        let got = m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf);
+        let got = m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf, Instant::now());
         prop_assert!(matches!(got, FromNetwork::Dropped(_)), "{:?}", got);
         let after = m.node_b.counters();
-        let peer_bad = m.node_b.status().peers[0].counters.bad_packet;
+        let peer_bad = m.node_b.status(Instant::now()).peers[0].counters.bad_packet;
         prop_assert!(after.bad_packet + peer_bad + after.unknown_peer_handshakes
             > before.bad_packet + before.unknown_peer_handshakes);
     }
@@ -389,10 +410,13 @@ fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
     let c = Side::new("198.18.0.3:51820");
     let report = m
         .node_a
-        .reconfigure(vec![
-            m.b.as_peer("b", true, &["192.168.50.0/24"]),
-            c.as_peer("c", true, &[]),
-        ])
+        .reconfigure(
+            vec![
+                m.b.as_peer("b", true, &["192.168.50.0/24"]),
+                c.as_peer("c", true, &[]),
+            ],
+            Instant::now(),
+        )
         .unwrap();
     assert_eq!(report.added, vec!["c"]);
     assert_eq!(report.unchanged, vec!["b"]);
@@ -400,7 +424,8 @@ fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
     let datagram = data_message_from_a(&mut m, &ping);
     assert_eq!(message_type(&datagram), Some(DATA));
     assert!(matches!(
-        m.node_b.handle_datagram(&m.a.addr, &datagram, &mut m.buf),
+        m.node_b
+            .handle_datagram(&m.a.addr, &datagram, &mut m.buf, Instant::now()),
         FromNetwork::ToTun(_)
     ));
     // And the new peer is routed: its first packet starts a handshake.
@@ -416,17 +441,21 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
     send_from_a(&mut m, &ping);
     let from_a = data_message_from_a(&mut m, &ping);
     // b drops a; a's traffic is no longer accepted.
-    let report = m.node_b.reconfigure(vec![]).unwrap();
+    let report = m.node_b.reconfigure(vec![], Instant::now()).unwrap();
     assert_eq!(report.removed, vec!["a"]);
     assert!(matches!(
-        m.node_b.handle_datagram(&m.a.addr, &from_a, &mut m.buf),
+        m.node_b
+            .handle_datagram(&m.a.addr, &from_a, &mut m.buf, Instant::now()),
         FromNetwork::Dropped(_)
     ));
-    assert!(m.node_b.status().peers.is_empty());
+    assert!(m.node_b.status(Instant::now()).peers.is_empty());
     // a moves b's subnet: 192.168.50.0/24 becomes 192.168.60.0/24.
     let report = m
         .node_a
-        .reconfigure(vec![m.b.as_peer("b", true, &["192.168.60.0/24"])])
+        .reconfigure(
+            vec![m.b.as_peer("b", true, &["192.168.60.0/24"])],
+            Instant::now(),
+        )
         .unwrap();
     assert_eq!(report.changed, vec!["b"]);
     let mut out = vec![0u8; BUFFER_SIZE];
@@ -462,11 +491,12 @@ fn over_tox_only_the_peers_own_tox_key_may_carry_its_session() {
     // b has no Tox ID configured for a: a Tox friend cannot deliver a's traffic.
     let stranger = PeerAddr::Tox(ToxPublicKey([9; 32]));
     assert!(matches!(
-        m.node_b.handle_datagram(&stranger, &datagram, &mut m.buf),
+        m.node_b
+            .handle_datagram(&stranger, &datagram, &mut m.buf, Instant::now()),
         FromNetwork::Dropped(DropReason::WrongPath)
     ));
     assert_eq!(
-        m.node_b.status().peers[0].path.as_deref(),
+        m.node_b.status(Instant::now()).peers[0].path.as_deref(),
         Some("udp 198.18.0.1:51820")
     );
 }
@@ -482,8 +512,10 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
     let mut restricted = m.a.as_peer("a", true, &["10.10.1.1/32"]);
     restricted.i2p = Some(a_dest);
     restricted.transports = vec![TransportKind::I2p];
-    m.node_b.reconfigure(vec![restricted]).unwrap();
-    let path_of_a = |node: &Node| node.status().peers[0].path.clone();
+    m.node_b
+        .reconfigure(vec![restricted], Instant::now())
+        .unwrap();
+    let path_of_a = |node: &Node| node.status(Instant::now()).peers[0].path.clone();
     assert_eq!(path_of_a(&m.node_b), Some(format!("i2p {a_dest}")));
 
     // Authentic traffic from a over UDP is dropped before decryption, and
@@ -491,23 +523,31 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
     let over_udp = data_message_from_a(&mut m, &ping);
     assert!(matches!(
         m.node_b
-            .handle_datagram(&m.a.addr.clone(), &over_udp, &mut m.buf),
+            .handle_datagram(&m.a.addr.clone(), &over_udp, &mut m.buf, Instant::now()),
         FromNetwork::Dropped(DropReason::WrongPath)
     ));
     // So is traffic from another I2P destination.
     let other_dest = PeerAddr::I2p(I2pAddress([6; 32]));
     assert!(matches!(
-        m.node_b.handle_datagram(&other_dest, &over_udp, &mut m.buf),
+        m.node_b
+            .handle_datagram(&other_dest, &over_udp, &mut m.buf, Instant::now()),
         FromNetwork::Dropped(DropReason::WrongPath)
     ));
-    assert_eq!(m.node_b.status().peers[0].counters.wrong_path, 2);
+    assert_eq!(
+        m.node_b.status(Instant::now()).peers[0].counters.wrong_path,
+        2
+    );
     assert_eq!(path_of_a(&m.node_b), Some(format!("i2p {a_dest}")));
 
     // From a's own destination it is delivered, and b answers over I2P.
     let over_i2p = data_message_from_a(&mut m, &ping);
     assert!(matches!(
-        m.node_b
-            .handle_datagram(&PeerAddr::I2p(a_dest), &over_i2p, &mut m.buf),
+        m.node_b.handle_datagram(
+            &PeerAddr::I2p(a_dest),
+            &over_i2p,
+            &mut m.buf,
+            Instant::now()
+        ),
         FromNetwork::ToTun(_)
     ));
     let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
@@ -530,12 +570,10 @@ fn transports_order_chooses_the_first_path() {
     let side = Side::new("198.18.0.1:51820");
     let mut peer = side.as_peer("p", true, &[]);
     peer.i2p = Some(I2pAddress([1; 32]));
-    assert_eq!(configured_path(&peer), Some(side.addr.clone()));
+    let i2p = PeerAddr::I2p(I2pAddress([1; 32]));
+    assert_eq!(configured_paths(&peer), [side.addr.clone(), i2p.clone()]);
     peer.transports = vec![TransportKind::I2p, TransportKind::Udp];
-    assert_eq!(
-        configured_path(&peer),
-        Some(PeerAddr::I2p(I2pAddress([1; 32])))
-    );
+    assert_eq!(configured_paths(&peer), [i2p, side.addr.clone()]);
     peer.transports = vec![TransportKind::Tox];
-    assert_eq!(configured_path(&peer), None);
+    assert_eq!(configured_paths(&peer), []);
 }

@@ -183,6 +183,21 @@ pub trait Transport: Send {
     /// Hand one datagram to the transport.
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError>;
 
+    /// `send` with this IP TTL, for the probe that opens a NAT mapping
+    /// without reaching the peer's NAT. Transports without IP hops of
+    /// their own send normally.
+    fn send_with_ttl(&mut self, to: &PeerAddr, datagram: &[u8], ttl: u8) -> Result<(), SendError> {
+        let _ = ttl;
+        self.send(to, datagram)
+    }
+
+    /// Where peers may reach this node over this transport (our UDP
+    /// endpoints: interface addresses, the public mapping). Empty for
+    /// transports addressed by identity.
+    fn local_endpoints(&self) -> Vec<PeerAddr> {
+        Vec::new()
+    }
+
     /// Receive one datagram into `buf`. Datagrams longer than `buf` are
     /// dropped by the transport (the daemon's buffer fits every legal one).
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>>;

@@ -1,8 +1,16 @@
-//! Plain UDP transport: one dual-stack socket carries every peer's datagrams.
+//! Plain UDP transport: one dual-stack socket carries every peer's
+//! datagrams. The same socket asks STUN servers for its public mapping and
+//! answers peers' STUN requests, and sends the short-TTL probes that open a
+//! NAT mapping for hole punching.
+
+pub mod nat;
+pub mod stun;
 
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::ReadBuf;
@@ -16,13 +24,21 @@ const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 const IPV4_UDP_HEADERS: usize = 20 + 8;
 const IPV6_UDP_HEADERS: usize = 40 + 8;
+/// How often the interface addresses are read again.
+const INTERFACE_REFRESH: Duration = Duration::from_secs(10);
+/// STUN requests answered per second at most: a reflector, not an amplifier.
+const STUN_ANSWERS_PER_SECOND: u32 = 200;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UdpConfig {
     /// 0 picks a free port.
     pub listen_port: u16,
     /// MTU of the underlying links, used to size unfragmented datagrams.
     pub link_mtu: usize,
+    /// STUN servers asked for our public mapping.
+    pub stun_servers: Vec<SocketAddr>,
+    /// Interfaces whose addresses are never announced (our own TUN).
+    pub skip_interfaces: Vec<String>,
 }
 
 impl Default for UdpConfig {
@@ -30,15 +46,36 @@ impl Default for UdpConfig {
         UdpConfig {
             listen_port: 51820,
             link_mtu: 1500,
+            stun_servers: Vec::new(),
+            skip_interfaces: Vec::new(),
         }
     }
 }
 
+/// What the STUN task and the receive path share.
+struct NatState {
+    client: nat::StunClient,
+    /// Our interface addresses with the bound port.
+    interface_endpoints: Vec<SocketAddr>,
+    next_interface_refresh: Instant,
+    skip_interfaces: Vec<String>,
+    answers_this_second: (Instant, u32),
+}
+
 pub struct UdpTransport {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     local: SocketAddr,
     dual_stack: bool,
     link_mtu: usize,
+    nat: Arc<Mutex<NatState>>,
+    stun_task: tokio::task::JoinHandle<()>,
+    stun_servers: usize,
+}
+
+impl Drop for UdpTransport {
+    fn drop(&mut self) {
+        self.stun_task.abort();
+    }
 }
 
 impl UdpTransport {
@@ -52,14 +89,26 @@ impl UdpTransport {
             }
             Err(e) => return Err(e),
         };
-        let socket = UdpSocket::from_std(socket.into())?;
+        let socket = Arc::new(UdpSocket::from_std(socket.into())?);
         let local = socket.local_addr()?;
-        tracing::info!(%local, dual_stack, "udp transport bound");
+        tracing::info!(%local, dual_stack, stun_servers = config.stun_servers.len(), "udp transport bound");
+        let now = Instant::now();
+        let nat = Arc::new(Mutex::new(NatState {
+            client: nat::StunClient::new(&config.stun_servers, now),
+            interface_endpoints: Vec::new(),
+            next_interface_refresh: now,
+            skip_interfaces: config.skip_interfaces.clone(),
+            answers_this_second: (now, 0),
+        }));
+        let stun_task = tokio::spawn(run_stun(socket.clone(), nat.clone(), dual_stack));
         Ok(UdpTransport {
             socket,
             local,
             dual_stack,
             link_mtu: config.link_mtu,
+            nat,
+            stun_task,
+            stun_servers: config.stun_servers.len(),
         })
     }
 
@@ -69,11 +118,163 @@ impl UdpTransport {
 
     fn to_socket_addr(&self, to: &PeerAddr) -> Result<SocketAddr, SendError> {
         match to {
-            PeerAddr::Udp(SocketAddr::V4(v4)) if self.dual_stack => Ok(SocketAddr::V6(
-                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0),
-            )),
-            PeerAddr::Udp(sa) => Ok(*sa),
+            PeerAddr::Udp(sa) => Ok(socket_addr(*sa, self.dual_stack)),
             other => Err(SendError::WrongTransport(other.clone())),
+        }
+    }
+
+    /// Takes STUN out of the receive path: answers requests, feeds
+    /// responses to the client. True when the datagram was STUN.
+    fn handle_stun(&self, datagram: &[u8], from: SocketAddr) -> bool {
+        if !stun::is_stun(datagram) {
+            return false;
+        }
+        let now = Instant::now();
+        let Ok(mut state) = self.nat.lock() else {
+            return true;
+        };
+        match stun::parse(datagram) {
+            Ok(stun::Message::BindingRequest(id)) => {
+                let (since, count) = &mut state.answers_this_second;
+                if now.duration_since(*since) >= Duration::from_secs(1) {
+                    *since = now;
+                    *count = 0;
+                }
+                if *count < STUN_ANSWERS_PER_SECOND {
+                    *count += 1;
+                    let response = stun::binding_success(&id, from);
+                    let to = socket_addr(from, self.dual_stack);
+                    let _ = socket2::SockRef::from(&*self.socket).send_to(&response, &to.into());
+                }
+            }
+            Ok(stun::Message::BindingSuccess(id, mapped)) => {
+                if !state.client.handle_response(from, id, mapped, now) {
+                    tracing::debug!(%from, "unexpected STUN response");
+                }
+            }
+            Ok(stun::Message::BindingError(_)) => {
+                tracing::debug!(%from, "STUN error response");
+            }
+            Err(error) => tracing::debug!(%from, %error, "malformed STUN message"),
+        }
+        true
+    }
+
+    fn received(&self, buf: &[u8], from: SocketAddr, len: usize) -> Option<Received> {
+        let from = canonical(from);
+        (!self.handle_stun(&buf[..len], from)).then_some(Received {
+            from: PeerAddr::Udp(from),
+            len,
+        })
+    }
+}
+
+fn socket_addr(sa: SocketAddr, dual_stack: bool) -> SocketAddr {
+    match sa {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        other => other,
+    }
+}
+
+/// Asks the STUN servers for our mapping and keeps the interface
+/// addresses current, for as long as the transport lives.
+async fn run_stun(socket: Arc<UdpSocket>, nat: Arc<Mutex<NatState>>, dual_stack: bool) {
+    let port = socket.local_addr().map(|a| a.port()).unwrap_or_default();
+    loop {
+        let now = Instant::now();
+        let (requests, wake) = {
+            let Ok(mut state) = nat.lock() else { return };
+            if now >= state.next_interface_refresh {
+                state.interface_endpoints =
+                    interface_endpoints(port, dual_stack, &state.skip_interfaces);
+                state.next_interface_refresh = now + INTERFACE_REFRESH;
+            }
+            let requests = state.client.poll_transmits(now, random_transaction_id);
+            let wake = state
+                .client
+                .poll_timeout()
+                .unwrap_or(state.next_interface_refresh)
+                .min(state.next_interface_refresh);
+            (requests, wake)
+        };
+        for (server, request) in requests {
+            let to = socket_addr(server, dual_stack);
+            if let Err(error) = socket2::SockRef::from(&*socket).send_to(&request, &to.into()) {
+                tracing::debug!(%server, %error, "STUN request not sent");
+            }
+        }
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            wake.max(now + Duration::from_millis(10)),
+        ))
+        .await;
+    }
+}
+
+fn random_transaction_id() -> stun::TransactionId {
+    let mut id = [0u8; 12];
+    // A predictable id only lets an on-path attacker forge our mapping,
+    // which it could do anyway; never worth failing over.
+    let _ = getrandom::fill(&mut id);
+    id
+}
+
+/// Our addresses a peer might reach: every interface but loopback, our
+/// own TUN and IPv6 link-local ones (they need a scope a peer lacks).
+fn interface_endpoints(port: u16, dual_stack: bool, skip: &[String]) -> Vec<SocketAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for ifaddr in addrs {
+        if skip.contains(&ifaddr.interface_name) {
+            continue;
+        }
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
+        let ip: IpAddr = if let Some(v4) = address.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            if !dual_stack {
+                continue;
+            }
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if ip.is_loopback() || ip.is_unspecified() || link_local {
+            continue;
+        }
+        let sa = SocketAddr::new(ip, port);
+        if !out.contains(&sa) {
+            out.push(sa);
+        }
+    }
+    out
+}
+
+/// Sets the TTL (IPv4, also for IPv4-mapped destinations of a dual-stack
+/// socket) and hop limit (IPv6) of the socket's unicast sends; -1 restores
+/// the route's default.
+fn set_unicast_ttl(socket: &UdpSocket, ttl: i32) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    for (level, name) in [
+        (libc::IPPROTO_IP, libc::IP_TTL),
+        (libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS),
+    ] {
+        // SAFETY: a valid socket and a pointer to a c_int of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&ttl as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
         }
     }
 }
@@ -120,6 +321,27 @@ impl Transport for UdpTransport {
         }
     }
 
+    fn send_with_ttl(&mut self, to: &PeerAddr, datagram: &[u8], ttl: u8) -> Result<(), SendError> {
+        // The event loop is single-threaded: no other send sees this TTL.
+        set_unicast_ttl(&self.socket, i32::from(ttl));
+        let result = self.send(to, datagram);
+        set_unicast_ttl(&self.socket, -1);
+        result
+    }
+
+    fn local_endpoints(&self) -> Vec<PeerAddr> {
+        let Ok(state) = self.nat.lock() else {
+            return Vec::new();
+        };
+        let mut all = state.interface_endpoints.clone();
+        if let Some(public) = state.client.public_endpoint() {
+            if !all.contains(&public) {
+                all.insert(0, public);
+            }
+        }
+        all.into_iter().map(PeerAddr::Udp).collect()
+    }
+
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
         let dest = self.to_socket_addr(to)?;
         // Straight to the non-blocking socket: tokio's try_send_to refuses
@@ -133,32 +355,50 @@ impl Transport for UdpTransport {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        let mut read = ReadBuf::new(buf);
-        match self.socket.poll_recv_from(cx, &mut read) {
-            Poll::Ready(Ok(from)) => Poll::Ready(Ok(Received {
-                from: PeerAddr::Udp(canonical(from)),
-                len: read.filled().len(),
-            })),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+        loop {
+            let mut read = ReadBuf::new(buf);
+            match self.socket.poll_recv_from(cx, &mut read) {
+                Poll::Ready(Ok(from)) => {
+                    let len = read.filled().len();
+                    if let Some(received) = self.received(buf, from, len) {
+                        return Poll::Ready(Ok(received));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         // Through tokio's readiness cache: the EAGAIN that ends a batch also
         // clears it, so the next poll_recv waits instead of asking again.
-        match self.socket.try_recv_from(buf) {
-            Ok((len, from)) => Ok(Some(Received {
-                from: PeerAddr::Udp(canonical(from)),
-                len,
-            })),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+        loop {
+            match self.socket.try_recv_from(buf) {
+                Ok((len, from)) => {
+                    if let Some(received) = self.received(buf, from, len) {
+                        return Ok(Some(received));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            }
         }
     }
 
     fn describe(&self) -> String {
-        format!("udp listening on port {}", self.local.port())
+        let mut text = format!("udp listening on port {}", self.local.port());
+        if self.stun_servers == 0 {
+            return text;
+        }
+        if let Ok(state) = self.nat.lock() {
+            let nat_type = state.client.nat_type(&state.interface_endpoints);
+            match state.client.public_endpoint() {
+                Some(public) => text += &format!(", public endpoint {public}, NAT: {nat_type}"),
+                None => text += ", no STUN answer yet (public endpoint unknown)",
+            }
+        }
+        text
     }
 }
 
@@ -182,12 +422,12 @@ mod tests {
     async fn datagrams_cross_loopback_both_families() {
         let mut a = UdpTransport::bind(UdpConfig {
             listen_port: 0,
-            link_mtu: 1500,
+            ..UdpConfig::default()
         })
         .unwrap();
         let mut b = UdpTransport::bind(UdpConfig {
             listen_port: 0,
-            link_mtu: 1500,
+            ..UdpConfig::default()
         })
         .unwrap();
         for ip in ["127.0.0.1", "::1"] {
@@ -215,7 +455,7 @@ mod tests {
         let _guard = rt.enter();
         let t = UdpTransport::bind(UdpConfig {
             listen_port: 0,
-            link_mtu: 1500,
+            ..UdpConfig::default()
         })
         .unwrap();
         let v4 = PeerAddr::Udp("198.18.0.1:1".parse().unwrap());

@@ -1,0 +1,610 @@
+//! A peer's candidate paths: which exist, which answer probes, how fast,
+//! and which one carries its traffic. Pure state; the node sends the probes
+//! this asks for and reports what comes back.
+//!
+//! A path is *live* while probes sent on it are answered (a round trip, so a
+//! path that only works one way is not live). The path in use is the best
+//! live one: first by the peer's transport order, then by RTT, sticking to
+//! the current one among equals. With nothing live, the path last heard
+//! from is used (WireGuard's roaming), else the first configured one.
+//!
+//! Punching (for endpoints the peer announced): the first probe leaves with
+//! a short TTL, opening our NAT's mapping without reaching the peer's NAT
+//! (where an unsolicited packet would leave a conntrack entry that makes
+//! the peer's NAT remap its own outgoing probes); full probes follow after
+//! `punch_delay`, by which time the peer has opened its mapping too.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use veilmesh_transport::{PeerAddr, TransportKind};
+
+/// Probe interval for a peer with several paths: failover must happen
+/// within 5 s of the path in use going silent.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Probe interval for a peer with one path: a keepalive that holds NAT
+/// mappings (UDP conntrack entries last 30 s unreplied) and measures RTT.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Probe interval for a path that has not answered for a long time.
+const DEAD_INTERVAL: Duration = Duration::from_secs(5);
+/// A path that answered within this long is probed as if still live.
+const RECENT: Duration = Duration::from_secs(60);
+/// Probes during a punch go this often, for this long.
+pub const PUNCH_INTERVAL: Duration = Duration::from_millis(100);
+const PUNCH_DURATION: Duration = Duration::from_secs(5);
+/// Observed (peer-reflexive) and announced paths kept per peer.
+const MAX_LEARNED: usize = 16;
+/// Probes awaiting an answer, across all paths of a peer.
+const MAX_OUTSTANDING: usize = 64;
+/// Observed paths silent this long are forgotten.
+const FORGET_AFTER: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// From the config: a static endpoint, Tox ID or I2P destination.
+    Configured,
+    /// An endpoint the peer announced in the session, to be punched.
+    Announced,
+    /// Where authenticated traffic from the peer came from.
+    Observed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Punch {
+    /// The short-TTL probe has gone out.
+    opened: bool,
+    /// Full probes start here.
+    full_from: Instant,
+    until: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Path {
+    addr: PeerAddr,
+    origin: Origin,
+    last_pong: Option<Instant>,
+    last_rx: Option<Instant>,
+    rtt: Option<Duration>,
+    next_probe: Instant,
+    punch: Option<Punch>,
+}
+
+impl Path {
+    fn new(addr: PeerAddr, origin: Origin, now: Instant) -> Path {
+        Path {
+            addr,
+            origin,
+            last_pong: None,
+            last_rx: None,
+            rtt: None,
+            next_probe: now,
+            punch: None,
+        }
+    }
+
+    fn timeout(&self, interval: Duration) -> Duration {
+        2 * interval + Duration::from_secs(1) + 2 * self.rtt.unwrap_or_default()
+    }
+
+    fn is_live(&self, now: Instant, interval: Duration) -> bool {
+        self.last_pong
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.timeout(interval))
+    }
+
+    fn recently_live(&self, now: Instant) -> bool {
+        self.last_pong
+            .is_some_and(|t| now.saturating_duration_since(t) <= RECENT)
+    }
+}
+
+/// A probe the node should send now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeToSend {
+    pub to: PeerAddr,
+    pub id: u64,
+    /// Send with this IP TTL (the opening probe of a punch).
+    pub short_ttl: bool,
+}
+
+/// One path as `veilmesh show` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PathStatus {
+    pub address: String,
+    pub origin: Origin,
+    /// live, punching, silent (answered before, not now) or unverified.
+    pub state: String,
+    pub rtt_ms: Option<f64>,
+    pub in_use: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PathSet {
+    paths: Vec<Path>,
+    in_use: Option<PeerAddr>,
+    outstanding: VecDeque<(u64, PeerAddr, Instant)>,
+    next_id: u64,
+}
+
+impl PathSet {
+    pub fn new(configured: Vec<PeerAddr>, now: Instant) -> PathSet {
+        let mut set = PathSet {
+            next_id: 1,
+            ..PathSet::default()
+        };
+        set.set_configured(configured, now, |_| true);
+        set
+    }
+
+    /// The configured paths changed (a reload): keep what is still allowed,
+    /// with its measurements.
+    pub fn set_configured(
+        &mut self,
+        configured: Vec<PeerAddr>,
+        now: Instant,
+        allowed: impl Fn(&PeerAddr) -> bool,
+    ) {
+        self.paths.retain(|p| {
+            allowed(&p.addr) && (p.origin != Origin::Configured || configured.contains(&p.addr))
+        });
+        for addr in configured {
+            match self.paths.iter_mut().find(|p| p.addr == addr) {
+                Some(p) => p.origin = Origin::Configured,
+                None => self.paths.push(Path::new(addr, Origin::Configured, now)),
+            }
+        }
+        if self.in_use.as_ref().is_some_and(|a| !self.contains(a)) {
+            self.in_use = None;
+        }
+    }
+
+    fn contains(&self, addr: &PeerAddr) -> bool {
+        self.paths.iter().any(|p| &p.addr == addr)
+    }
+
+    fn get_mut(&mut self, addr: &PeerAddr) -> Option<&mut Path> {
+        self.paths.iter_mut().find(|p| &p.addr == addr)
+    }
+
+    fn interval(&self) -> Duration {
+        if self.paths.len() > 1 {
+            PROBE_INTERVAL
+        } else {
+            KEEPALIVE_INTERVAL
+        }
+    }
+
+    pub fn in_use(&self) -> Option<&PeerAddr> {
+        self.in_use.as_ref()
+    }
+
+    /// Authenticated traffic arrived over `from` (already checked allowed).
+    /// Returns true when `from` is a new path, to be probed at once.
+    pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
+        if let Some(path) = self.get_mut(from) {
+            path.last_rx = Some(now);
+            return false;
+        }
+        if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
+            return false;
+        }
+        let mut path = Path::new(from.clone(), Origin::Observed, now);
+        path.last_rx = Some(now);
+        self.paths.push(path);
+        true
+    }
+
+    /// A handshake response came back over `from`: a round trip.
+    pub fn answered(&mut self, from: &PeerAddr, now: Instant) {
+        self.heard(from, now);
+        if let Some(path) = self.get_mut(from) {
+            path.last_pong = Some(now);
+            path.punch = None;
+        }
+    }
+
+    fn learned_count(&self) -> usize {
+        self.paths
+            .iter()
+            .filter(|p| p.origin != Origin::Configured)
+            .count()
+    }
+
+    /// Drops the learned path silent the longest, unless it is in use.
+    fn evict_one(&mut self) -> bool {
+        let in_use = self.in_use.clone();
+        let victim = self
+            .paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.origin != Origin::Configured && Some(&p.addr) != in_use.as_ref())
+            .min_by_key(|(_, p)| p.last_pong.max(p.last_rx))
+            .map(|(i, _)| i);
+        match victim {
+            Some(i) => {
+                self.paths.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peer announced its endpoints: they replace the ones it announced
+    /// before (live ones stay), and those not live are punched.
+    pub fn announced(&mut self, endpoints: &[SocketAddr], now: Instant, punch_delay: Duration) {
+        self.paths.retain(|p| {
+            p.origin != Origin::Announced
+                || p.recently_live(now)
+                || matches!(p.addr, PeerAddr::Udp(sa) if endpoints.contains(&sa))
+        });
+        for sa in endpoints {
+            let addr = PeerAddr::Udp(*sa);
+            if !self.contains(&addr) {
+                if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
+                    continue;
+                }
+                self.paths
+                    .push(Path::new(addr.clone(), Origin::Announced, now));
+            }
+            let interval = self.interval();
+            if let Some(path) = self.get_mut(&addr) {
+                if !path.is_live(now, interval) {
+                    path.punch = Some(Punch {
+                        opened: false,
+                        full_from: now + punch_delay,
+                        until: now + punch_delay + PUNCH_DURATION,
+                    });
+                    path.next_probe = now;
+                }
+            }
+        }
+    }
+
+    /// Probe every path at once (after a handshake, or a new path).
+    pub fn probe_all_now(&mut self, now: Instant) {
+        for p in &mut self.paths {
+            p.next_probe = p.next_probe.min(now);
+        }
+    }
+
+    /// The probes due now; each is remembered to match its reply.
+    pub fn poll_probes(&mut self, now: Instant) -> Vec<ProbeToSend> {
+        let interval = self.interval();
+        let mut due = Vec::new();
+        for path in &mut self.paths {
+            if path.next_probe > now {
+                continue;
+            }
+            let short_ttl = match &mut path.punch {
+                Some(punch) if now > punch.until => {
+                    path.punch = None;
+                    !full_probes_allowed(path, now)
+                }
+                Some(punch) if !punch.opened => {
+                    punch.opened = true;
+                    path.next_probe = punch.full_from;
+                    due.push((path.addr.clone(), true));
+                    continue;
+                }
+                Some(_) => {
+                    path.next_probe = now + PUNCH_INTERVAL;
+                    due.push((path.addr.clone(), false));
+                    continue;
+                }
+                None => !full_probes_allowed(path, now),
+            };
+            let live = path.is_live(now, interval) || path.recently_live(now);
+            path.next_probe = now
+                + if live || path.origin == Origin::Configured && path.last_pong.is_none() {
+                    interval
+                } else {
+                    DEAD_INTERVAL.max(interval)
+                };
+            due.push((path.addr.clone(), short_ttl));
+        }
+        due.into_iter()
+            .map(|(to, short_ttl)| {
+                let id = self.next_id;
+                self.next_id = self.next_id.wrapping_add(1);
+                if self.outstanding.len() == MAX_OUTSTANDING {
+                    self.outstanding.pop_front();
+                }
+                self.outstanding.push_back((id, to.clone(), now));
+                ProbeToSend { to, id, short_ttl }
+            })
+            .collect()
+    }
+
+    /// When the next probe is due.
+    pub fn next_probe(&self) -> Option<Instant> {
+        self.paths.iter().map(|p| p.next_probe).min()
+    }
+
+    /// A probe reply: the path it was sent on answers. False if the id is
+    /// not one of ours (old, or never sent).
+    pub fn pong(&mut self, id: u64, now: Instant) -> bool {
+        let Some(i) = self.outstanding.iter().position(|(o, _, _)| *o == id) else {
+            return false;
+        };
+        let Some((_, addr, sent)) = self.outstanding.remove(i) else {
+            return false;
+        };
+        let Some(path) = self.get_mut(&addr) else {
+            return false;
+        };
+        let sample = now.saturating_duration_since(sent);
+        path.rtt = Some(match path.rtt {
+            Some(rtt) => (rtt * 7 + sample) / 8,
+            None => sample,
+        });
+        path.last_pong = Some(now);
+        path.punch = None;
+        true
+    }
+
+    /// Re-chooses the path in use; returns it when it changed.
+    pub fn select(&mut self, now: Instant, order: &[TransportKind]) -> Option<&PeerAddr> {
+        let interval = self.interval();
+        let rank =
+            |kind: TransportKind| order.iter().position(|k| *k == kind).unwrap_or(usize::MAX);
+        let current_live = self
+            .in_use
+            .as_ref()
+            .and_then(|a| self.paths.iter().find(|p| &p.addr == a))
+            .filter(|p| p.is_live(now, interval));
+        let best_live = self
+            .paths
+            .iter()
+            .filter(|p| p.is_live(now, interval))
+            .min_by_key(|p| (rank(p.addr.kind()), p.rtt.unwrap_or(Duration::MAX)));
+        let chosen = match (current_live, best_live) {
+            (Some(cur), Some(best)) if rank(cur.addr.kind()) <= rank(best.addr.kind()) => {
+                Some(cur.addr.clone())
+            }
+            (_, Some(best)) => Some(best.addr.clone()),
+            (_, None) => self
+                .paths
+                .iter()
+                .filter(|p| p.last_rx.is_some())
+                .max_by_key(|p| p.last_rx)
+                .or_else(|| {
+                    self.paths
+                        .iter()
+                        .filter(|p| p.origin == Origin::Configured)
+                        .min_by_key(|p| rank(p.addr.kind()))
+                })
+                .map(|p| p.addr.clone()),
+        };
+        if chosen.is_some() && chosen != self.in_use {
+            self.in_use = chosen;
+            return self.in_use.as_ref();
+        }
+        None
+    }
+
+    /// Where a handshake initiation goes: the live path in use, or every
+    /// path that may carry one (announced endpoints only while punched or
+    /// recently live: an unsolicited full-TTL packet spoils the punch).
+    pub fn handshake_targets(&self, now: Instant) -> Vec<PeerAddr> {
+        let interval = self.interval();
+        if let Some(addr) = &self.in_use {
+            if self
+                .paths
+                .iter()
+                .any(|p| &p.addr == addr && p.is_live(now, interval))
+            {
+                return vec![addr.clone()];
+            }
+        }
+        let mut targets: Vec<PeerAddr> = self
+            .paths
+            .iter()
+            .filter(|p| full_probes_allowed(p, now))
+            .map(|p| p.addr.clone())
+            .collect();
+        if let Some(addr) = &self.in_use {
+            if !targets.contains(addr) {
+                targets.insert(0, addr.clone());
+            }
+        }
+        targets
+    }
+
+    pub fn has_live(&self, kind: TransportKind, now: Instant) -> bool {
+        let interval = self.interval();
+        self.paths
+            .iter()
+            .any(|p| p.addr.kind() == kind && p.is_live(now, interval))
+    }
+
+    pub fn rtt(&self, addr: &PeerAddr) -> Option<Duration> {
+        self.paths.iter().find(|p| &p.addr == addr)?.rtt
+    }
+
+    /// Forgets observed paths silent for long (a NAT's old mapping).
+    pub fn prune(&mut self, now: Instant) {
+        let in_use = self.in_use.clone();
+        self.paths.retain(|p| {
+            p.origin != Origin::Observed
+                || Some(&p.addr) == in_use.as_ref()
+                || p.last_pong
+                    .max(p.last_rx)
+                    .is_some_and(|t| now.saturating_duration_since(t) < FORGET_AFTER)
+        });
+    }
+
+    pub fn status(&self, now: Instant) -> Vec<PathStatus> {
+        let interval = self.interval();
+        self.paths
+            .iter()
+            .map(|p| PathStatus {
+                address: p.addr.to_string(),
+                origin: p.origin,
+                state: if p.is_live(now, interval) {
+                    "live"
+                } else if p.punch.is_some() {
+                    "punching"
+                } else if p.last_pong.is_some() {
+                    "silent"
+                } else {
+                    "unverified"
+                }
+                .to_owned(),
+                rtt_ms: p.rtt.map(|d| (d.as_secs_f64() * 1e5).round() / 100.0),
+                in_use: Some(&p.addr) == self.in_use.as_ref(),
+            })
+            .collect()
+    }
+}
+
+/// May full-TTL packets go to this path outside a punch? Not to announced
+/// endpoints that never answered (or not for long): reaching the peer's
+/// NAT before the peer has sent anything spoils the next punch.
+fn full_probes_allowed(path: &Path, now: Instant) -> bool {
+    path.origin != Origin::Announced || path.recently_live(now) || path.punch.is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use veilmesh_transport::ToxPublicKey;
+
+    fn udp(s: &str) -> PeerAddr {
+        PeerAddr::Udp(s.parse().unwrap())
+    }
+    const ORDER: [TransportKind; 3] = TransportKind::ALL;
+
+    fn answer_all(set: &mut PathSet, now: Instant, only: &[PeerAddr]) {
+        for probe in set.poll_probes(now) {
+            if only.contains(&probe.to) {
+                assert!(set.pong(probe.id, now + Duration::from_millis(10)));
+            }
+        }
+    }
+
+    #[test]
+    fn prefers_udp_fails_over_to_tox_and_comes_back() {
+        let t0 = Instant::now();
+        let direct = udp("203.0.113.7:40000");
+        let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
+        let mut set = PathSet::new(vec![direct.clone(), tox.clone()], t0);
+        // Before anything answers: the first configured path in order.
+        assert_eq!(set.select(t0, &ORDER), Some(&direct));
+        answer_all(&mut set, t0, &[direct.clone(), tox.clone()]);
+        assert_eq!(set.select(t0, &ORDER), None, "no change");
+        // The direct path goes silent: Tox takes over within 5 s.
+        let mut now = t0;
+        let mut moved_at = None;
+        for _ in 0..60 {
+            now += Duration::from_millis(100);
+            answer_all(&mut set, now, &[tox.clone()]);
+            if set.select(now, &ORDER).is_some() {
+                moved_at = Some(now);
+                break;
+            }
+        }
+        let moved_at = moved_at.expect("failover");
+        assert_eq!(set.in_use(), Some(&tox));
+        assert!(
+            moved_at - t0 <= Duration::from_secs(5),
+            "{:?}",
+            moved_at - t0
+        );
+        // The direct path answers again: traffic goes back.
+        for _ in 0..30 {
+            now += Duration::from_millis(100);
+            answer_all(&mut set, now, &[direct.clone(), tox.clone()]);
+            set.select(now, &ORDER);
+        }
+        assert_eq!(set.in_use(), Some(&direct));
+        let status = set.status(now);
+        assert!(status.iter().all(|p| p.state == "live"));
+        assert_eq!(status.iter().filter(|p| p.in_use).count(), 1);
+    }
+
+    #[test]
+    fn transport_order_outranks_latency() {
+        let t0 = Instant::now();
+        let direct = udp("203.0.113.7:40000");
+        let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
+        let mut set = PathSet::new(vec![direct.clone(), tox.clone()], t0);
+        for probe in set.poll_probes(t0) {
+            let rtt = if probe.to == tox { 5 } else { 50 };
+            set.pong(probe.id, t0 + Duration::from_millis(rtt));
+        }
+        set.select(t0 + Duration::from_millis(60), &ORDER);
+        assert_eq!(set.in_use(), Some(&direct));
+        set.select(
+            t0 + Duration::from_millis(60),
+            &[TransportKind::Tox, TransportKind::Udp],
+        );
+        assert_eq!(set.in_use(), Some(&tox));
+    }
+
+    #[test]
+    fn a_punch_opens_with_one_short_ttl_probe_then_full_probes() {
+        let t0 = Instant::now();
+        let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
+        let mut set = PathSet::new(vec![tox.clone()], t0);
+        let public = udp("198.51.100.1:40000");
+        set.announced(
+            &["198.51.100.1:40000".parse().unwrap()],
+            t0,
+            Duration::from_millis(300),
+        );
+        let first: Vec<_> = set
+            .poll_probes(t0)
+            .into_iter()
+            .filter(|p| p.to == public)
+            .collect();
+        assert_eq!(first.len(), 1);
+        assert!(first[0].short_ttl);
+        // Nothing more to it before the delay...
+        assert!(set
+            .poll_probes(t0 + Duration::from_millis(200))
+            .iter()
+            .all(|p| p.to != public));
+        // ...then full probes every 100 ms.
+        let later = set.poll_probes(t0 + Duration::from_millis(300));
+        assert!(later.iter().any(|p| p.to == public && !p.short_ttl));
+        assert_eq!(set.next_probe(), Some(t0 + Duration::from_millis(400)));
+        // The punch ends unanswered: only short-TTL keepalives from then on.
+        let after = t0 + Duration::from_secs(6);
+        let probes = set.poll_probes(after);
+        assert!(probes
+            .iter()
+            .filter(|p| p.to == public)
+            .all(|p| p.short_ttl));
+        assert!(!set.handshake_targets(after).contains(&public));
+    }
+
+    #[test]
+    fn roaming_without_probes_follows_the_last_sender() {
+        let t0 = Instant::now();
+        let mut set = PathSet::new(vec![udp("198.18.0.1:51820")], t0);
+        assert!(set.heard(&udp("198.18.0.77:40000"), t0));
+        assert_eq!(set.select(t0, &ORDER), Some(&udp("198.18.0.77:40000")));
+    }
+
+    #[test]
+    fn learned_paths_are_bounded_and_old_ones_forgotten() {
+        let t0 = Instant::now();
+        let mut set = PathSet::new(vec![], t0);
+        for port in 0..100u16 {
+            set.heard(&udp(&format!("198.18.0.1:{}", 1000 + port)), t0);
+        }
+        assert!(set.paths.len() <= MAX_LEARNED);
+        set.select(t0, &ORDER);
+        set.prune(t0 + FORGET_AFTER + Duration::from_secs(1));
+        assert_eq!(set.paths.len(), 1, "only the path in use stays");
+    }
+
+    #[test]
+    fn unknown_probe_replies_are_ignored() {
+        let t0 = Instant::now();
+        let mut set = PathSet::new(vec![udp("198.18.0.1:51820")], t0);
+        assert!(!set.pong(12345, t0));
+    }
+}

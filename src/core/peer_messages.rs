@@ -1,0 +1,304 @@
+//! Messages between two peers' cores (path probes, endpoint announcements),
+//! carried inside their Noise session so they are authenticated and work
+//! over every transport.
+//!
+//! Each message is an IPv6 packet from the sender's mesh address to the
+//! receiver's, with next header 253 (RFC 3692, for experiments): boringtun
+//! only carries IP packets, and the receiving core takes these out before
+//! the TUN. The kernel never sends protocol 253 from an unprivileged socket,
+//! and the sending core refuses it from the TUN, so only cores write them.
+//!
+//! Payload: `"vm"`, version 1, message type, then the body (big endian).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// IPv6 next header value of peer messages.
+pub const PROTOCOL: u8 = 253;
+const IPV6_HEADER: usize = 40;
+const MAGIC: &[u8; 2] = b"vm";
+const VERSION: u8 = 1;
+/// Endpoints one announcement carries at most; more is a malformed message.
+pub const MAX_CANDIDATES: usize = 16;
+
+const PROBE: u8 = 1;
+const PROBE_REPLY: u8 = 2;
+const CANDIDATES: u8 = 3;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// "Answer me on the path this arrived on."
+    Probe { id: u64 },
+    /// The answer; `observed` is the UDP endpoint the probe came from (as
+    /// STUN would report it), only ever filled in on UDP paths.
+    ProbeReply {
+        id: u64,
+        observed: Option<SocketAddr>,
+    },
+    /// The sender's UDP endpoints, for hole punching. `reply` asks the
+    /// receiver to announce its own, so both sides punch at about the same
+    /// time.
+    Candidates {
+        endpoints: Vec<SocketAddr>,
+        reply: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("truncated peer message")]
+    Truncated,
+    #[error("not a veilmesh peer message")]
+    BadMagic,
+    #[error("unsupported peer message version {0}")]
+    Version(u8),
+    #[error("unknown peer message type {0}")]
+    UnknownType(u8),
+    #[error("bad address family {0}")]
+    Family(u8),
+    #[error("too many candidates ({0})")]
+    TooMany(usize),
+    #[error("trailing bytes after the message")]
+    Trailing,
+}
+
+/// Is this IP packet (as decrypted or read from the TUN) a peer message?
+pub fn is_peer_message(packet: &[u8]) -> bool {
+    packet.len() >= IPV6_HEADER && packet[0] >> 4 == 6 && packet[6] == PROTOCOL
+}
+
+/// Writes `message` as an IPv6 packet from `src` to `dst` into `out`;
+/// returns the packet's length. `out` must hold 40 + 4 + 9 + 16 × 19 bytes.
+pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, PROTOCOL, 64]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    match message {
+        PeerMessage::Probe { id } => {
+            out.push(PROBE);
+            out.extend_from_slice(&id.to_be_bytes());
+        }
+        PeerMessage::ProbeReply { id, observed } => {
+            out.push(PROBE_REPLY);
+            out.extend_from_slice(&id.to_be_bytes());
+            match observed {
+                Some(sa) => put_endpoint(out, sa),
+                None => out.push(0),
+            }
+        }
+        PeerMessage::Candidates { endpoints, reply } => {
+            out.push(CANDIDATES);
+            out.push(u8::from(*reply));
+            let endpoints = &endpoints[..endpoints.len().min(MAX_CANDIDATES)];
+            out.push(endpoints.len() as u8);
+            for sa in endpoints {
+                put_endpoint(out, sa);
+            }
+        }
+    }
+    let payload_len = (out.len() - IPV6_HEADER) as u16;
+    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
+}
+
+/// Parses the payload of a peer message packet (after the IPv6 header).
+pub fn parse_packet(packet: &[u8]) -> Result<PeerMessage, ParseError> {
+    parse(packet.get(IPV6_HEADER..).ok_or(ParseError::Truncated)?)
+}
+
+/// The IPv6 source address of a packet `is_peer_message` accepted.
+pub fn source(packet: &[u8]) -> Option<Ipv6Addr> {
+    let bytes: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+    Some(Ipv6Addr::from(bytes))
+}
+
+fn parse(payload: &[u8]) -> Result<PeerMessage, ParseError> {
+    let mut r = Reader(payload);
+    if r.take(2)? != MAGIC {
+        return Err(ParseError::BadMagic);
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(ParseError::Version(version));
+    }
+    let message = match r.u8()? {
+        PROBE => PeerMessage::Probe { id: r.u64()? },
+        PROBE_REPLY => PeerMessage::ProbeReply {
+            id: r.u64()?,
+            observed: r.endpoint()?,
+        },
+        CANDIDATES => {
+            let reply = r.u8()? != 0;
+            let count = usize::from(r.u8()?);
+            if count > MAX_CANDIDATES {
+                return Err(ParseError::TooMany(count));
+            }
+            let mut endpoints = Vec::with_capacity(count);
+            for _ in 0..count {
+                endpoints.push(r.endpoint()?.ok_or(ParseError::Family(0))?);
+            }
+            PeerMessage::Candidates { endpoints, reply }
+        }
+        other => return Err(ParseError::UnknownType(other)),
+    };
+    if !r.0.is_empty() {
+        return Err(ParseError::Trailing);
+    }
+    Ok(message)
+}
+
+fn put_endpoint(out: &mut Vec<u8>, sa: &SocketAddr) {
+    match sa.ip().to_canonical() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&sa.port().to_be_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ParseError> {
+        if self.0.len() < n {
+            return Err(ParseError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ParseError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, ParseError> {
+        let bytes: [u8; 8] = self
+            .take(8)?
+            .try_into()
+            .map_err(|_| ParseError::Truncated)?;
+        Ok(u64::from_be_bytes(bytes))
+    }
+
+    fn endpoint(&mut self) -> Result<Option<SocketAddr>, ParseError> {
+        let ip = match self.u8()? {
+            0 => return Ok(None),
+            4 => {
+                let b: [u8; 4] = self
+                    .take(4)?
+                    .try_into()
+                    .map_err(|_| ParseError::Truncated)?;
+                IpAddr::V4(Ipv4Addr::from(b))
+            }
+            6 => {
+                let b: [u8; 16] = self
+                    .take(16)?
+                    .try_into()
+                    .map_err(|_| ParseError::Truncated)?;
+                IpAddr::V6(Ipv6Addr::from(b))
+            }
+            family => return Err(ParseError::Family(family)),
+        };
+        let port: [u8; 2] = self
+            .take(2)?
+            .try_into()
+            .map_err(|_| ParseError::Truncated)?;
+        Ok(Some(SocketAddr::new(ip, u16::from_be_bytes(port))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn endpoint() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| {
+                SocketAddr::new(Ipv6Addr::from(ip).to_canonical(), port)
+            }),
+        ]
+    }
+
+    fn message() -> impl Strategy<Value = PeerMessage> {
+        prop_oneof![
+            any::<u64>().prop_map(|id| PeerMessage::Probe { id }),
+            (any::<u64>(), proptest::option::of(endpoint()))
+                .prop_map(|(id, observed)| PeerMessage::ProbeReply { id, observed }),
+            (
+                proptest::collection::vec(endpoint(), 0..=MAX_CANDIDATES),
+                any::<bool>()
+            )
+                .prop_map(|(endpoints, reply)| PeerMessage::Candidates { endpoints, reply }),
+        ]
+    }
+
+    const SRC: Ipv6Addr = Ipv6Addr::new(0xfd60, 0xdb4d, 0xddb5, 1, 0, 0, 0, 1);
+    const DST: Ipv6Addr = Ipv6Addr::new(0xfd60, 0xdb4d, 0xddb5, 2, 0, 0, 0, 2);
+
+    proptest! {
+        #[test]
+        fn round_trip(m in message()) {
+            let mut packet = Vec::new();
+            encode_packet(&m, SRC, DST, &mut packet);
+            prop_assert!(is_peer_message(&packet));
+            prop_assert_eq!(source(&packet), Some(SRC));
+            // A valid IPv6 header: boringtun checks the payload length.
+            prop_assert_eq!(usize::from(u16::from_be_bytes([packet[4], packet[5]])), packet.len() - 40);
+            prop_assert_eq!(parse_packet(&packet), Ok(m));
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(m in message(), cut in 0usize..400) {
+            let mut packet = Vec::new();
+            encode_packet(&m, SRC, DST, &mut packet);
+            let cut = cut % packet.len();
+            prop_assert!(parse_packet(&packet[..cut]).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = parse_packet(&bytes);
+            let _ = is_peer_message(&bytes);
+            let _ = source(&bytes);
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_and_oversized_lists_are_refused() {
+        let mut packet = Vec::new();
+        encode_packet(&PeerMessage::Probe { id: 7 }, SRC, DST, &mut packet);
+        packet.push(0);
+        assert_eq!(parse_packet(&packet), Err(ParseError::Trailing));
+        let payload = [b'v', b'm', VERSION, CANDIDATES, 1, 17];
+        assert_eq!(parse(&payload), Err(ParseError::TooMany(17)));
+        assert_eq!(parse(b"vm\x02\x01"), Err(ParseError::Version(2)));
+        assert_eq!(parse(b"vm\x01\x09"), Err(ParseError::UnknownType(9)));
+    }
+
+    #[test]
+    fn ipv4_mapped_endpoints_travel_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:203.0.113.5]:40000".parse().unwrap();
+        let m = PeerMessage::Candidates {
+            endpoints: vec![mapped],
+            reply: false,
+        };
+        let mut packet = Vec::new();
+        encode_packet(&m, SRC, DST, &mut packet);
+        assert_eq!(
+            parse_packet(&packet),
+            Ok(PeerMessage::Candidates {
+                endpoints: vec!["203.0.113.5:40000".parse().unwrap()],
+                reply: false
+            })
+        );
+    }
+}

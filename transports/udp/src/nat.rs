@@ -1,0 +1,220 @@
+//! What the UDP transport learns about its NAT: a STUN client (sans-IO,
+//! time passed in) that asks every configured server for our mapping, and
+//! classifies the NAT from the answers.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::stun::{self, TransactionId};
+
+/// How often the mapping is asked for again (it also notices rebinding).
+pub const REFRESH: Duration = Duration::from_secs(30);
+/// RFC 8489's initial retransmission timeout, doubled per retry.
+const FIRST_RTO: Duration = Duration::from_millis(500);
+const ATTEMPTS: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatType {
+    /// No STUN server configured, or none answered.
+    Unknown,
+    /// The mapped endpoint is one of our own: a public address.
+    None,
+    /// Every server sees the same mapping: punching works.
+    EndpointIndependent,
+    /// Servers see different mappings ("symmetric"): only peers with an
+    /// open (full-cone or public) endpoint reach us directly.
+    EndpointDependent,
+}
+
+impl fmt::Display for NatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NatType::Unknown => "unknown",
+            NatType::None => "none (public address)",
+            NatType::EndpointIndependent => "endpoint-independent mapping (cone)",
+            NatType::EndpointDependent => "endpoint-dependent mapping (symmetric)",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Server {
+    address: SocketAddr,
+    pending: Option<TransactionId>,
+    attempts: u32,
+    next: Instant,
+    mapped: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StunClient {
+    servers: Vec<Server>,
+}
+
+impl StunClient {
+    pub fn new(servers: &[SocketAddr], now: Instant) -> StunClient {
+        StunClient {
+            servers: servers
+                .iter()
+                .map(|&address| Server {
+                    address,
+                    pending: None,
+                    attempts: 0,
+                    next: now,
+                    mapped: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Requests due now: (server, datagram). `new_id` makes transaction ids.
+    pub fn poll_transmits(
+        &mut self,
+        now: Instant,
+        mut new_id: impl FnMut() -> TransactionId,
+    ) -> Vec<(SocketAddr, [u8; 20])> {
+        let mut out = Vec::new();
+        for server in &mut self.servers {
+            if server.next > now {
+                continue;
+            }
+            if server.pending.is_some() && server.attempts >= ATTEMPTS {
+                // No answer this round: the old mapping is no longer known.
+                if server.mapped.take().is_some() {
+                    tracing::info!(server = %server.address, "STUN server stopped answering");
+                }
+                server.pending = None;
+                server.attempts = 0;
+                server.next = now + REFRESH;
+                continue;
+            }
+            let id = *server.pending.get_or_insert_with(&mut new_id);
+            server.next = now + FIRST_RTO * 2u32.pow(server.attempts);
+            server.attempts += 1;
+            out.push((server.address, stun::binding_request(&id)));
+        }
+        out
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.servers.iter().map(|s| s.next).min()
+    }
+
+    /// A binding response from `from`; false if it answers nothing we asked.
+    pub fn handle_response(
+        &mut self,
+        from: SocketAddr,
+        id: TransactionId,
+        mapped: Option<SocketAddr>,
+        now: Instant,
+    ) -> bool {
+        let Some(server) = self
+            .servers
+            .iter_mut()
+            .find(|s| s.address == from && s.pending == Some(id))
+        else {
+            return false;
+        };
+        server.pending = None;
+        server.attempts = 0;
+        server.next = now + REFRESH;
+        let mapped = mapped.map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()));
+        if server.mapped != mapped {
+            tracing::info!(server = %from, mapped = ?mapped, "STUN mapping");
+        }
+        server.mapped = mapped;
+        true
+    }
+
+    /// Our public endpoint, as the first answering server sees it.
+    pub fn public_endpoint(&self) -> Option<SocketAddr> {
+        self.servers.iter().find_map(|s| s.mapped)
+    }
+
+    /// What the answers say about our NAT; `local` are our own endpoints.
+    pub fn nat_type(&self, local: &[SocketAddr]) -> NatType {
+        let mapped: Vec<SocketAddr> = self.servers.iter().filter_map(|s| s.mapped).collect();
+        match mapped.first() {
+            None => NatType::Unknown,
+            Some(first) if local.contains(first) => NatType::None,
+            Some(first) if mapped.iter().any(|m| m != first) => NatType::EndpointDependent,
+            Some(_) if mapped.len() >= 2 => NatType::EndpointIndependent,
+            // One answer cannot tell the mapping behaviour.
+            Some(_) => NatType::Unknown,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> impl FnMut() -> TransactionId {
+        let mut n = 0u8;
+        move || {
+            n += 1;
+            [n; 12]
+        }
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn two_servers_tell_cone_from_symmetric() {
+        let t0 = Instant::now();
+        let servers = [sa("203.0.113.10:3478"), sa("203.0.113.11:3478")];
+        let mut client = StunClient::new(&servers, t0);
+        let mut make = ids();
+        let requests = client.poll_transmits(t0, &mut make);
+        assert_eq!(requests.len(), 2);
+        let id = |i: usize| -> TransactionId { requests[i].1[8..20].try_into().unwrap() };
+        assert!(client.handle_response(servers[0], id(0), Some(sa("198.51.100.1:40000")), t0));
+        assert_eq!(client.nat_type(&[]), NatType::Unknown, "one answer");
+        assert!(client.handle_response(servers[1], id(1), Some(sa("198.51.100.1:40000")), t0));
+        assert_eq!(client.nat_type(&[]), NatType::EndpointIndependent);
+        assert_eq!(client.public_endpoint(), Some(sa("198.51.100.1:40000")));
+        assert_eq!(client.nat_type(&[sa("198.51.100.1:40000")]), NatType::None);
+        // Next round: the second server sees another port.
+        let later = t0 + REFRESH;
+        let requests = client.poll_transmits(later, &mut make);
+        let id = |i: usize| -> TransactionId { requests[i].1[8..20].try_into().unwrap() };
+        client.handle_response(servers[0], id(0), Some(sa("198.51.100.1:40000")), later);
+        client.handle_response(servers[1], id(1), Some(sa("198.51.100.1:61234")), later);
+        assert_eq!(client.nat_type(&[]), NatType::EndpointDependent);
+    }
+
+    #[test]
+    fn retries_back_off_then_forget_the_mapping() {
+        let t0 = Instant::now();
+        let server = sa("203.0.113.10:3478");
+        let mut client = StunClient::new(&[server], t0);
+        let mut make = ids();
+        let first = client.poll_transmits(t0, &mut make);
+        let id: TransactionId = first[0].1[8..20].try_into().unwrap();
+        client.handle_response(server, id, Some(sa("198.51.100.1:1")), t0);
+        let mut now = t0 + REFRESH;
+        let mut sent = Vec::new();
+        for _ in 0..200 {
+            sent.extend(
+                client
+                    .poll_transmits(now, &mut make)
+                    .into_iter()
+                    .map(|_| now),
+            );
+            now += Duration::from_millis(100);
+            if client.public_endpoint().is_none() {
+                break;
+            }
+        }
+        assert_eq!(sent.len(), ATTEMPTS as usize);
+        // All retransmissions carry one transaction id, spaced 0.5, 1, 2 s.
+        let gaps: Vec<u128> = sent.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+        assert_eq!(gaps, [500, 1000, 2000]);
+        assert_eq!(client.public_endpoint(), None);
+        // Responses from elsewhere or to unknown ids count for nothing.
+        assert!(!client.handle_response(sa("203.0.113.99:3478"), id, None, now));
+    }
+}
