@@ -19,6 +19,8 @@ packages=(
   libtoxcore-dev  # the Tox transport links c-toxcore
   toxcore-utils   # tox-bootstrapd: a local DHT node / TCP relay in tests
   i2pd            # the I2P transport's tests run a private network of i2pd routers
+  coturn          # STUN server for the NAT traversal tests
+  conntrack       # NAT tests flush and show conntrack tables
   ca-certificates
 )
 
@@ -37,6 +39,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "error: cargo not found. Install a Rust toolchain (1.80 or newer), e.g. with rustup, then re-run." >&2
+  echo "error: cargo not found. Install a Rust toolchain (1.85 or newer), e.g. with rustup, then re-run." >&2
   exit 1
 fi

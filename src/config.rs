@@ -54,6 +54,7 @@ impl fmt::Display for ConfigError {
 struct RawConfig {
     interface: RawInterface,
     udp: Option<RawUdp>,
+    rendezvous: Option<RawRendezvous>,
     tox: Option<RawTox>,
     i2p: Option<RawI2p>,
     #[serde(default, rename = "peer")]
@@ -82,6 +83,17 @@ struct RawUdp {
     #[serde(default)]
     stun_servers: Vec<String>,
     punch_ttl: Option<u8>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRendezvous {
+    #[serde(default)]
+    dht: bool,
+    #[serde(default)]
+    bootstrap: Vec<String>,
+    #[serde(default)]
+    port: u16,
 }
 
 #[derive(Deserialize)]
@@ -136,11 +148,21 @@ pub struct Config {
     pub interface: InterfaceConfig,
     /// NAT traversal settings of the UDP transport.
     pub udp: UdpSettings,
+    /// Rendezvous through the BitTorrent DHT, when enabled.
+    pub rendezvous: Option<RendezvousSettings>,
     /// The Tox transport, when enabled.
     pub tox: Option<ToxSettings>,
     /// The I2P transport, when enabled.
     pub i2p: Option<I2pSettings>,
     pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RendezvousSettings {
+    /// DHT nodes to join through, `host:port`; empty: mainline's defaults.
+    pub bootstrap: Vec<String>,
+    /// UDP port of the DHT node; 0 picks one.
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -343,6 +365,11 @@ impl Validator<'_> {
             .map(|u| self.udp(u))
             .transpose()?
             .unwrap_or_default();
+        let rendezvous = raw
+            .rendezvous
+            .map(|r| self.rendezvous(r))
+            .transpose()?
+            .flatten();
         let tox = raw
             .tox
             .map(|t| self.tox(t, &interface.name))
@@ -402,6 +429,7 @@ impl Validator<'_> {
             file: self.file.to_owned(),
             interface,
             udp,
+            rendezvous,
             tox,
             i2p,
             peers,
@@ -562,6 +590,27 @@ impl Validator<'_> {
             local_discovery: raw.local_discovery,
             tcp_relays: nodes("tcp_relays", &raw.tcp_relays)?,
             relay_port: raw.relay_port,
+        }))
+    }
+
+    fn rendezvous(&self, raw: RawRendezvous) -> Result<Option<RendezvousSettings>, ConfigError> {
+        if !raw.dht {
+            return Ok(None);
+        }
+        for (i, node) in raw.bootstrap.iter().enumerate() {
+            let valid = node.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !valid {
+                return Err(self.err(
+                    format!("rendezvous.bootstrap[{i}]"),
+                    format!("`{node}` is not HOST:PORT of a DHT node, like 203.0.113.10:6881"),
+                ));
+            }
+        }
+        Ok(Some(RendezvousSettings {
+            bootstrap: raw.bootstrap,
+            port: raw.port,
         }))
     }
 

@@ -180,6 +180,18 @@ pub fn render(status: &DaemonStatus) -> String {
                 let _ = writeln!(out, "  path: {path}");
             }
         }
+        for p in &peer.paths {
+            let rtt = p
+                .rtt_ms
+                .map(|ms| format!(", rtt {ms:.1} ms"))
+                .unwrap_or_default();
+            let marker = if p.in_use { "*" } else { " " };
+            let _ = writeln!(
+                out,
+                "   {marker} {} ({}): {}{rtt}",
+                p.address, p.origin, p.state
+            );
+        }
         let _ = writeln!(out, "  latest handshake: {handshake}");
         let _ = writeln!(
             out,

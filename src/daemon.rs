@@ -21,6 +21,7 @@ use crate::hosts::HostsFile;
 use crate::netdev::NetDevice;
 use crate::notify::Notifier;
 use crate::privileges;
+use crate::rendezvous::{Found, Rendezvous, RendezvousConfig, Wanted};
 
 /// Packets handled per wake-up of one source before the loop looks at the
 /// others, so a flood on one side cannot starve timers or the other side.
@@ -154,6 +155,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         all.push(Box::new(i2p));
     }
     let transports = Transports { all, next: 0 };
+    let rendezvous = match &config.rendezvous {
+        Some(settings) => Some(
+            Rendezvous::start(
+                &RendezvousConfig {
+                    bootstrap: settings.bootstrap.clone(),
+                    port: settings.port,
+                },
+                &iface.private_key,
+            )
+            .with_context(|| format!("{}: [rendezvous]", config.file.display()))?,
+        ),
+        None => None,
+    };
 
     let now = Instant::now();
     let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
@@ -240,6 +254,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut path = DataPath {
         tox_control,
+        rendezvous,
         hosts,
         config: config.clone(),
         node,
@@ -273,6 +288,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let now = Instant::now();
                 path.node.set_local_candidates(path.transports.local_udp_endpoints(), now);
                 path.node.handle_timeout(now);
+                path.flush_transmits();
+                path.update_rendezvous();
+            }
+            Some(found) = next_found(&mut path.rendezvous) => {
+                path.node.rendezvous(&found.peer, &found.endpoints, Instant::now());
                 path.flush_transmits();
             }
             Some((request, reply)) = control_rx.recv() => {
@@ -312,6 +332,8 @@ struct DataPath {
     hosts: Option<HostsFile>,
     /// Friend list updates for the Tox transport, when it runs.
     tox_control: Option<veilmesh_tox::ToxControl>,
+    /// The rendezvous DHT node, when enabled.
+    rendezvous: Option<Rendezvous>,
     node: Node,
     transports: Transports,
     device: NetDevice,
@@ -320,7 +342,38 @@ struct DataPath {
     out: Vec<u8>,
 }
 
+/// The next peer endpoints the rendezvous DHT found; never, without one.
+async fn next_found(rendezvous: &mut Option<Rendezvous>) -> Option<Found> {
+    match rendezvous {
+        Some(r) => r.found.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl DataPath {
+    /// Tells the rendezvous task what to publish and whom to look up.
+    fn update_rendezvous(&self) {
+        let Some(rendezvous) = &self.rendezvous else {
+            return;
+        };
+        let mut wanted = Wanted {
+            endpoints: self.node.candidates(),
+            ..Wanted::default()
+        };
+        for (peer, has_session) in self.node.udp_peers() {
+            wanted.publish_to.push(peer);
+            if !has_session {
+                wanted.look_up.push(peer);
+            }
+        }
+        rendezvous.wanted.send_if_modified(|current| {
+            let changed = *current != wanted;
+            if changed {
+                *current = wanted;
+            }
+            changed
+        });
+    }
     fn answer(&mut self, request: Request, notifier: &Notifier) -> Response {
         match request {
             Request::Show => Response::Status(DaemonStatus {
@@ -409,6 +462,7 @@ impl DataPath {
             ),
             ("interface.user", old_if.user != new_if.user),
             ("[udp]", self.config.udp != new.udp),
+            ("[rendezvous]", self.config.rendezvous != new.rendezvous),
             ("[tox]", self.config.tox != new.tox),
             ("[i2p]", self.config.i2p != new.i2p),
         ];

@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod netdev;
 pub mod notify;
 pub mod privileges;
+pub mod rendezvous;

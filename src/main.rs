@@ -88,6 +88,19 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Run a BitTorrent DHT server node in the foreground, e.g. as the
+    /// bootstrap node of a private network's [rendezvous] DHT.
+    DhtNode {
+        /// IPv4 address to bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::Ipv4Addr,
+        /// UDP port.
+        #[arg(long, default_value_t = 6881)]
+        port: u16,
+        /// DHT nodes to join through (HOST:PORT); none: start a new network.
+        #[arg(long)]
+        bootstrap: Vec<String>,
+    },
 }
 
 /// Which interface configuration file (default: /etc/veilmesh/veil0.toml).
@@ -260,6 +273,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             control::reload(&socket)?;
             println!("added peer {name} to {} and reloaded", path.display());
+        }
+        Command::DhtNode {
+            bind,
+            port,
+            bootstrap,
+        } => {
+            let mut builder = mainline::Dht::builder();
+            builder.server_mode().bind_address(bind).port(port);
+            if bootstrap.is_empty() {
+                builder.no_bootstrap();
+            } else {
+                builder.bootstrap(&bootstrap);
+            }
+            let _dht = builder
+                .build()
+                .with_context(|| format!("cannot bind the DHT node to {bind}:{port}"))?;
+            println!("DHT node on {bind}:{port}");
+            loop {
+                std::thread::park();
+            }
         }
         Command::Reload { target } => {
             let r = control::reload(&target.control_socket()?)?;

@@ -293,8 +293,14 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         NodeFiles::new(net.dir.path(), "b"),
     );
     let (sam_a, sam_b) = (net.sam(1), net.sam(2));
-    fa.write_config("listen_port = 51820", &i2p_section(&fa, &[sam_a.clone()]));
-    fb.write_config("listen_port = 51820", &i2p_section(&fb, &[sam_b.clone()]));
+    fa.write_config(
+        "listen_port = 51820",
+        &i2p_section(&fa, std::slice::from_ref(&sam_a)),
+    );
+    fb.write_config(
+        "listen_port = 51820",
+        &i2p_section(&fb, std::slice::from_ref(&sam_b)),
+    );
     let da = Daemon::start(&a, &fa);
     let db = Daemon::start(&b, &fb);
     let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));

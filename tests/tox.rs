@@ -4,58 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// tox-bootstrapd in `ns`: a DHT node on 33445/udp and a TCP relay on
-/// 33446. Killed on drop.
-struct Bootstrapd {
-    child: Child,
-    pub public_key: String,
-}
-
-impl Bootstrapd {
-    fn start(ns: &Netns, dir: &std::path::Path) -> Bootstrapd {
-        let conf = dir.join("bootstrapd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port = 33445\nkeys_file_path = \"{0}/bootstrapd.keys\"\npid_file_path = \"{0}/bootstrapd.pid\"\n\
-                 enable_ipv6 = false\nenable_ipv4_fallback = true\nenable_lan_discovery = false\n\
-                 enable_tcp_relay = true\ntcp_relay_ports = [33446]\nenable_motd = false\nbootstrap_nodes = ()\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "tox-bootstrapd", "--config"])
-            .arg(&conf)
-            .args(["--foreground", "--log-backend", "stdout"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tox-bootstrapd (toxcore-utils) is installed by scripts/install-deps.sh");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let public_key = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|l| l.split("Public Key: ").nth(1).map(|k| k.trim().to_owned()))
-            .expect("tox-bootstrapd printed no public key");
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Bootstrapd { child, public_key }
-    }
-}
-
-impl Drop for Bootstrapd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Two nodes a (198.18.0.1) and b (.2) and tox-bootstrapd in r (.3) on a
 /// bridge; a and b know each other only by Tox ID.
@@ -125,7 +76,11 @@ impl ToxPair {
         assert_eq!(id_a.len(), 76);
         assert_eq!(tox_id(&a, &fa), id_a, "the Tox ID must be stable");
         let peer = |files: &NodeFiles, name: &str, id: &str| {
-            format!("{}tox = \"{id}\"\n", files.peer_block(name, None, &[]))
+            // Tox only: on one bridge, the nodes would otherwise move to direct UDP.
+            format!(
+                "{}tox = \"{id}\"\ntransports = [\"tox\"]\n",
+                files.peer_block(name, None, &[])
+            )
         };
         fa.write_config("", &(tox_section(&fa) + &peer(&fb, "b", &id_b)));
         fb.write_config("", &(tox_section(&fb) + &peer(&fa, "a", &id_a)));
@@ -157,16 +112,6 @@ impl ToxPair {
     fn iperf(&self, seconds: u32) -> f64 {
         iperf_mbit(&self.a, &self.b, &self.fb.mesh().to_string(), seconds)
     }
-}
-
-fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
-    let out = ns.exec(&[BIN, "tox-id", "--config", files.config.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn friend_state(daemon: &Daemon, peer: &str) -> Option<String> {

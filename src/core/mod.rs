@@ -43,9 +43,12 @@ const MAX_PEERS: usize = 1 << 24;
 /// Without a live direct path, endpoints are re-announced (and so punched
 /// again) this often.
 const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
-/// A peer's announcement asking for ours gets no answer if we announced
-/// this recently (both sides announce after a handshake).
-const ANNOUNCE_QUIET: Duration = Duration::from_secs(2);
+/// Two nodes meeting through the DHT each read the other's endpoints
+/// within one poll interval of the other (see `rendezvous`); full packets
+/// wait that long plus slack, so both NATs are open when they arrive.
+pub const RENDEZVOUS_OPEN_DELAY: Duration = Duration::from_secs(7);
+/// Handshake initiations while punching without a session, at most.
+const PUNCH_HANDSHAKE_SPACING: Duration = Duration::from_millis(500);
 /// Endpoints peers saw us at (from probe replies), kept as candidates.
 const MAX_OBSERVED_SELF: usize = 4;
 /// Default TTL of the opening punch probe: enough to leave one NAT
@@ -157,6 +160,8 @@ struct Peer {
     paths: PathSet,
     /// When to announce our UDP endpoints to the peer next.
     announce_at: Option<Instant>,
+    /// The last handshake initiation sent to punch without a session.
+    last_punch_handshake: Option<Instant>,
     last_announce: Option<Instant>,
     counters: PeerCounters,
 }
@@ -263,6 +268,7 @@ impl Node {
             paths: PathSet::new(configured_paths(&config), now),
             announce_at: None,
             last_announce: None,
+            last_punch_handshake: None,
             tunn,
             config,
             counters: PeerCounters::default(),
@@ -552,7 +558,7 @@ impl Node {
                 if message_type(reply) != Some(COOKIE_REPLY) {
                     match message_type(datagram) {
                         Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
-                        _ => Self::heard(peer, from, now),
+                        _ => Self::heard(peer, from, now, &mut self.next_probe_due),
                     }
                     if matches!(
                         message_type(datagram),
@@ -573,7 +579,7 @@ impl Node {
             TunnResult::Done => {
                 // A keepalive or cookie; only data messages authenticate the sender.
                 if message_type(datagram) == Some(DATA) {
-                    Self::heard(peer, from, now);
+                    Self::heard(peer, from, now, &mut self.next_probe_due);
                 }
                 return FromNetwork::Consumed;
             }
@@ -584,7 +590,7 @@ impl Node {
             }
         };
         // Authenticated: the peer may have moved, whatever the payload says.
-        Self::heard(peer, from, now);
+        Self::heard(peer, from, now, &mut self.next_probe_due);
         if self.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.config.name, %src, "dropped packet with a source outside the peer's allowed IPs");
@@ -614,9 +620,10 @@ impl Node {
 
     /// Authenticated traffic over `from`: a new path is probed at once, and
     /// with nothing verified yet it carries the replies (roaming).
-    fn heard(peer: &mut Peer, from: &PeerAddr, now: Instant) {
+    fn heard(peer: &mut Peer, from: &PeerAddr, now: Instant, next_probe_due: &mut Instant) {
         if peer.paths.heard(from, now) {
             peer.paths.probe_all_now(now);
+            *next_probe_due = now;
         }
         peer.select_path(now);
     }
@@ -658,8 +665,8 @@ impl Node {
             }
             PeerMessage::Candidates { endpoints, reply } => {
                 if !peer.config.allows(TransportKind::Udp) {
-                    peer.counters.wrong_path += 1;
-                    tracing::debug!(peer = %peer.config.name, "endpoints announced by a peer not allowed UDP");
+                    // Its config may allow us UDP; ours does not allow it.
+                    tracing::debug!(peer = %peer.config.name, "ignored endpoints of a peer not allowed UDP");
                     return;
                 }
                 let routes = &self.routes;
@@ -668,17 +675,14 @@ impl Node {
                     .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
                     .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
                     .collect();
-                tracing::debug!(peer = %peer.config.name, ?usable, "peer announced endpoints");
-                // The peer punches when it gets our answer: start full
-                // probes once our short-TTL probes have opened our NAT.
-                let relay_rtt = peer.paths.rtt(from).unwrap_or_default();
-                let delay =
-                    (relay_rtt + Duration::from_millis(150)).max(Duration::from_millis(200));
-                peer.paths.announced(&usable, now, delay);
-                let quiet = peer
-                    .last_announce
-                    .is_some_and(|t| now.saturating_duration_since(t) < ANNOUNCE_QUIET);
-                if reply && !quiet {
+                tracing::debug!(peer = %peer.config.name, ?usable, reply, "peer announced endpoints");
+                // An answer to our announcement comes after the peer's
+                // short-TTL probes: its NAT is open to us.
+                peer.paths.announced(&usable, now, !reply);
+                // Open our NAT now, before answering: our answer tells the
+                // peer it may probe in full.
+                self.send_probes(id, now);
+                if reply {
                     self.announce(id, false, now);
                 }
                 self.next_probe_due = now;
@@ -723,7 +727,18 @@ impl Node {
         self.next_probe_due = now;
     }
 
-    fn candidates(&self) -> Vec<SocketAddr> {
+    /// Peers that may use UDP, and whether we have a session with each:
+    /// whom the rendezvous DHT publishes our endpoints for, and looks up.
+    pub fn udp_peers(&self) -> impl Iterator<Item = (PublicKey, bool)> + '_ {
+        self.peers
+            .iter()
+            .flatten()
+            .filter(|p| p.config.allows(TransportKind::Udp))
+            .map(|p| (p.config.public_key, p.has_session()))
+    }
+
+    /// Our UDP endpoints as announced to peers.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
         let mut all = self.local_candidates.clone();
         for sa in &self.observed_self {
             if !all.contains(sa) {
@@ -790,15 +805,12 @@ impl Node {
         let Some(path) = peer.path() else {
             return;
         };
-        loop {
-            match peer.tunn.decapsulate(None, &[], &mut self.scratch) {
-                TunnResult::WriteToNetwork(datagram) => {
-                    peer.counters.tx_packets += 1;
-                    self.transmits
-                        .push_back(Transmit::new(path.clone(), datagram));
-                }
-                _ => break,
-            }
+        while let TunnResult::WriteToNetwork(datagram) =
+            peer.tunn.decapsulate(None, &[], &mut self.scratch)
+        {
+            peer.counters.tx_packets += 1;
+            self.transmits
+                .push_back(Transmit::new(path.clone(), datagram));
         }
     }
 
@@ -846,6 +858,69 @@ impl Node {
         }
     }
 
+    fn send_probes(&mut self, id: PeerId, now: Instant) {
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        for probe in peer.paths.poll_probes(now) {
+            let ttl = probe.short_ttl.then_some(self.punch_ttl);
+            tracing::trace!(%probe.to, ?ttl, "probe");
+            self.send_peer_message(id, probe.to, &PeerMessage::Probe { id: probe.id }, ttl);
+        }
+    }
+
+    /// Punching a peer we have no session with (its endpoints came from the
+    /// DHT): handshake initiations stand in for probes, the first with the
+    /// short TTL. At most one new initiation per `PUNCH_HANDSHAKE_SPACING`.
+    fn send_punch_handshakes(&mut self, id: PeerId, now: Instant) {
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        let due = peer.paths.poll_punches(now);
+        let spaced = peer
+            .last_punch_handshake
+            .is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_HANDSHAKE_SPACING);
+        if due.is_empty() || !(spaced || due.iter().any(|p| p.short_ttl)) {
+            return;
+        }
+        let TunnResult::WriteToNetwork(init) = peer
+            .tunn
+            .format_handshake_initiation(&mut self.scratch, true)
+        else {
+            return;
+        };
+        peer.last_punch_handshake = Some(now);
+        for probe in due {
+            let mut transmit = Transmit::new(probe.to, init);
+            transmit.ttl = probe.short_ttl.then_some(self.punch_ttl);
+            self.transmits.push_back(transmit);
+        }
+    }
+
+    /// A peer's UDP endpoints, read from the rendezvous DHT. Used only for
+    /// a peer that may use UDP and has no session yet (with a session, the
+    /// peers swap endpoints inside it).
+    pub fn rendezvous(&mut self, peer: &PublicKey, endpoints: &[SocketAddr], now: Instant) {
+        let Some(&id) = self.by_key.get(&peer.0) else {
+            return;
+        };
+        let routes = &self.routes;
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        if !peer.config.allows(TransportKind::Udp) || peer.has_session() {
+            return;
+        }
+        let usable: Vec<SocketAddr> = endpoints
+            .iter()
+            .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
+            .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
+            .collect();
+        tracing::info!(peer = %peer.config.name, ?usable, "endpoints found in the DHT");
+        peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
+        self.next_probe_due = now;
+    }
+
     /// Sends due probes and announcements of peers with a session, and
     /// works out when the next are due.
     fn drive_paths(&mut self, now: Instant) {
@@ -855,15 +930,14 @@ impl Node {
                 continue;
             };
             if !peer.has_session() {
+                self.send_punch_handshakes(id, now);
+                if let Some(due) = self.peers[id].as_ref().and_then(|p| p.paths.next_punch()) {
+                    next = next.min(due.max(now + Duration::from_millis(1)));
+                }
                 continue;
             }
-            let probes = peer.paths.poll_probes(now);
             let announce_due = peer.announce_at.is_some_and(|t| t <= now);
-            for probe in probes {
-                let ttl = probe.short_ttl.then_some(self.punch_ttl);
-                tracing::trace!(%probe.to, ?ttl, "probe");
-                self.send_peer_message(id, probe.to, &PeerMessage::Probe { id: probe.id }, ttl);
-            }
+            self.send_probes(id, now);
             if announce_due {
                 self.announce(id, true, now);
             }

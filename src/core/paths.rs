@@ -11,8 +11,11 @@
 //! Punching (for endpoints the peer announced): the first probe leaves with
 //! a short TTL, opening our NAT's mapping without reaching the peer's NAT
 //! (where an unsolicited packet would leave a conntrack entry that makes
-//! the peer's NAT remap its own outgoing probes); full probes follow after
-//! `punch_delay`, by which time the peer has opened its mapping too.
+//! the peer's NAT remap its own outgoing probes). Full probes go only once
+//! the peer has opened its side: it said so (its answer to our
+//! announcement is sent after its own short-TTL probes), or its probes
+//! reached us. So no full probe can reach a NAT that is not yet open,
+//! however slow the path carrying the announcements.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -52,12 +55,22 @@ pub enum Origin {
     Observed,
 }
 
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Origin::Configured => "configured",
+            Origin::Announced => "announced",
+            Origin::Observed => "observed",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Punch {
     /// The short-TTL probe has gone out.
     opened: bool,
-    /// Full probes start here.
-    full_from: Instant,
+    /// Full probes start here: once the peer's side is open.
+    full_from: Option<Instant>,
     until: Instant,
 }
 
@@ -181,10 +194,16 @@ impl PathSet {
     }
 
     /// Authenticated traffic arrived over `from` (already checked allowed).
-    /// Returns true when `from` is a new path, to be probed at once.
+    /// Returns true when probes are due at once: `from` is new, or a punch
+    /// waiting for the peer's side to open now may probe in full.
     pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
         if let Some(path) = self.get_mut(from) {
             path.last_rx = Some(now);
+            if let Some(punch) = path.punch.as_mut().filter(|p| p.full_from.is_none()) {
+                punch.full_from = Some(now);
+                path.next_probe = now;
+                return true;
+            }
             return false;
         }
         if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
@@ -232,8 +251,9 @@ impl PathSet {
     }
 
     /// The peer announced its endpoints: they replace the ones it announced
-    /// before (live ones stay), and those not live are punched.
-    pub fn announced(&mut self, endpoints: &[SocketAddr], now: Instant, punch_delay: Duration) {
+    /// before (live ones stay), and those not live are punched. `peer_open`:
+    /// the peer has already sent its short-TTL probes to us.
+    pub fn announced(&mut self, endpoints: &[SocketAddr], now: Instant, peer_open: bool) {
         self.paths.retain(|p| {
             p.origin != Origin::Announced
                 || p.recently_live(now)
@@ -253,8 +273,37 @@ impl PathSet {
                 if !path.is_live(now, interval) {
                     path.punch = Some(Punch {
                         opened: false,
-                        full_from: now + punch_delay,
-                        until: now + punch_delay + PUNCH_DURATION,
+                        full_from: peer_open.then_some(now),
+                        until: now + PUNCH_DURATION,
+                    });
+                    path.next_probe = now;
+                }
+            }
+        }
+    }
+
+    /// Endpoints of a peer we have no session with, read from the DHT.
+    /// Neither side can tell the other when its NAT is open, so full
+    /// packets wait `open_delay`: long enough for the peer to have read
+    /// ours and sent its short-TTL packets. Known endpoints already being
+    /// punched are left alone.
+    pub fn rendezvous(&mut self, endpoints: &[SocketAddr], now: Instant, open_delay: Duration) {
+        for sa in endpoints {
+            let addr = PeerAddr::Udp(*sa);
+            if !self.contains(&addr) {
+                if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
+                    continue;
+                }
+                self.paths
+                    .push(Path::new(addr.clone(), Origin::Announced, now));
+            }
+            let interval = self.interval();
+            if let Some(path) = self.get_mut(&addr) {
+                if !path.is_live(now, interval) && path.punch.is_none() {
+                    path.punch = Some(Punch {
+                        opened: false,
+                        full_from: Some(now + open_delay),
+                        until: now + open_delay + PUNCH_DURATION,
                     });
                     path.next_probe = now;
                 }
@@ -271,10 +320,20 @@ impl PathSet {
 
     /// The probes due now; each is remembered to match its reply.
     pub fn poll_probes(&mut self, now: Instant) -> Vec<ProbeToSend> {
+        self.poll(now, false)
+    }
+
+    /// Like `poll_probes`, for paths being punched only: without a session
+    /// the node sends handshake initiations there instead of probes.
+    pub fn poll_punches(&mut self, now: Instant) -> Vec<ProbeToSend> {
+        self.poll(now, true)
+    }
+
+    fn poll(&mut self, now: Instant, punches_only: bool) -> Vec<ProbeToSend> {
         let interval = self.interval();
         let mut due = Vec::new();
         for path in &mut self.paths {
-            if path.next_probe > now {
+            if path.next_probe > now || (punches_only && path.punch.is_none()) {
                 continue;
             }
             let short_ttl = match &mut path.punch {
@@ -284,8 +343,12 @@ impl PathSet {
                 }
                 Some(punch) if !punch.opened => {
                     punch.opened = true;
-                    path.next_probe = punch.full_from;
+                    path.next_probe = punch.full_from.unwrap_or(punch.until).max(now);
                     due.push((path.addr.clone(), true));
+                    continue;
+                }
+                Some(punch) if !matches!(punch.full_from, Some(t) if t <= now) => {
+                    path.next_probe = punch.full_from.unwrap_or(punch.until);
                     continue;
                 }
                 Some(_) => {
@@ -320,6 +383,15 @@ impl PathSet {
     /// When the next probe is due.
     pub fn next_probe(&self) -> Option<Instant> {
         self.paths.iter().map(|p| p.next_probe).min()
+    }
+
+    /// When the next punch packet is due, if a punch is under way.
+    pub fn next_punch(&self) -> Option<Instant> {
+        self.paths
+            .iter()
+            .filter(|p| p.punch.is_some())
+            .map(|p| p.next_probe)
+            .min()
     }
 
     /// A probe reply: the path it was sent on answers. False if the id is
@@ -460,10 +532,17 @@ impl PathSet {
 }
 
 /// May full-TTL packets go to this path outside a punch? Not to announced
-/// endpoints that never answered (or not for long): reaching the peer's
-/// NAT before the peer has sent anything spoils the next punch.
+/// endpoints that neither answered nor sent anything (or not for long):
+/// reaching the peer's NAT before the peer has sent anything spoils the
+/// next punch.
 fn full_probes_allowed(path: &Path, now: Instant) -> bool {
-    path.origin != Origin::Announced || path.recently_live(now) || path.punch.is_some()
+    let heard_recently = path
+        .last_rx
+        .is_some_and(|t| now.saturating_duration_since(t) <= RECENT);
+    let punch_open = path
+        .punch
+        .is_some_and(|p| p.full_from.is_some_and(|t| t <= now));
+    path.origin != Origin::Announced || path.recently_live(now) || heard_recently || punch_open
 }
 
 #[cfg(test)]
@@ -499,7 +578,7 @@ mod tests {
         let mut moved_at = None;
         for _ in 0..60 {
             now += Duration::from_millis(100);
-            answer_all(&mut set, now, &[tox.clone()]);
+            answer_all(&mut set, now, std::slice::from_ref(&tox));
             if set.select(now, &ORDER).is_some() {
                 moved_at = Some(now);
                 break;
@@ -549,35 +628,38 @@ mod tests {
         let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
         let mut set = PathSet::new(vec![tox.clone()], t0);
         let public = udp("198.51.100.1:40000");
-        set.announced(
-            &["198.51.100.1:40000".parse().unwrap()],
-            t0,
-            Duration::from_millis(300),
-        );
+        let lan = udp("10.2.0.2:40000");
+        let announced = [
+            "198.51.100.1:40000".parse().unwrap(),
+            "10.2.0.2:40000".parse().unwrap(),
+        ];
+        set.announced(&announced, t0, false);
         let first: Vec<_> = set
             .poll_probes(t0)
             .into_iter()
-            .filter(|p| p.to == public)
+            .filter(|p| p.to != tox)
             .collect();
-        assert_eq!(first.len(), 1);
-        assert!(first[0].short_ttl);
-        // Nothing more to it before the delay...
+        assert_eq!(first.len(), 2);
+        assert!(first.iter().all(|p| p.short_ttl));
+        // Nothing more to it until the peer's side is open...
         assert!(set
-            .poll_probes(t0 + Duration::from_millis(200))
+            .poll_probes(t0 + Duration::from_millis(300))
             .iter()
-            .all(|p| p.to != public));
-        // ...then full probes every 100 ms.
-        let later = set.poll_probes(t0 + Duration::from_millis(300));
+            .all(|p| p.to == tox));
+        // ...which its probe arriving shows: full probes every 100 ms.
+        let heard_at = t0 + Duration::from_millis(300);
+        assert!(set.heard(&public, heard_at));
+        let later = set.poll_probes(heard_at);
         assert!(later.iter().any(|p| p.to == public && !p.short_ttl));
-        assert_eq!(set.next_probe(), Some(t0 + Duration::from_millis(400)));
-        // The punch ends unanswered: only short-TTL keepalives from then on.
+        assert!(later.iter().all(|p| p.to != lan));
+        assert_eq!(set.next_probe(), Some(heard_at + PUNCH_INTERVAL));
+        // The endpoint never heard from ends its punch: only short-TTL
+        // keepalives from then on, and no handshakes.
         let after = t0 + Duration::from_secs(6);
         let probes = set.poll_probes(after);
-        assert!(probes
-            .iter()
-            .filter(|p| p.to == public)
-            .all(|p| p.short_ttl));
-        assert!(!set.handshake_targets(after).contains(&public));
+        assert!(probes.iter().filter(|p| p.to == lan).all(|p| p.short_ttl));
+        assert!(probes.iter().any(|p| p.to == public && !p.short_ttl));
+        assert!(!set.handshake_targets(after).contains(&lan));
     }
 
     #[test]

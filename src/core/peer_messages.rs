@@ -91,11 +91,7 @@ pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &
         PeerMessage::Candidates { endpoints, reply } => {
             out.push(CANDIDATES);
             out.push(u8::from(*reply));
-            let endpoints = &endpoints[..endpoints.len().min(MAX_CANDIDATES)];
-            out.push(endpoints.len() as u8);
-            for sa in endpoints {
-                put_endpoint(out, sa);
-            }
+            encode_endpoints(endpoints, out);
         }
     }
     let payload_len = (out.len() - IPV6_HEADER) as u16;
@@ -128,24 +124,36 @@ fn parse(payload: &[u8]) -> Result<PeerMessage, ParseError> {
             id: r.u64()?,
             observed: r.endpoint()?,
         },
-        CANDIDATES => {
-            let reply = r.u8()? != 0;
-            let count = usize::from(r.u8()?);
-            if count > MAX_CANDIDATES {
-                return Err(ParseError::TooMany(count));
-            }
-            let mut endpoints = Vec::with_capacity(count);
-            for _ in 0..count {
-                endpoints.push(r.endpoint()?.ok_or(ParseError::Family(0))?);
-            }
-            PeerMessage::Candidates { endpoints, reply }
-        }
+        CANDIDATES => PeerMessage::Candidates {
+            reply: r.u8()? != 0,
+            endpoints: r.endpoints()?,
+        },
         other => return Err(ParseError::UnknownType(other)),
     };
     if !r.0.is_empty() {
         return Err(ParseError::Trailing);
     }
     Ok(message)
+}
+
+/// A list of at most `MAX_CANDIDATES` endpoints (more are cut off): a
+/// count, then each as family, address and port.
+pub fn encode_endpoints(endpoints: &[SocketAddr], out: &mut Vec<u8>) {
+    let endpoints = &endpoints[..endpoints.len().min(MAX_CANDIDATES)];
+    out.push(endpoints.len() as u8);
+    for sa in endpoints {
+        put_endpoint(out, sa);
+    }
+}
+
+/// Parses exactly one `encode_endpoints` list.
+pub fn parse_endpoints(bytes: &[u8]) -> Result<Vec<SocketAddr>, ParseError> {
+    let mut r = Reader(bytes);
+    let endpoints = r.endpoints()?;
+    if !r.0.is_empty() {
+        return Err(ParseError::Trailing);
+    }
+    Ok(endpoints)
 }
 
 fn put_endpoint(out: &mut Vec<u8>, sa: &SocketAddr) {
@@ -184,6 +192,16 @@ impl<'a> Reader<'a> {
             .try_into()
             .map_err(|_| ParseError::Truncated)?;
         Ok(u64::from_be_bytes(bytes))
+    }
+
+    fn endpoints(&mut self) -> Result<Vec<SocketAddr>, ParseError> {
+        let count = usize::from(self.u8()?);
+        if count > MAX_CANDIDATES {
+            return Err(ParseError::TooMany(count));
+        }
+        (0..count)
+            .map(|_| self.endpoint()?.ok_or(ParseError::Family(0)))
+            .collect()
     }
 
     fn endpoint(&mut self) -> Result<Option<SocketAddr>, ParseError> {

@@ -577,3 +577,214 @@ fn transports_order_chooses_the_first_path() {
     peer.transports = vec![TransportKind::Tox];
     assert_eq!(configured_paths(&peer), []);
 }
+
+/// Two nodes that know each other only by Tox, each with a UDP endpoint
+/// of its own; the network between them is simulated with time in steps.
+struct PathSim {
+    nodes: [Node; 2],
+    tox: [PeerAddr; 2],
+    udp: [SocketAddr; 2],
+    udp_blocked: bool,
+    now: Instant,
+    buf: Vec<u8>,
+    delivered_to_tun: [usize; 2],
+}
+
+impl PathSim {
+    fn new() -> PathSim {
+        use veilmesh_tox::ToxId;
+        let now = Instant::now();
+        let keys = [
+            PrivateKey::generate().unwrap(),
+            PrivateKey::generate().unwrap(),
+        ];
+        let tox_ids = [ToxId([1; 38]), ToxId([2; 38])];
+        let udp: [SocketAddr; 2] = [
+            "192.0.2.1:40000".parse().unwrap(),
+            "198.51.100.1:40000".parse().unwrap(),
+        ];
+        let peer_config = |i: usize| PeerConfig {
+            name: format!("n{i}"),
+            public_key: keys[i].public_key(),
+            endpoint: None,
+            allowed_ips: vec![],
+            persistent_keepalive: None,
+            tox: Some(tox_ids[i]),
+            i2p: None,
+            transports: vec![TransportKind::Udp, TransportKind::Tox],
+        };
+        let mut nodes = [
+            Node::new(&keys[0], vec![peer_config(1)], now).unwrap(),
+            Node::new(&keys[1], vec![peer_config(0)], now).unwrap(),
+        ];
+        for (node, sa) in nodes.iter_mut().zip(udp) {
+            node.set_local_candidates(vec![sa], now);
+        }
+        PathSim {
+            nodes,
+            tox: [
+                PeerAddr::Tox(tox_ids[0].public_key()),
+                PeerAddr::Tox(tox_ids[1].public_key()),
+            ],
+            udp,
+            udp_blocked: false,
+            now,
+            buf: vec![0u8; BUFFER_SIZE],
+            delivered_to_tun: [0, 0],
+        }
+    }
+
+    /// Where a datagram to `to` lands, and who it appears to come from.
+    fn route(&self, sender: usize, to: &PeerAddr) -> Option<(usize, PeerAddr)> {
+        let receiver = 1 - sender;
+        match to {
+            PeerAddr::Tox(_) if *to == self.tox[receiver] => {
+                Some((receiver, self.tox[sender].clone()))
+            }
+            PeerAddr::Udp(sa) if *sa == self.udp[receiver] && !self.udp_blocked => {
+                Some((receiver, PeerAddr::Udp(self.udp[sender])))
+            }
+            _ => None,
+        }
+    }
+
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
+        if let Some((receiver, from)) = self.route(sender, to) {
+            let now = self.now;
+            if let FromNetwork::ToTun(_) =
+                self.nodes[receiver].handle_datagram(&from, payload, &mut self.buf, now)
+            {
+                self.delivered_to_tun[receiver] += 1;
+            }
+        }
+    }
+
+    /// Runs timers and delivers everything sent, for `duration`.
+    fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            self.now += Duration::from_millis(50);
+            for i in 0..2 {
+                let now = self.now;
+                self.nodes[i].handle_timeout(now);
+            }
+            for _ in 0..100 {
+                let mut moved = false;
+                for i in 0..2 {
+                    while let Some(t) = self.nodes[i].poll_transmit() {
+                        moved = true;
+                        self.deliver(i, &t.to, &t.payload);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A ping from node 0 to node 1's mesh address; returns the path used.
+    fn ping(&mut self) -> Option<PeerAddr> {
+        let src = self.nodes[0].mesh_address();
+        let dst = self.nodes[1].mesh_address();
+        let mut out = vec![0u8; BUFFER_SIZE];
+        let (to, datagram) =
+            match self.nodes[0].handle_tun_packet(&ipv6_echo(src, dst, 8), limits, &mut out) {
+                FromTun::Send { to, datagram } => (to, datagram.to_vec()),
+                _ => return None,
+            };
+        self.deliver(0, &to, &datagram);
+        Some(to)
+    }
+
+    fn in_use(&self, i: usize) -> Option<String> {
+        self.nodes[i].status(self.now).peers[0].path.clone()
+    }
+}
+
+#[test]
+fn a_peer_first_reached_over_tox_is_moved_to_direct_udp_and_back() {
+    let mut sim = PathSim::new();
+    sim.ping();
+    sim.run(Duration::from_secs(2));
+    let direct_b = format!("udp {}", sim.udp[1]);
+    let direct_a = format!("udp {}", sim.udp[0]);
+    assert_eq!(sim.in_use(0).as_deref(), Some(direct_b.as_str()));
+    assert_eq!(sim.in_use(1).as_deref(), Some(direct_a.as_str()));
+    assert_eq!(sim.ping(), Some(PeerAddr::Udp(sim.udp[1])));
+    let status = sim.nodes[0].status(sim.now);
+    let paths = &status.peers[0].paths;
+    assert_eq!(paths.len(), 2, "{paths:?}");
+    assert!(
+        paths
+            .iter()
+            .all(|p| p.state == "live" && p.rtt_ms.is_some()),
+        "{paths:?}"
+    );
+
+    // The direct path breaks: within 5 s both sides use Tox.
+    sim.udp_blocked = true;
+    let blocked_at = sim.now;
+    let mut moved_after = None;
+    for _ in 0..100 {
+        sim.run(Duration::from_millis(100));
+        if sim.in_use(0).is_some_and(|p| p.starts_with("tox"))
+            && sim.in_use(1).is_some_and(|p| p.starts_with("tox"))
+        {
+            moved_after = Some(sim.now - blocked_at);
+            break;
+        }
+    }
+    let moved_after = moved_after.expect("failover to Tox");
+    assert!(moved_after <= Duration::from_secs(5), "{moved_after:?}");
+    let before = sim.delivered_to_tun[1];
+    sim.ping();
+    assert_eq!(sim.delivered_to_tun[1], before + 1, "pings cross over Tox");
+
+    // It heals: traffic returns to direct UDP.
+    sim.udp_blocked = false;
+    sim.run(Duration::from_secs(3));
+    assert_eq!(sim.in_use(0).as_deref(), Some(direct_b.as_str()));
+    assert_eq!(sim.ping(), Some(PeerAddr::Udp(sim.udp[1])));
+}
+
+#[test]
+fn endpoints_are_never_announced_to_a_peer_restricted_from_udp() {
+    let mut sim = PathSim::new();
+    // Node 0 allows node 1 only over Tox.
+    let mut restricted = sim.nodes[0].peers[0].as_ref().unwrap().config.clone();
+    restricted.transports = vec![TransportKind::Tox];
+    let now = sim.now;
+    sim.nodes[0].reconfigure(vec![restricted], now).unwrap();
+    sim.ping();
+    sim.run(Duration::from_secs(3));
+    // Node 1 never learns a UDP path to node 0, and node 0 never uses UDP.
+    let status = sim.nodes[1].status(sim.now);
+    assert!(
+        status.peers[0]
+            .paths
+            .iter()
+            .all(|p| !p.address.starts_with("udp")),
+        "{:?}",
+        status.peers[0].paths
+    );
+    assert!(sim.in_use(0).is_some_and(|p| p.starts_with("tox")));
+    assert_eq!(sim.nodes[0].status(sim.now).peers[0].counters.wrong_path, 0);
+}
+
+#[test]
+fn peer_messages_from_the_tun_are_refused() {
+    let mut m = mesh();
+    let mut packet = Vec::new();
+    peer_messages::encode_packet(
+        &PeerMessage::Probe { id: 1 },
+        m.a.mesh(),
+        m.b.mesh(),
+        &mut packet,
+    );
+    let mut out = vec![0u8; BUFFER_SIZE];
+    assert!(matches!(
+        m.node_a.handle_tun_packet(&packet, limits, &mut out),
+        FromTun::Done(DropReason::BadPacket)
+    ));
+}

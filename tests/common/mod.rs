@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -493,4 +494,62 @@ pub fn iperf_mbit(client: &Netns, server: &Netns, address: &str, seconds: u32) -
         .and_then(|v| v.trim().parse::<f64>().ok())
         .expect("iperf3 JSON has sum_received.bits_per_second");
     bits / 1e6
+}
+
+/// tox-bootstrapd in `ns`: a DHT node on 33445/udp and a TCP relay on
+/// 33446. Killed on drop.
+pub struct Bootstrapd {
+    child: Child,
+    pub public_key: String,
+}
+
+impl Bootstrapd {
+    pub fn start(ns: &Netns, dir: &std::path::Path) -> Bootstrapd {
+        let conf = dir.join("bootstrapd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port = 33445\nkeys_file_path = \"{0}/bootstrapd.keys\"\npid_file_path = \"{0}/bootstrapd.pid\"\n\
+                 enable_ipv6 = false\nenable_ipv4_fallback = true\nenable_lan_discovery = false\n\
+                 enable_tcp_relay = true\ntcp_relay_ports = [33446]\nenable_motd = false\nbootstrap_nodes = ()\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "tox-bootstrapd", "--config"])
+            .arg(&conf)
+            .args(["--foreground", "--log-backend", "stdout"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tox-bootstrapd (toxcore-utils) is installed by scripts/install-deps.sh");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let public_key = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|l| l.split("Public Key: ").nth(1).map(|k| k.trim().to_owned()))
+            .expect("tox-bootstrapd printed no public key");
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Bootstrapd { child, public_key }
+    }
+}
+
+impl Drop for Bootstrapd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node's Tox ID, as `veilmesh tox-id` prints it.
+pub fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
+    let out = ns.exec(&[BIN, "tox-id", "--config", files.config.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }

@@ -1,0 +1,491 @@
+//! NAT traversal on a test bed of namespaces: a routed "internet", a
+//! server namespace (coturn as STUN server on two addresses, tox-bootstrapd
+//! as Tox DHT node and TCP relay, or three BitTorrent DHT nodes), two NAT
+//! routers (iptables) and a veilmesh node behind each. The nodes know each
+//! other only by public key (and Tox ID): they meet over Tox and swap
+//! endpoints in the session, or find each other's endpoints in the DHT,
+//! and punch. Needs root.
+//!
+//! ```text
+//!  hA 10.1.0.2 ── natA 10.1.0.1 | 192.0.2.2 ──┐
+//!                                            inet (router) ── srv 203.0.113.10, .11
+//!  hB 10.2.0.2 ── natB 10.2.0.1 | 198.51.100.2 ┘
+//! ```
+//!
+//! The internet is a router, not a bridge: a probe sent with TTL 2 leaves
+//! its own NAT and dies at the next hop, as on the real internet.
+
+mod common;
+
+use std::process::Child;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LISTEN_PORT: u16 = 40000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nat {
+    /// MASQUERADE with the default ACCEPT policy.
+    Cone,
+    /// Cone plus a firewall dropping new connections from the WAN side.
+    ConeFirewall,
+    /// MASQUERADE --random-fully: a new port per destination.
+    Symmetric,
+    /// Cone plus the veilmesh port forwarded to the host.
+    FullCone,
+}
+
+impl Nat {
+    fn name(self) -> &'static str {
+        match self {
+            Nat::Cone => "cone",
+            Nat::ConeFirewall => "conefw",
+            Nat::Symmetric => "sym",
+            Nat::FullCone => "fullcone",
+        }
+    }
+
+    fn configure(self, router: &Netns, host_ip: &str) {
+        router.sysctl("net.ipv4.ip_forward", "1");
+        let iptables = |args: &[&str]| {
+            let mut full = vec!["iptables", "-w"];
+            full.extend_from_slice(args);
+            let out = router.exec(&full);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let mut masquerade = vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "wan",
+            "-j",
+            "MASQUERADE",
+        ];
+        if self == Nat::Symmetric {
+            masquerade.push("--random-fully");
+        }
+        iptables(&masquerade);
+        if self == Nat::ConeFirewall {
+            for chain in ["INPUT", "FORWARD"] {
+                iptables(&[
+                    "-A",
+                    chain,
+                    "-i",
+                    "wan",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW",
+                    "-j",
+                    "DROP",
+                ]);
+            }
+        }
+        if self == Nat::FullCone {
+            let port = LISTEN_PORT.to_string();
+            let to = format!("{host_ip}:{port}");
+            iptables(&[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "wan",
+                "-p",
+                "udp",
+                "--dport",
+                &port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &to,
+            ]);
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Site {
+    router: Netns,
+    host: Netns,
+    files: NodeFiles,
+}
+
+/// How the two nodes first meet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Meeting {
+    /// As Tox friends (bootstrap node and TCP relay on the internet).
+    Tox,
+    /// Through a private BitTorrent DHT; no Tox at all.
+    Dht,
+}
+
+/// The private DHT's nodes, on a private address (BEP 42 exempts those
+/// from the node-id rules).
+const DHT_NODES: [&str; 3] = ["172.16.0.10:6881", "172.16.0.10:6882", "172.16.0.10:6883"];
+
+struct TestBed {
+    a: Site,
+    b: Site,
+    _srv: Netns,
+    _inet: Netns,
+    _servers: Vec<Guard>,
+    _bootstrapd: Option<Bootstrapd>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBed {
+    fn new(tag: &str, nat_a: Nat, nat_b: Nat, meeting: Meeting) -> TestBed {
+        require_root();
+        reap_stale();
+        let dir = tempfile::tempdir().unwrap();
+        let inet = Netns::new(&format!("{tag}-inet"));
+        inet.sysctl("net.ipv4.ip_forward", "1");
+        let srv = Netns::new(&format!("{tag}-srv"));
+        veth(&inet, "srv", &srv, "eth0");
+        inet.ip(&["addr", "add", "203.0.113.1/24", "dev", "srv"]);
+        srv.ip(&["addr", "add", "203.0.113.10/24", "dev", "eth0"]);
+        srv.ip(&["addr", "add", "203.0.113.11/24", "dev", "eth0"]);
+        srv.ip(&["route", "add", "default", "via", "203.0.113.1"]);
+        inet.ip(&["addr", "add", "172.16.0.1/24", "dev", "srv"]);
+        srv.ip(&["addr", "add", "172.16.0.10/24", "dev", "eth0"]);
+        let site = |name: &str, nat: Nat, wan: &str, inet_side: &str, lan: &str| {
+            let router = Netns::new(&format!("{tag}-nat{name}"));
+            let host = Netns::new(&format!("{tag}-h{name}"));
+            let inet_if = format!("nat{name}");
+            veth(&inet, &inet_if, &router, "wan");
+            inet.ip(&["addr", "add", &format!("{inet_side}/24"), "dev", &inet_if]);
+            router.ip(&["addr", "add", &format!("{wan}/24"), "dev", "wan"]);
+            router.ip(&["route", "add", "default", "via", inet_side]);
+            veth(&router, "lan", &host, "eth0");
+            router.ip(&["addr", "add", &format!("{lan}.1/24"), "dev", "lan"]);
+            let host_ip = format!("{lan}.2");
+            host.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"]);
+            host.ip(&["route", "add", "default", "via", &format!("{lan}.1")]);
+            nat.configure(&router, &host_ip);
+            Site {
+                router,
+                host,
+                files: NodeFiles::new(dir.path(), name),
+            }
+        };
+        let a = site("A", nat_a, "192.0.2.2", "192.0.2.1", "10.1.0");
+        let b = site("B", nat_b, "198.51.100.2", "198.51.100.1", "10.2.0");
+
+        let pidfile = dir.path().join("turnserver.pid");
+        let mut servers = vec![Guard(srv.spawn(&[
+            "turnserver",
+            "-n",
+            "--stun-only",
+            "--listening-ip",
+            "203.0.113.10",
+            "--listening-ip",
+            "203.0.113.11",
+            "--listening-port",
+            "3478",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--log-file",
+            "stdout",
+            "--simple-log",
+            "--no-software-attribute",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+        ]))];
+        wait_for_udp_listener(&srv, "203.0.113.11:3478");
+        let stun = "[udp]\nstun_servers = [\"203.0.113.10:3478\", \"203.0.113.11:3478\"]\n";
+        let mut bootstrapd = None;
+        if meeting == Meeting::Tox {
+            let tox = Bootstrapd::start(&srv, dir.path());
+            let key = tox.public_key.clone();
+            bootstrapd = Some(tox);
+            let section = |files: &NodeFiles| {
+                format!(
+                    "listen_port = {LISTEN_PORT}\n{stun}\
+                     [tox]\nenabled = true\nstate_file = \"{}\"\n\
+                     bootstrap_nodes = [\"203.0.113.10:33445:{key}\"]\n\
+                     tcp_relays = [\"203.0.113.10:33446:{key}\"]\nlocal_discovery = false\n",
+                    files.dir.join("veil0.tox").display(),
+                )
+            };
+            a.files.write_config(&section(&a.files), "");
+            b.files.write_config(&section(&b.files), "");
+            let (id_a, id_b) = (tox_id(&a.host, &a.files), tox_id(&b.host, &b.files));
+            let peer = |files: &NodeFiles, name: &str, id: &str| {
+                format!("{}tox = \"{id}\"\n", files.peer_block(name, None, &[]))
+            };
+            a.files
+                .write_config(&section(&a.files), &peer(&b.files, "b", &id_b));
+            b.files
+                .write_config(&section(&b.files), &peer(&a.files, "a", &id_a));
+        } else {
+            for (i, node) in DHT_NODES.iter().enumerate() {
+                let (ip, port) = node.split_once(':').unwrap();
+                let mut args = vec![BIN, "dht-node", "--bind", ip, "--port", port];
+                if i > 0 {
+                    args.extend(["--bootstrap", DHT_NODES[0]]);
+                }
+                servers.push(Guard(srv.spawn(&args)));
+                wait_for_udp_listener(&srv, node);
+            }
+            let nodes: Vec<String> = DHT_NODES.iter().map(|n| format!("\"{n}\"")).collect();
+            let section = format!(
+                "listen_port = {LISTEN_PORT}\n{stun}\
+                 [rendezvous]\ndht = true\nbootstrap = [{}]\n",
+                nodes.join(", ")
+            );
+            a.files
+                .write_config(&section, &b.files.peer_block("b", None, &[]));
+            b.files
+                .write_config(&section, &a.files.peer_block("a", None, &[]));
+        }
+        TestBed {
+            a,
+            b,
+            _srv: srv,
+            _inet: inet,
+            _servers: servers,
+            _bootstrapd: bootstrapd,
+            _dir: dir,
+        }
+    }
+}
+
+fn wait_for_udp_listener(ns: &Netns, address: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.exec(&["ss", "-lun"]);
+        if String::from_utf8_lossy(&out.stdout).contains(address) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing listens on {address}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn path_in_use(daemon: &Daemon, peer: &str) -> String {
+    daemon.peer(peer).path.unwrap_or_default()
+}
+
+/// Polls until `peer`'s path in use starts with `prefix`; the time it took.
+fn wait_for_path(daemon: &Daemon, peer: &str, prefix: &str, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if path_in_use(daemon, peer).starts_with(prefix) {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+struct Outcome {
+    pair: String,
+    path: String,
+    first_reply: Duration,
+    direct_after: Option<Duration>,
+    ping: (u32, u32),
+    nat_type: String,
+}
+
+/// Starts both nodes, pings until b answers, then waits for a direct path.
+fn run_pair(tag: &str, nat_a: Nat, nat_b: Nat, expect_direct: bool) -> Outcome {
+    let bed = TestBed::new(tag, nat_a, nat_b, Meeting::Tox);
+    let started = Instant::now();
+    let da = Daemon::start(&bed.a.host, &bed.a.files);
+    let db = Daemon::start(&bed.b.host, &bed.b.files);
+    let b_mesh = bed.b.files.mesh().to_string();
+    let first_reply = first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    let limit = if expect_direct { 30 } else { 15 };
+    let direct =
+        wait_for_path(&da, "b", "udp ", Duration::from_secs(limit)).map(|_| started.elapsed());
+    let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
+    let path = path_in_use(&da, "b");
+    if expect_direct && direct.is_none() {
+        println!("--- a ---\n{}\n--- b ---\n{}", da.log_text(), db.log_text());
+        for site in [&bed.a, &bed.b] {
+            let ct = site.router.exec(&["conntrack", "-L", "-p", "udp"]);
+            println!(
+                "conntrack {}:\n{}",
+                site.router.name,
+                String::from_utf8_lossy(&ct.stdout)
+            );
+        }
+    }
+    assert!(got >= 4, "{tag}: ping over {path}: {got}/{sent}\n{out}");
+    let nat_type = da.show().transports.first().cloned().unwrap_or_default();
+    Outcome {
+        pair: format!("{}/{}", nat_a.name(), nat_b.name()),
+        path,
+        first_reply,
+        direct_after: direct,
+        ping: (sent, got),
+        nat_type,
+    }
+}
+
+fn print_table(rows: &[(Outcome, bool)]) {
+    println!(
+        "| NAT A / NAT B | path reached | first reply over Tox (s) | direct UDP (s after start) \
+         | time to direct path after first reply (s) | ping |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let seconds = |d: Option<Duration>| {
+        d.map(|d| format!("{:.1}", d.as_secs_f64()))
+            .unwrap_or_else(|| "none".into())
+    };
+    for (o, _) in rows {
+        println!(
+            "| {} | {} | {:.1} | {} | {} | {}/{} |",
+            o.pair,
+            o.path,
+            o.first_reply.as_secs_f64(),
+            seconds(o.direct_after),
+            seconds(o.direct_after.map(|d| d.saturating_sub(o.first_reply))),
+            o.ping.1,
+            o.ping.0
+        );
+    }
+    if let Some((o, _)) = rows.first() {
+        println!("a's UDP transport: {}", o.nat_type);
+    }
+}
+
+/// Every NAT pair of the issue, two test beds at a time.
+#[test]
+fn nat_pairs_reach_a_direct_path_where_one_exists() {
+    let mut cases: Vec<(String, Nat, Nat, bool)> = (1..=5)
+        .map(|i| (format!("cc{i}"), Nat::Cone, Nat::Cone, true))
+        .collect();
+    cases.push(("ff".into(), Nat::ConeFirewall, Nat::ConeFirewall, true));
+    cases.push(("sf".into(), Nat::Symmetric, Nat::FullCone, true));
+    cases.push(("ss".into(), Nat::Symmetric, Nat::Symmetric, false));
+    let mut rows = Vec::new();
+    for chunk in cases.chunks(2) {
+        let handles: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|(tag, a, b, direct)| {
+                thread::spawn(move || (run_pair(&tag, a, b, direct), direct))
+            })
+            .collect();
+        for h in handles {
+            rows.push(h.join().expect("a NAT case panicked"));
+        }
+    }
+    print_table(&rows);
+    for (o, expect_direct) in &rows {
+        if *expect_direct {
+            assert!(
+                o.path.starts_with("udp "),
+                "{}: no direct path: {}",
+                o.pair,
+                o.path
+            );
+        } else {
+            assert!(
+                o.path.starts_with("tox "),
+                "{}: expected Tox, got {}",
+                o.pair,
+                o.path
+            );
+        }
+    }
+}
+
+/// Blocking the direct path mid-ping moves traffic to Tox within 5 s;
+/// unblocking brings it back.
+#[test]
+fn a_blocked_direct_path_fails_over_to_tox_and_back() {
+    let bed = TestBed::new("fo", Nat::ConeFirewall, Nat::ConeFirewall, Meeting::Tox);
+    let started = Instant::now();
+    let da = Daemon::start(&bed.a.host, &bed.a.files);
+    let db = Daemon::start(&bed.b.host, &bed.b.files);
+    let b_mesh = bed.b.files.mesh().to_string();
+    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    assert!(
+        wait_for_path(&da, "b", "udp ", Duration::from_secs(30)).is_some(),
+        "no direct path:\n{}\n{}",
+        da.log_text(),
+        db.log_text()
+    );
+    // 0.1 s between pings for 16 s: 160 pings; block at 3 s, unblock at 11 s.
+    let ping = bed
+        .a
+        .host
+        .spawn(&["ping", "-6", "-n", "-i", "0.1", "-c", "160", &b_mesh]);
+    thread::sleep(Duration::from_secs(3));
+    let port = LISTEN_PORT.to_string();
+    let rule = |op: &str| {
+        for dir in ["--sport", "--dport"] {
+            let out = bed.a.router.exec(&[
+                "iptables", "-w", op, "FORWARD", "-p", "udp", dir, &port, "-j", "DROP",
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    };
+    rule("-I");
+    let blocked = Instant::now();
+    let moved = wait_for_path(&da, "b", "tox ", Duration::from_secs(8));
+    thread::sleep(Duration::from_secs(8).saturating_sub(blocked.elapsed()));
+    rule("-D");
+    let back = wait_for_path(&da, "b", "udp ", Duration::from_secs(20));
+    let out = ping.wait_with_output().unwrap();
+    let (sent, got, text) = ping_result(out);
+    let lost_seconds = f64::from(sent - got) * 0.1;
+    println!(
+        "failover: Tox in use {:.1} s after the block; {got}/{sent} pings answered \
+         ({lost_seconds:.1} s of loss); direct UDP back {:.1} s after unblocking",
+        moved.map_or(f64::NAN, |d| d.as_secs_f64()),
+        back.map_or(f64::NAN, |d| d.as_secs_f64()),
+    );
+    assert!(moved.is_some(), "no failover to Tox:\n{}", da.log_text());
+    assert!(lost_seconds <= 5.0, "{lost_seconds} s of loss\n{text}");
+    assert!(
+        back.is_some(),
+        "traffic did not return to UDP:\n{}",
+        da.log_text()
+    );
+}
+
+/// No Tox, no static endpoint: the nodes find each other's endpoints in a
+/// private DHT and punch through two cone NATs.
+#[test]
+fn first_contact_through_the_dht_reaches_a_direct_path() {
+    let bed = TestBed::new("dh", Nat::Cone, Nat::Cone, Meeting::Dht);
+    let started = Instant::now();
+    let da = Daemon::start(&bed.a.host, &bed.a.files);
+    let db = Daemon::start(&bed.b.host, &bed.b.files);
+    let b_mesh = bed.b.files.mesh().to_string();
+    let took = first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(90), &da);
+    let path = path_in_use(&da, "b");
+    println!(
+        "DHT rendezvous, cone/cone: first reply {:.1} s after start, over {path}",
+        took.as_secs_f64()
+    );
+    assert!(path.starts_with("udp "), "{path}\n{}", db.log_text());
+    let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
+    assert!(got >= 4, "{got}/{sent}\n{out}");
+}
