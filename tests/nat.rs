@@ -489,3 +489,64 @@ fn first_contact_through_the_dht_reaches_a_direct_path() {
     let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
     assert!(got >= 4, "{got}/{sent}\n{out}");
 }
+
+/// The NAT in front of a forgets a's veilmesh mapping and gives a new one
+/// from another port range (a rebinding; Tox's mappings are left alone):
+/// a's STUN refresh sees the new public endpoint, a announces it over Tox,
+/// and the two punch again.
+#[test]
+fn a_rebound_nat_mapping_gets_a_direct_path_again() {
+    let bed = TestBed::new("rb", Nat::ConeFirewall, Nat::ConeFirewall, Meeting::Tox);
+    let started = Instant::now();
+    let da = Daemon::start(&bed.a.host, &bed.a.files);
+    let db = Daemon::start(&bed.b.host, &bed.b.files);
+    let b_mesh = bed.b.files.mesh().to_string();
+    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    assert!(
+        wait_for_path(&db, "a", "udp 192.0.2.2:40000", Duration::from_secs(30)).is_some(),
+        "no direct path:\n{}",
+        db.log_text()
+    );
+    let router = &bed.a.router;
+    let port = LISTEN_PORT.to_string();
+    let out = router.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-I",
+        "POSTROUTING",
+        "1",
+        "-o",
+        "wan",
+        "-p",
+        "udp",
+        "--sport",
+        &port,
+        "-j",
+        "MASQUERADE",
+        "--to-ports",
+        "50000-50999",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Exits 1 when nothing matched; either way the mapping is gone after.
+    router.exec(&["conntrack", "-D", "-p", "udp", "--orig-port-src", &port]);
+    let rebound = Instant::now();
+    let back = wait_for_path(&db, "a", "udp 192.0.2.2:50", Duration::from_secs(60));
+    println!(
+        "NAT rebinding: b uses a's new mapping ({}) {:.1} s later",
+        path_in_use(&db, "a"),
+        rebound.elapsed().as_secs_f64()
+    );
+    assert!(
+        back.is_some(),
+        "no direct path after rebinding:\n{}",
+        da.log_text()
+    );
+    let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
+    assert!(got >= 4, "{got}/{sent}\n{out}");
+}

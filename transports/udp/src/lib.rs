@@ -418,6 +418,39 @@ mod tests {
         assert_eq!(canonical(v6), v6);
     }
 
+    /// Any node is a STUN reflector: a binding request to its port gets
+    /// the sender's endpoint back, and never reaches the core.
+    #[tokio::test]
+    async fn answers_stun_binding_requests_and_keeps_them_from_the_core() {
+        let mut node = UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            ..UdpConfig::default()
+        })
+        .unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let id = [9u8; 12];
+        let to = ("127.0.0.1", node.local_addr().port());
+        client.send_to(&stun::binding_request(&id), to).unwrap();
+        client.send_to(b"\x04\0\0\0 not stun", to).unwrap();
+        // The request is answered inside the receive call that returns
+        // the next (non-STUN) datagram.
+        let mut buf = [0u8; 128];
+        let got = poll_fn(|cx| node.poll_recv(cx, &mut buf)).await.unwrap();
+        assert_eq!(&buf[..got.len], b"\x04\0\0\0 not stun");
+        let mut reply = [0u8; 128];
+        let (n, _) = client.recv_from(&mut reply).unwrap();
+        assert_eq!(
+            stun::parse(&reply[..n]),
+            Ok(stun::Message::BindingSuccess(
+                id,
+                Some(client.local_addr().unwrap())
+            ))
+        );
+    }
+
     #[tokio::test]
     async fn datagrams_cross_loopback_both_families() {
         let mut a = UdpTransport::bind(UdpConfig {

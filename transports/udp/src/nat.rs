@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::stun::{self, TransactionId};
 
-/// How often the mapping is asked for again (it also notices rebinding).
-pub const REFRESH: Duration = Duration::from_secs(30);
+/// How often the mapping is asked for again. This is how a rebound NAT
+/// mapping is noticed, and the new one announced to peers: 15 s bounds
+/// that, at two small requests per interval.
+pub const REFRESH: Duration = Duration::from_secs(15);
 /// RFC 8489's initial retransmission timeout, doubled per retry.
 const FIRST_RTO: Duration = Duration::from_millis(500);
 const ATTEMPTS: u32 = 4;
