@@ -4,9 +4,13 @@
 #   1. the raw veth link,
 #   2. wireguard-go (Debian's userspace WireGuard),
 #   3. veilmesh,
+#   4. veilmesh over Tox (BENCH_TOX=0 skips),
 # all in the same run, printing Gbit/s, RTT and the ratios. Needs root.
+# BENCH_I2P=1 adds the I2P mode: a private network of i2pd routers (the
+# harness of tests/i2p.rs), veilmesh over I2P against veilmesh over direct
+# UDP between the same namespaces, in the same run.
 #
-#   BENCH_SECONDS=10 BENCH_ROUNDS=1 bench/run.sh
+#   BENCH_SECONDS=10 BENCH_ROUNDS=1 BENCH_I2P=1 bench/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
@@ -133,7 +137,8 @@ CONF
   for side in a b; do tox_id[$side]=$(ip netns exec "$(ns_of $side)" "$bin" tox-id --config "$work/t$side.toml"); done
   for side in a b; do
     other=b; peer_ip=198.19.2.2/32; [ $side = b ] && { other=a; peer_ip=198.19.2.1/32; }
-    printf '[[peer]]\nname = "%s"\npublic_key = "%s"\ntox = "%s"\nallowed_ips = ["%s"]\n' \
+    # Tox only: on one veth the pair would otherwise move to direct UDP.
+    printf '[[peer]]\nname = "%s"\npublic_key = "%s"\ntox = "%s"\nallowed_ips = ["%s"]\ntransports = ["tox"]\n' \
       "$other" "$("$bin" pubkey < "$work/t$other.key")" "${tox_id[$other]}" "$peer_ip" >> "$work/t$side.toml"
   done
   ip netns exec $A "$bin" up --config "$work/ta.toml" 2> "$work/ta.log" & pids+=($!)
@@ -185,4 +190,12 @@ if [ -n "${tput[veilmesh-tox]:-}" ]; then
   tx_g=$(avg "${tput[veilmesh-tox]}"); tx_r=$(avg "${rt[veilmesh-tox]}"); tx_m=$(avg "${rtm[veilmesh-tox]}")
   printf '%-14s %10s %14s %14s\n' veilmesh-tox "$tx_g" "$tx_r" "$tx_m"
   python3 -c 'import sys; g,u,r,v=map(float,sys.argv[1:]); print("throughput veilmesh tox / udp:      %.2f" % (g/u)); print("added rtt veilmesh tox - veth:      %.3f ms avg" % (r-v))' "$tx_g" "$vm_g" "$tx_r" "$veth_r"
+fi
+
+# --- veilmesh over I2P (BENCH_I2P=1) ----------------------------------------
+if [ "${BENCH_I2P:-0}" = 1 ]; then
+  echo
+  echo "I2P mode: private i2pd network, ${seconds} s iperf3 per path"
+  BENCH_SECONDS=$seconds cargo test --release --locked --quiet --test i2p \
+    -- --ignored --exact bench_i2p_against_direct_udp --nocapture 2>&1 | sed -n 's/^bench: //p'
 fi

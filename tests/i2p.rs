@@ -539,3 +539,78 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     assert!(da.is_running(), "veilmesh exited:\n{}", da.log_text());
     println!("I2P: a: {}", session_bridge(&da));
 }
+
+/// Average RTT in ms from ping's summary line.
+fn rtt_avg_ms(ping_output: &str) -> f64 {
+    ping_output
+        .lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// The benchmark's I2P mode (`BENCH_I2P=1 bench/run.sh`), not a test:
+/// iperf3 and ping between two nodes over I2P, then, in the same run and
+/// between the same namespaces, over direct UDP as the reference.
+#[test]
+#[ignore = "benchmark: run by bench/run.sh with BENCH_I2P=1"]
+fn bench_i2p_against_direct_udp() {
+    let seconds: u32 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let tag = "bn";
+    let mut net = I2pNet::new(tag, 3);
+    let a = net.host(tag, "a", "198.18.0.11");
+    let b = net.host(tag, "b", "198.18.0.12");
+    let (fa, fb) = (
+        NodeFiles::new(net.dir.path(), "a"),
+        NodeFiles::new(net.dir.path(), "b"),
+    );
+    let (sam_a, sam_b) = (net.sam(1), net.sam(2));
+    fa.write_config("", &i2p_section(&fa, std::slice::from_ref(&sam_a)));
+    fb.write_config("", &i2p_section(&fb, std::slice::from_ref(&sam_b)));
+    let da = Daemon::start(&a, &fa);
+    let db = Daemon::start(&b, &fb);
+    let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
+    let configure = |transport: &str| {
+        let peer = |files: &NodeFiles, name: &str, endpoint: &str, dest: &str| {
+            format!(
+                "{}i2p = \"{dest}\"\ntransports = [\"{transport}\"]\n",
+                files.peer_block(name, Some(endpoint), &[])
+            )
+        };
+        fa.write_config(
+            "",
+            &(i2p_section(&fa, std::slice::from_ref(&sam_a))
+                + &peer(&fb, "b", "198.18.0.12:51820", &addr_b)),
+        );
+        fb.write_config(
+            "",
+            &(i2p_section(&fb, std::slice::from_ref(&sam_b))
+                + &peer(&fa, "a", "198.18.0.11:51820", &addr_a)),
+        );
+        reload(&fa);
+        reload(&fb);
+    };
+    let b_mesh = fb.mesh().to_string();
+    let mut results = Vec::new();
+    for transport in ["i2p", "udp"] {
+        configure(transport);
+        first_reply(&a, &b_mesh, Instant::now(), Duration::from_secs(150), &da);
+        let (path, _) = path_to(&da, "b");
+        assert!(
+            path.as_deref().unwrap_or("").starts_with(transport),
+            "{path:?}"
+        );
+        let (_, _, ping) = a.ping6(&b_mesh, 50);
+        let mbit = iperf_mbit(&a, &b, &b_mesh, seconds);
+        let rtt = rtt_avg_ms(&ping);
+        println!("bench: {transport:<4} {mbit:10.2} Mbit/s {rtt:8.3} ms avg RTT");
+        results.push((mbit, rtt));
+    }
+    let ((i2p_mbit, i2p_rtt), (udp_mbit, udp_rtt)) = (results[0], results[1]);
+    println!("bench: throughput i2p / udp: {:.4}", i2p_mbit / udp_mbit);
+    println!("bench: added rtt i2p - udp: {:.3} ms", i2p_rtt - udp_rtt);
+}

@@ -411,11 +411,9 @@ fn nat_pairs_reach_a_direct_path_where_one_exists() {
     }
 }
 
-/// Blocking the direct path mid-ping moves traffic to Tox within 5 s;
-/// unblocking brings it back.
-#[test]
-fn a_blocked_direct_path_fails_over_to_tox_and_back() {
-    let bed = TestBed::new("fo", Nat::ConeFirewall, Nat::ConeFirewall, Meeting::Tox);
+/// Starts both daemons and waits until a reaches b over direct UDP;
+/// returns them and b's mesh address.
+fn start_until_direct(bed: &TestBed) -> (Daemon, Daemon, String) {
     let started = Instant::now();
     let da = Daemon::start(&bed.a.host, &bed.a.files);
     let db = Daemon::start(&bed.b.host, &bed.b.files);
@@ -427,6 +425,15 @@ fn a_blocked_direct_path_fails_over_to_tox_and_back() {
         da.log_text(),
         db.log_text()
     );
+    (da, db, b_mesh)
+}
+
+/// Blocking the direct path mid-ping moves traffic to Tox within 5 s;
+/// unblocking brings it back.
+#[test]
+fn a_blocked_direct_path_fails_over_to_tox_and_back() {
+    let bed = TestBed::new("fo", Nat::ConeFirewall, Nat::ConeFirewall, Meeting::Tox);
+    let (da, _db, b_mesh) = start_until_direct(&bed);
     // 0.1 s between pings for 16 s: 160 pings; block at 3 s, unblock at 11 s.
     let ping = bed
         .a
@@ -497,11 +504,7 @@ fn first_contact_through_the_dht_reaches_a_direct_path() {
 #[test]
 fn a_rebound_nat_mapping_gets_a_direct_path_again() {
     let bed = TestBed::new("rb", Nat::ConeFirewall, Nat::ConeFirewall, Meeting::Tox);
-    let started = Instant::now();
-    let da = Daemon::start(&bed.a.host, &bed.a.files);
-    let db = Daemon::start(&bed.b.host, &bed.b.files);
-    let b_mesh = bed.b.files.mesh().to_string();
-    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    let (da, db, b_mesh) = start_until_direct(&bed);
     assert!(
         wait_for_path(&db, "a", "udp 192.0.2.2:40000", Duration::from_secs(30)).is_some(),
         "no direct path:\n{}",

@@ -259,27 +259,7 @@ impl PathSet {
                 || p.recently_live(now)
                 || matches!(p.addr, PeerAddr::Udp(sa) if endpoints.contains(&sa))
         });
-        for sa in endpoints {
-            let addr = PeerAddr::Udp(*sa);
-            if !self.contains(&addr) {
-                if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
-                    continue;
-                }
-                self.paths
-                    .push(Path::new(addr.clone(), Origin::Announced, now));
-            }
-            let interval = self.interval();
-            if let Some(path) = self.get_mut(&addr) {
-                if !path.is_live(now, interval) {
-                    path.punch = Some(Punch {
-                        opened: false,
-                        full_from: peer_open.then_some(now),
-                        until: now + PUNCH_DURATION,
-                    });
-                    path.next_probe = now;
-                }
-            }
-        }
+        self.punch(endpoints, now, peer_open.then_some(now), true);
     }
 
     /// Endpoints of a peer we have no session with, read from the DHT.
@@ -288,6 +268,18 @@ impl PathSet {
     /// ours and sent its short-TTL packets. Known endpoints already being
     /// punched are left alone.
     pub fn rendezvous(&mut self, endpoints: &[SocketAddr], now: Instant, open_delay: Duration) {
+        self.punch(endpoints, now, Some(now + open_delay), false);
+    }
+
+    /// Starts punching those of `endpoints` that are not live (adding the
+    /// new ones); `restart` also restarts punches under way.
+    fn punch(
+        &mut self,
+        endpoints: &[SocketAddr],
+        now: Instant,
+        full_from: Option<Instant>,
+        restart: bool,
+    ) {
         for sa in endpoints {
             let addr = PeerAddr::Udp(*sa);
             if !self.contains(&addr) {
@@ -299,11 +291,11 @@ impl PathSet {
             }
             let interval = self.interval();
             if let Some(path) = self.get_mut(&addr) {
-                if !path.is_live(now, interval) && path.punch.is_none() {
+                if !path.is_live(now, interval) && (restart || path.punch.is_none()) {
                     path.punch = Some(Punch {
                         opened: false,
-                        full_from: Some(now + open_delay),
-                        until: now + open_delay + PUNCH_DURATION,
+                        full_from,
+                        until: full_from.unwrap_or(now) + PUNCH_DURATION,
                     });
                     path.next_probe = now;
                 }
