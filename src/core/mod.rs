@@ -162,7 +162,6 @@ struct Peer {
     announce_at: Option<Instant>,
     /// The last handshake initiation sent to punch without a session.
     last_punch_handshake: Option<Instant>,
-    last_announce: Option<Instant>,
     counters: PeerCounters,
 }
 
@@ -267,7 +266,6 @@ impl Node {
         Peer {
             paths: PathSet::new(configured_paths(&config), now),
             announce_at: None,
-            last_announce: None,
             last_punch_handshake: None,
             tunn,
             config,
@@ -761,7 +759,6 @@ impl Node {
             return;
         }
         let Some(path) = peer.path() else { return };
-        peer.last_announce = Some(now);
         if !peer.paths.has_live(TransportKind::Udp, now) {
             peer.announce_at = Some(now + REPUNCH_INTERVAL);
         }

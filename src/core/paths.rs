@@ -483,10 +483,6 @@ impl PathSet {
             .any(|p| p.addr.kind() == kind && p.is_live(now, interval))
     }
 
-    pub fn rtt(&self, addr: &PeerAddr) -> Option<Duration> {
-        self.paths.iter().find(|p| &p.addr == addr)?.rtt
-    }
-
     /// Forgets observed paths silent for long (a NAT's old mapping).
     pub fn prune(&mut self, now: Instant) {
         let in_use = self.in_use.clone();
