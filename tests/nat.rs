@@ -307,13 +307,16 @@ struct Outcome {
 }
 
 /// Starts both nodes, pings until b answers, then waits for a direct path.
+/// Tox finding its friend through two NATs takes 10–90 s (through the TCP
+/// relay for sym/sym, slower on a loaded machine): the first reply gets
+/// three minutes.
 fn run_pair(tag: &str, nat_a: Nat, nat_b: Nat, expect_direct: bool) -> Outcome {
     let bed = TestBed::new(tag, nat_a, nat_b, Meeting::Tox);
     let started = Instant::now();
     let da = Daemon::start(&bed.a.host, &bed.a.files);
     let db = Daemon::start(&bed.b.host, &bed.b.files);
     let b_mesh = bed.b.files.mesh().to_string();
-    let first_reply = first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    let first_reply = first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(180), &da);
     let limit = if expect_direct { 30 } else { 15 };
     let direct =
         wait_for_path(&da, "b", "udp ", Duration::from_secs(limit)).map(|_| started.elapsed());
@@ -418,7 +421,7 @@ fn start_until_direct(bed: &TestBed) -> (Daemon, Daemon, String) {
     let da = Daemon::start(&bed.a.host, &bed.a.files);
     let db = Daemon::start(&bed.b.host, &bed.b.files);
     let b_mesh = bed.b.files.mesh().to_string();
-    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(120), &da);
+    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(180), &da);
     assert!(
         wait_for_path(&da, "b", "udp ", Duration::from_secs(30)).is_some(),
         "no direct path:\n{}\n{}",
