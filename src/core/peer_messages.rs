@@ -66,8 +66,8 @@ pub fn is_peer_message(packet: &[u8]) -> bool {
     packet.len() >= IPV6_HEADER && packet[0] >> 4 == 6 && packet[6] == PROTOCOL
 }
 
-/// Writes `message` as an IPv6 packet from `src` to `dst` into `out`;
-/// returns the packet's length. `out` must hold 40 + 4 + 9 + 16 × 19 bytes.
+/// Writes `message` as an IPv6 packet from `src` to `dst` into `out`
+/// (cleared first).
 pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, PROTOCOL, 64]);
