@@ -598,10 +598,7 @@ impl Validator<'_> {
             return Ok(None);
         }
         for (i, node) in raw.bootstrap.iter().enumerate() {
-            let valid = node.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !valid {
+            if host_and_port(node).is_none_or(|(_, port)| port == 0) {
                 return Err(self.err(
                     format!("rendezvous.bootstrap[{i}]"),
                     format!("`{node}` is not HOST:PORT of a DHT node, like 203.0.113.10:6881"),
@@ -650,10 +647,8 @@ impl Validator<'_> {
             ));
         }
         for (i, bridge) in sam.iter().enumerate() {
-            let valid = bridge.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 1)
-            });
-            if !valid {
+            // Datagrams go to the bridge's port - 1.
+            if host_and_port(bridge).is_none_or(|(_, port)| port <= 1) {
                 return Err(self.err(
                     format!("i2p.sam[{i}]"),
                     format!("`{bridge}` is not HOST:PORT of a SAM bridge, like 127.0.0.1:7656"),
@@ -870,21 +865,24 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// `HOST:PORT` split, with a non-empty host and a numeric port; the host
+/// is not resolved.
+fn host_and_port(text: &str) -> Option<(&str, u16)> {
+    let (host, port) = text.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
+}
+
 pub fn parse_endpoint(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
-    let Some((host, port)) = text.rsplit_once(':') else {
+    let Some((host, port)) = host_and_port(text) else {
         return Err(format!(
             "`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"
         ));
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(format!(
-            "`{text}` is not HOST:PORT (e.g. 198.51.100.7:51820 or [2001:db8::7]:51820)"
-        ));
-    }
-    let mut resolved = (host, port.parse::<u16>().unwrap_or(0))
+    let mut resolved = (host, port)
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve `{host}`: {e}"))?;
     resolved
@@ -1246,11 +1244,48 @@ mod tests {
     }
 
     #[test]
+    fn udp_and_rendezvous_settings_parse_and_mistakes_are_named() {
+        let with = |body: &str| format!("[interface]\nprivate_key = \"{KEY_A}\"\n{body}");
+        let config = parse(&with(
+            "[udp]\nstun_servers = [\"203.0.113.10:3478\"]\npunch_ttl = 3\n\
+             [rendezvous]\ndht = true\nbootstrap = [\"dht.example:6881\"]\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.udp.stun_servers,
+            ["203.0.113.10:3478".parse().unwrap()]
+        );
+        assert_eq!(config.udp.punch_ttl, 3);
+        let rendezvous = config.rendezvous.unwrap();
+        assert_eq!(rendezvous.bootstrap, ["dht.example:6881"]);
+        assert_eq!(rendezvous.port, 0);
+        let defaults = parse(&with("")).unwrap();
+        assert_eq!(defaults.udp, UdpSettings::default());
+        assert_eq!(defaults.rendezvous, None);
+        expect_error(&with("[udp]\npunch_ttl = 0"), "udp.punch_ttl", "at least 1");
+        expect_error(
+            &with("[udp]\nstun_servers = [\"nope\"]"),
+            "udp.stun_servers[0]",
+            "HOST:PORT",
+        );
+        for bad in ["dht.example", ":6881", "dht.example:0", "dht.example:x"] {
+            expect_error(
+                &with(&format!(
+                    "[rendezvous]\ndht = true\nbootstrap = [\"{bad}\"]"
+                )),
+                "rendezvous.bootstrap[0]",
+                "HOST:PORT",
+            );
+        }
+    }
+
+    #[test]
     fn i2p_mistakes_are_named() {
         let i2p = |body: &str| {
             format!("[interface]\nprivate_key = \"{KEY_A}\"\n[i2p]\nenabled = true\n{body}")
         };
         expect_error(&i2p("sam = [\"localhost\"]"), "i2p.sam[0]", "HOST:PORT");
+        expect_error(&i2p("sam = [\"127.0.0.1:1\"]"), "i2p.sam[0]", "HOST:PORT");
         expect_error(&i2p("sam = []"), "i2p.sam", "no SAM bridge");
         expect_error(&i2p("inbound_length = 8"), "i2p.inbound_length", "0..=7");
         expect_error(
