@@ -617,13 +617,17 @@ impl Node {
     }
 
     /// Authenticated traffic over `from`: a new path is probed at once, and
-    /// with nothing verified yet it carries the replies (roaming).
+    /// with nothing verified yet it carries the replies (roaming). Runs per
+    /// packet: traffic over the path in use cannot change the choice (that
+    /// takes a reply, a new path, or time), so only other paths re-choose.
     fn heard(peer: &mut Peer, from: &PeerAddr, now: Instant, next_probe_due: &mut Instant) {
         if peer.paths.heard(from, now) {
             peer.paths.probe_all_now(now);
             *next_probe_due = now;
         }
-        peer.select_path(now);
+        if peer.paths.in_use() != Some(from) {
+            peer.select_path(now);
+        }
     }
 
     fn handle_peer_message(
@@ -667,12 +671,7 @@ impl Node {
                     tracing::debug!(peer = %peer.config.name, "ignored endpoints of a peer not allowed UDP");
                     return;
                 }
-                let routes = &self.routes;
-                let usable: Vec<SocketAddr> = endpoints
-                    .into_iter()
-                    .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
-                    .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
-                    .collect();
+                let usable = usable_peer_endpoints(&self.routes, &endpoints);
                 tracing::debug!(peer = %peer.config.name, ?usable, reply, "peer announced endpoints");
                 // An answer to our announcement comes after the peer's
                 // short-TTL probes: its NAT is open to us.
@@ -901,18 +900,13 @@ impl Node {
         let Some(&id) = self.by_key.get(&peer.0) else {
             return;
         };
-        let routes = &self.routes;
         let Some(peer) = self.peers[id].as_mut() else {
             return;
         };
         if !peer.config.allows(TransportKind::Udp) || peer.has_session() {
             return;
         }
-        let usable: Vec<SocketAddr> = endpoints
-            .iter()
-            .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
-            .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
-            .collect();
+        let usable = usable_peer_endpoints(&self.routes, endpoints);
         tracing::info!(peer = %peer.config.name, ?usable, "endpoints found in the DHT");
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
@@ -1016,8 +1010,22 @@ fn configured_paths(config: &PeerConfig) -> Vec<PeerAddr> {
         .collect()
 }
 
-/// May a peer's announced endpoint be probed? Never the unspecified,
-/// multicast or broadcast addresses, nor port 0.
+/// The endpoints a peer gave us (in the session or the DHT) that may be
+/// probed: usable ones, and never one our own TUN routes (a tunnel inside
+/// the tunnel).
+fn usable_peer_endpoints(
+    routes: &RoutingTable<PeerId>,
+    endpoints: &[SocketAddr],
+) -> Vec<SocketAddr> {
+    endpoints
+        .iter()
+        .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
+        .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
+        .collect()
+}
+
+/// May an endpoint be probed or announced? Never the unspecified,
+/// multicast or broadcast addresses, a mesh address, nor port 0.
 fn usable_endpoint(sa: &SocketAddr) -> bool {
     let ip = sa.ip().to_canonical();
     sa.port() != 0

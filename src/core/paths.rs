@@ -174,7 +174,23 @@ impl PathSet {
     }
 
     fn contains(&self, addr: &PeerAddr) -> bool {
-        self.paths.iter().any(|p| &p.addr == addr)
+        self.get(addr).is_some()
+    }
+
+    fn get(&self, addr: &PeerAddr) -> Option<&Path> {
+        self.paths.iter().find(|p| &p.addr == addr)
+    }
+
+    /// The path in use, if it is live.
+    fn live_in_use(&self, now: Instant, interval: Duration) -> Option<&Path> {
+        self.get(self.in_use.as_ref()?)
+            .filter(|p| p.is_live(now, interval))
+    }
+
+    /// Room for one more learned path: true if there is, or was made by
+    /// forgetting the longest-silent one.
+    fn make_room(&mut self) -> bool {
+        self.learned_count() < MAX_LEARNED || self.evict_one()
     }
 
     fn get_mut(&mut self, addr: &PeerAddr) -> Option<&mut Path> {
@@ -206,7 +222,7 @@ impl PathSet {
             }
             return false;
         }
-        if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
+        if !self.make_room() {
             return false;
         }
         let mut path = Path::new(from.clone(), Origin::Observed, now);
@@ -283,7 +299,7 @@ impl PathSet {
         for sa in endpoints {
             let addr = PeerAddr::Udp(*sa);
             if !self.contains(&addr) {
-                if self.learned_count() >= MAX_LEARNED && !self.evict_one() {
+                if !self.make_room() {
                     continue;
                 }
                 self.paths
@@ -413,11 +429,7 @@ impl PathSet {
         let interval = self.interval();
         let rank =
             |kind: TransportKind| order.iter().position(|k| *k == kind).unwrap_or(usize::MAX);
-        let current_live = self
-            .in_use
-            .as_ref()
-            .and_then(|a| self.paths.iter().find(|p| &p.addr == a))
-            .filter(|p| p.is_live(now, interval));
+        let current_live = self.live_in_use(now, interval);
         let best_live = self
             .paths
             .iter()
@@ -452,15 +464,8 @@ impl PathSet {
     /// path that may carry one (announced endpoints only while punched or
     /// recently live: an unsolicited full-TTL packet spoils the punch).
     pub fn handshake_targets(&self, now: Instant) -> Vec<PeerAddr> {
-        let interval = self.interval();
-        if let Some(addr) = &self.in_use {
-            if self
-                .paths
-                .iter()
-                .any(|p| &p.addr == addr && p.is_live(now, interval))
-            {
-                return vec![addr.clone()];
-            }
+        if let Some(path) = self.live_in_use(now, self.interval()) {
+            return vec![path.addr.clone()];
         }
         let mut targets: Vec<PeerAddr> = self
             .paths
