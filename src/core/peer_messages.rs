@@ -182,16 +182,16 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ParseError> {
+        self.take(N)?.try_into().map_err(|_| ParseError::Truncated)
+    }
+
     fn u8(&mut self) -> Result<u8, ParseError> {
         Ok(self.take(1)?[0])
     }
 
     fn u64(&mut self) -> Result<u64, ParseError> {
-        let bytes: [u8; 8] = self
-            .take(8)?
-            .try_into()
-            .map_err(|_| ParseError::Truncated)?;
-        Ok(u64::from_be_bytes(bytes))
+        Ok(u64::from_be_bytes(self.array()?))
     }
 
     fn endpoints(&mut self) -> Result<Vec<SocketAddr>, ParseError> {
@@ -207,27 +207,11 @@ impl<'a> Reader<'a> {
     fn endpoint(&mut self) -> Result<Option<SocketAddr>, ParseError> {
         let ip = match self.u8()? {
             0 => return Ok(None),
-            4 => {
-                let b: [u8; 4] = self
-                    .take(4)?
-                    .try_into()
-                    .map_err(|_| ParseError::Truncated)?;
-                IpAddr::V4(Ipv4Addr::from(b))
-            }
-            6 => {
-                let b: [u8; 16] = self
-                    .take(16)?
-                    .try_into()
-                    .map_err(|_| ParseError::Truncated)?;
-                IpAddr::V6(Ipv6Addr::from(b))
-            }
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>()?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>()?)),
             family => return Err(ParseError::Family(family)),
         };
-        let port: [u8; 2] = self
-            .take(2)?
-            .try_into()
-            .map_err(|_| ParseError::Truncated)?;
-        Ok(Some(SocketAddr::new(ip, u16::from_be_bytes(port))))
+        Ok(Some(SocketAddr::new(ip, u16::from_be_bytes(self.array()?))))
     }
 }
 
