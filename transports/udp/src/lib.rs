@@ -69,7 +69,6 @@ pub struct UdpTransport {
     link_mtu: usize,
     nat: Arc<Mutex<NatState>>,
     stun_task: tokio::task::JoinHandle<()>,
-    stun_servers: usize,
 }
 
 impl Drop for UdpTransport {
@@ -108,19 +107,11 @@ impl UdpTransport {
             link_mtu: config.link_mtu,
             nat,
             stun_task,
-            stun_servers: config.stun_servers.len(),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
-    }
-
-    fn to_socket_addr(&self, to: &PeerAddr) -> Result<SocketAddr, SendError> {
-        match to {
-            PeerAddr::Udp(sa) => Ok(socket_addr(*sa, self.dual_stack)),
-            other => Err(SendError::WrongTransport(other.clone())),
-        }
     }
 
     /// Takes STUN out of the receive path: answers requests, feeds
@@ -143,8 +134,7 @@ impl UdpTransport {
                 if *count < STUN_ANSWERS_PER_SECOND {
                     *count += 1;
                     let response = stun::binding_success(&id, from);
-                    let to = socket_addr(from, self.dual_stack);
-                    let _ = socket2::SockRef::from(&*self.socket).send_to(&response, &to.into());
+                    let _ = send_now(&self.socket, from, self.dual_stack, &response);
                 }
             }
             Ok(stun::Message::BindingSuccess(id, mapped)) => {
@@ -167,6 +157,21 @@ impl UdpTransport {
             len,
         })
     }
+}
+
+/// Sends one datagram at once. Straight to the non-blocking socket:
+/// tokio's try_send_to refuses until its reactor has seen the socket
+/// writable once, which drops the first datagrams after bind.
+fn send_now(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    dual_stack: bool,
+    datagram: &[u8],
+) -> io::Result<()> {
+    let to = socket_addr(to, dual_stack);
+    socket2::SockRef::from(socket)
+        .send_to(datagram, &to.into())
+        .map(drop)
 }
 
 fn socket_addr(sa: SocketAddr, dual_stack: bool) -> SocketAddr {
@@ -200,8 +205,7 @@ async fn run_stun(socket: Arc<UdpSocket>, nat: Arc<Mutex<NatState>>, dual_stack:
             (requests, wake)
         };
         for (server, request) in requests {
-            let to = socket_addr(server, dual_stack);
-            if let Err(error) = socket2::SockRef::from(&*socket).send_to(&request, &to.into()) {
+            if let Err(error) = send_now(&socket, server, dual_stack, &request) {
                 tracing::debug!(%server, %error, "STUN request not sent");
             }
         }
@@ -343,12 +347,11 @@ impl Transport for UdpTransport {
     }
 
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError> {
-        let dest = self.to_socket_addr(to)?;
-        // Straight to the non-blocking socket: tokio's try_send_to refuses
-        // until its reactor has seen the socket writable once, which drops
-        // the first datagrams after bind.
-        match socket2::SockRef::from(&self.socket).send_to(datagram, &dest.into()) {
-            Ok(_) => Ok(()),
+        let PeerAddr::Udp(dest) = to else {
+            return Err(SendError::WrongTransport(to.clone()));
+        };
+        match send_now(&self.socket, *dest, self.dual_stack, datagram) {
+            Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(SendError::Backpressure),
             Err(e) => Err(SendError::Io(e)),
         }
@@ -388,15 +391,16 @@ impl Transport for UdpTransport {
 
     fn describe(&self) -> String {
         let mut text = format!("udp listening on port {}", self.local.port());
-        if self.stun_servers == 0 {
+        let Ok(state) = self.nat.lock() else {
+            return text;
+        };
+        if !state.client.has_servers() {
             return text;
         }
-        if let Ok(state) = self.nat.lock() {
-            let nat_type = state.client.nat_type(&state.interface_endpoints);
-            match state.client.public_endpoint() {
-                Some(public) => text += &format!(", public endpoint {public}, NAT: {nat_type}"),
-                None => text += ", no STUN answer yet (public endpoint unknown)",
-            }
+        let nat_type = state.client.nat_type(&state.interface_endpoints);
+        match state.client.public_endpoint() {
+            Some(public) => text += &format!(", public endpoint {public}, NAT: {nat_type}"),
+            None => text += ", no STUN answer yet (public endpoint unknown)",
         }
         text
     }

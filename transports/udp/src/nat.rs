@@ -129,6 +129,10 @@ impl StunClient {
         true
     }
 
+    pub fn has_servers(&self) -> bool {
+        !self.servers.is_empty()
+    }
+
     /// Our public endpoint, as the first answering server sees it.
     pub fn public_endpoint(&self) -> Option<SocketAddr> {
         self.servers.iter().find_map(|s| s.mapped)
