@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -112,16 +111,6 @@ impl Nat {
     }
 }
 
-/// A child process killed (and reaped) on drop.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Site {
     router: Netns,
     host: Netns,
@@ -146,7 +135,7 @@ struct TestBed {
     b: Site,
     _srv: Netns,
     _inet: Netns,
-    _servers: Vec<Guard>,
+    _servers: Vec<ChildGuard>,
     _bootstrapd: Option<Bootstrapd>,
     _dir: tempfile::TempDir,
 }
@@ -190,7 +179,7 @@ impl TestBed {
         let b = site("B", nat_b, "198.51.100.2", "198.51.100.1", "10.2.0");
 
         let pidfile = dir.path().join("turnserver.pid");
-        let mut servers = vec![Guard(srv.spawn(&[
+        let mut servers = vec![ChildGuard(srv.spawn(&[
             "turnserver",
             "-n",
             "--stun-only",
@@ -243,7 +232,7 @@ impl TestBed {
                 if i > 0 {
                     args.extend(["--bootstrap", DHT_NODES[0]]);
                 }
-                servers.push(Guard(srv.spawn(&args)));
+                servers.push(ChildGuard(srv.spawn(&args)));
                 wait_for_udp_listener(&srv, node);
             }
             let nodes: Vec<String> = DHT_NODES.iter().map(|n| format!("\"{n}\"")).collect();

@@ -499,7 +499,7 @@ pub fn iperf_mbit(client: &Netns, server: &Netns, address: &str, seconds: u32) -
 /// tox-bootstrapd in `ns`: a DHT node on 33445/udp and a TCP relay on
 /// 33446. Killed on drop.
 pub struct Bootstrapd {
-    child: Child,
+    _child: ChildGuard,
     pub public_key: String,
 }
 
@@ -532,14 +532,20 @@ impl Bootstrapd {
             .expect("tox-bootstrapd printed no public key");
         // Keep draining its output so it never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Bootstrapd { child, public_key }
+        Bootstrapd {
+            _child: ChildGuard(child),
+            public_key,
+        }
     }
 }
 
-impl Drop for Bootstrapd {
+/// A child process killed (and reaped) on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
