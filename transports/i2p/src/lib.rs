@@ -67,6 +67,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
 const KEEPALIVE_PROBES: u32 = 3;
+/// i2pd deletes a closed session's destination 5 s later, even if a new
+/// session took it over meanwhile (which then goes deaf): a bridge whose
+/// session just ended gets the same destination only after this.
+const DESTINATION_TEARDOWN: Duration = Duration::from_secs(7);
+/// Renewals peers ask for are at most this frequent: several peers asking
+/// at once cost one.
+const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct I2pConfig {
@@ -146,6 +153,8 @@ struct Shared {
     state: String,
     lookups: HashMap<I2pAddress, Lookup>,
     counters: I2pCounters,
+    /// When a peer's request last re-created the session.
+    renewed_at: Option<Instant>,
 }
 
 type Outbound = (SocketAddr, Vec<u8>);
@@ -155,6 +164,7 @@ struct Inner {
     shared: Mutex<Shared>,
     outbound: mpsc::Sender<Outbound>,
     lookup_requests: mpsc::UnboundedSender<I2pAddress>,
+    renew_requests: mpsc::UnboundedSender<()>,
 }
 
 impl Inner {
@@ -193,6 +203,7 @@ impl I2pTransport {
         let socket = Arc::new(bind_forward_socket().map_err(I2pError::Socket)?);
         let (outbound, outbound_rx) = mpsc::channel(SEND_QUEUE);
         let (lookup_requests, lookup_rx) = mpsc::unbounded_channel();
+        let (renew_requests, renew_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 address: keys.as_ref().map(|k| k.public().address()),
@@ -201,6 +212,7 @@ impl I2pTransport {
             }),
             outbound,
             lookup_requests,
+            renew_requests,
         });
         let forward_port = socket.local_addr().map_err(I2pError::Socket)?.port();
         tracing::info!(
@@ -215,7 +227,7 @@ impl I2pTransport {
             forward_port,
         };
         let tasks = vec![
-            tokio::spawn(supervisor.run(lookup_rx)),
+            tokio::spawn(supervisor.run(lookup_rx, renew_rx)),
             tokio::spawn(pace(socket.clone(), outbound_rx, inner.clone())),
         ];
         Ok(I2pTransport {
@@ -330,6 +342,24 @@ impl Transport for I2pTransport {
                 Ok(())
             }
         }
+    }
+
+    fn generation(&self) -> u64 {
+        self.inner.lock().counters.sessions
+    }
+
+    fn renew(&mut self) {
+        let mut shared = self.inner.lock();
+        // Without a live session a new one is on its way anyway.
+        if shared.live.is_none()
+            || shared
+                .renewed_at
+                .is_some_and(|t| t.elapsed() < RENEW_MIN_INTERVAL)
+        {
+            return;
+        }
+        shared.renewed_at = Some(Instant::now());
+        let _ = self.inner.renew_requests.send(());
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
@@ -488,6 +518,8 @@ enum SessionError {
     Resolve(String),
     #[error("the bridge created a session for another destination")]
     WrongDestination,
+    #[error("a peer asked for a new session")]
+    Renew,
 }
 
 /// A SAM control connection after HELLO.
@@ -584,9 +616,15 @@ impl Supervisor {
         self.inner.lock().state = state;
     }
 
-    async fn run(mut self, mut lookups: mpsc::UnboundedReceiver<I2pAddress>) {
+    async fn run(
+        mut self,
+        mut lookups: mpsc::UnboundedReceiver<I2pAddress>,
+        mut renewals: mpsc::UnboundedReceiver<()>,
+    ) {
         let mut backoff = BACKOFF_MIN;
         let mut next = 0;
+        // The bridge whose session ended last, and when.
+        let mut ended: Option<(usize, tokio::time::Instant)> = None;
         loop {
             let mut errors = Vec::new();
             let mut lost_session = false;
@@ -594,15 +632,27 @@ impl Supervisor {
             for i in 0..count {
                 let index = (next + i) % count;
                 let bridge = self.config.bridges[index].clone();
+                if let Some((_, at)) = ended.filter(|(i, _)| *i == index) {
+                    self.set_state(format!(
+                        "waiting for SAM bridge {bridge} to drop the old session"
+                    ));
+                    tokio::time::sleep_until(at + DESTINATION_TEARDOWN).await;
+                }
                 self.set_state(format!("creating a session on SAM bridge {bridge}"));
                 match self.open(&bridge).await {
                     Ok((control, live)) => {
                         backoff = BACKOFF_MIN;
-                        let why = self.serve(control, live, &mut lookups).await;
-                        tracing::warn!(%bridge, "I2P session lost: {why}; re-creating it");
-                        // Fail over: the next attempt starts with the following bridge.
-                        next = index + 1;
+                        let why = self.serve(control, live, &mut lookups, &mut renewals).await;
+                        ended = Some((index, tokio::time::Instant::now()));
                         lost_session = true;
+                        if matches!(why, SessionError::Renew) {
+                            tracing::info!(%bridge, "re-creating the I2P session: a peer cannot reach us");
+                            next = index;
+                        } else {
+                            tracing::warn!(%bridge, "I2P session lost: {why}; re-creating it");
+                            // Fail over: the next attempt starts with the following bridge.
+                            next = index + 1;
+                        }
                         break;
                     }
                     Err(error) => {
@@ -704,6 +754,7 @@ impl Supervisor {
         mut control: Control,
         live: Live,
         requests: &mut mpsc::UnboundedReceiver<I2pAddress>,
+        renewals: &mut mpsc::UnboundedReceiver<()>,
     ) -> SessionError {
         {
             let mut shared = self.inner.lock();
@@ -714,7 +765,8 @@ impl Supervisor {
             shared.state = format!("session up on SAM bridge {}", live.bridge);
         }
         while requests.try_recv().is_ok() {}
-        let result = self.serve_lookups(&mut control, requests).await;
+        while renewals.try_recv().is_ok() {}
+        let result = self.serve_lookups(&mut control, requests, renewals).await;
         let mut shared = self.inner.lock();
         shared.live = None;
         shared.lookups.clear();
@@ -726,6 +778,7 @@ impl Supervisor {
         &self,
         control: &mut Control,
         requests: &mut mpsc::UnboundedReceiver<I2pAddress>,
+        renewals: &mut mpsc::UnboundedReceiver<()>,
     ) -> SessionError {
         let mut waiting: VecDeque<I2pAddress> = VecDeque::new();
         let mut asked: Option<(I2pAddress, tokio::time::Instant)> = None;
@@ -766,6 +819,7 @@ impl Supervisor {
                         Err(error) => tracing::debug!(%error, "unparseable SAM message ignored"),
                     }
                 }
+                Some(()) = renewals.recv() => return SessionError::Renew,
                 Some(address) = requests.recv() => {
                     if asked.map(|(a, _)| a) != Some(address) && !waiting.contains(&address) {
                         waiting.push_back(address);

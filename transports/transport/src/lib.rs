@@ -198,6 +198,20 @@ pub trait Transport: Send {
         Vec::new()
     }
 
+    /// How many times this node's presence on the transport was created
+    /// (an I2P session: the first, then one per failover or renewal). A
+    /// change tells the core that peers may still send to the old one.
+    /// Transports addressed by something that never moves stay at 0.
+    fn generation(&self) -> u64 {
+        0
+    }
+
+    /// Re-create this node's presence, same identity: a peer asked,
+    /// because what carries its traffic to us still points at an old one
+    /// (an I2P router's ratchet session with our previous router). Rate
+    /// limited by the transport; a no-op where there is nothing to renew.
+    fn renew(&mut self) {}
+
     /// Receive one datagram into `buf`. Datagrams longer than `buf` are
     /// dropped by the transport (the daemon's buffer fits every legal one).
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>>;
