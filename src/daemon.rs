@@ -30,6 +30,8 @@ const BATCH: usize = 64;
 /// The transports this node runs, reached by the kind of a peer address.
 struct Transports {
     all: Vec<Box<dyn Transport>>,
+    /// Each transport's `generation` as last reported to the core.
+    generations: Vec<u64>,
     /// Where `poll_recv` starts, rotated for fairness.
     next: usize,
 }
@@ -62,6 +64,20 @@ impl Transports {
             (Some(t), Some(ttl)) => t.send_with_ttl(to, datagram, ttl),
             (None, _) => Err(SendError::NotReady("transport not enabled")),
         }
+    }
+
+    /// Transports whose presence was re-created since the last call.
+    fn rehomed(&mut self) -> Vec<TransportKind> {
+        self.generations.resize(self.all.len(), 0);
+        let mut kinds = Vec::new();
+        for (t, seen) in self.all.iter().zip(&mut self.generations) {
+            let generation = t.generation();
+            if generation != *seen {
+                *seen = generation;
+                kinds.push(t.kind());
+            }
+        }
+        kinds
     }
 
     /// Our UDP endpoints, as the transports know them.
@@ -154,7 +170,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("{}: [i2p]", config.file.display()))?;
         all.push(Box::new(i2p));
     }
-    let transports = Transports { all, next: 0 };
+    let transports = Transports {
+        all,
+        generations: Vec::new(),
+        next: 0,
+    };
     let rendezvous = match &config.rendezvous {
         Some(settings) => Some(
             Rendezvous::start(
@@ -287,6 +307,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = &mut timer => {
                 let now = Instant::now();
                 path.node.set_local_candidates(path.transports.local_udp_endpoints(), now);
+                for kind in path.transports.rehomed() {
+                    path.node.transport_rehomed(kind, now);
+                }
                 path.node.handle_timeout(now);
                 path.flush_transmits();
                 path.update_rendezvous();
@@ -579,6 +602,11 @@ impl DataPath {
             if let Err(error) = self.transports.send(&t.to, &t.payload, t.ttl) {
                 self.node.record_send_error();
                 tracing::debug!(to = %t.to, %error, "send failed");
+            }
+        }
+        while let Some(kind) = self.node.poll_renewal() {
+            if let Some(t) = self.transports.get_mut(kind) {
+                t.renew();
             }
         }
     }

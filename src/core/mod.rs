@@ -55,6 +55,17 @@ const MAX_OBSERVED_SELF: usize = 4;
 /// gateway (the first hop), not enough to cross the next router and reach
 /// the peer's NAT.
 pub const DEFAULT_PUNCH_TTL: u8 = 2;
+/// A peer's requests to renew our presence on a transport are acted on at
+/// most once per this long (it asks for `paths::RENEW_ASK_WINDOW`).
+const RENEW_COOLDOWN: Duration = Duration::from_secs(60);
+/// A peer whose handshake initiations keep coming although we answered
+/// each (this many within `REPEATED_INITIATIONS_WINDOW`) does not get our
+/// answers: it cannot ask us to renew (that needs a session), so this asks.
+const REPEATED_INITIATIONS: u32 = 3;
+const REPEATED_INITIATIONS_WINDOW: Duration = Duration::from_secs(30);
+/// A re-created presence this soon after a peer asked for it is the
+/// answer: peers are contacted but not asked to renew in turn.
+const RENEW_ANSWER_TIME: Duration = Duration::from_secs(300);
 
 pub type PeerId = usize;
 
@@ -162,6 +173,11 @@ struct Peer {
     announce_at: Option<Instant>,
     /// The last handshake initiation sent to punch without a session.
     last_punch_handshake: Option<Instant>,
+    /// When the peer last made us renew our presence on a transport.
+    renew_asked: Option<Instant>,
+    /// Handshake initiations answered since the peer last sent data: how
+    /// many, since when.
+    initiations: Option<(u32, Instant)>,
     counters: PeerCounters,
 }
 
@@ -203,6 +219,17 @@ pub struct Node {
     /// Where peers saw our probes come from: our NAT's mappings.
     observed_self: VecDeque<SocketAddr>,
     punch_ttl: u8,
+    /// Transports whose presence peers asked us to re-create, for the
+    /// daemon to act on.
+    renewals: VecDeque<TransportKind>,
+    /// The last renewal a peer asked for, and when.
+    renewing: Option<(TransportKind, Instant)>,
+    /// Our presence on a transport moved at this time, with peers we had
+    /// sessions with: if none gets through, our own router may hold stale
+    /// routes to them (LeaseSets of tunnels that died with the old router).
+    moved: Option<(TransportKind, Instant)>,
+    /// We renewed our own presence on this transport (once per move).
+    renewed_self: Option<TransportKind>,
     /// The latest `now` handed in, for the per-packet calls that take none.
     last_now: Instant,
     scratch: Vec<u8>,
@@ -246,6 +273,10 @@ impl Node {
             local_candidates: Vec::new(),
             observed_self: VecDeque::new(),
             punch_ttl: DEFAULT_PUNCH_TTL,
+            renewals: VecDeque::new(),
+            renewing: None,
+            moved: None,
+            renewed_self: None,
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
@@ -267,6 +298,8 @@ impl Node {
             paths: PathSet::new(configured_paths(&config), now),
             announce_at: None,
             last_punch_handshake: None,
+            renew_asked: None,
+            initiations: None,
             tunn,
             config,
             counters: PeerCounters::default(),
@@ -558,6 +591,8 @@ impl Node {
                         Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
                         _ => Self::heard(peer, from, now, &mut self.next_probe_due),
                     }
+                    let renew = message_type(datagram) == Some(HANDSHAKE_INIT)
+                        && initiation_repeated(&mut peer.initiations, now);
                     if matches!(
                         message_type(datagram),
                         Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)
@@ -569,6 +604,14 @@ impl Node {
                         self.next_probe_due = now;
                     }
                     peer.select_path(now);
+                    if renew {
+                        self.renew_for(
+                            id,
+                            from.kind(),
+                            now,
+                            "the peer keeps re-initiating: our answers do not reach it",
+                        );
+                    }
                 }
                 self.transmits.push_back(Transmit::new(from.clone(), reply));
                 self.flush_queued(id);
@@ -577,6 +620,7 @@ impl Node {
             TunnResult::Done => {
                 // A keepalive or cookie; only data messages authenticate the sender.
                 if message_type(datagram) == Some(DATA) {
+                    peer.initiations = None;
                     Self::heard(peer, from, now, &mut self.next_probe_due);
                 }
                 return FromNetwork::Consumed;
@@ -588,6 +632,7 @@ impl Node {
             }
         };
         // Authenticated: the peer may have moved, whatever the payload says.
+        peer.initiations = None;
         Self::heard(peer, from, now, &mut self.next_probe_due);
         if self.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
@@ -684,7 +729,104 @@ impl Node {
                 }
                 self.next_probe_due = now;
             }
+            PeerMessage::Renew => self.renew_for(
+                id,
+                from.kind(),
+                now,
+                "the peer does not hear us since it moved",
+            ),
         }
+    }
+
+    /// Renews our presence on `kind` because of what peer `id` did (it
+    /// asked, or it does not get our answers), at most once per
+    /// `RENEW_COOLDOWN` per peer.
+    fn renew_for(&mut self, id: PeerId, kind: TransportKind, now: Instant, why: &str) {
+        let Some(peer) = self.peers[id].as_mut() else {
+            return;
+        };
+        if peer
+            .renew_asked
+            .is_some_and(|t| now.saturating_duration_since(t) < RENEW_COOLDOWN)
+        {
+            tracing::trace!(peer = %peer.config.name, why, "renewal asked again too soon");
+            return;
+        }
+        peer.renew_asked = Some(now);
+        tracing::info!(peer = %peer.config.name, transport = %kind, why, "renewing our presence");
+        self.renewing = Some((kind, now));
+        if !self.renewals.contains(&kind) {
+            self.renewals.push_back(kind);
+        }
+    }
+
+    /// Our presence on `kind` was re-created (a new I2P session): peers'
+    /// routers may still send to the old one. Every peer reachable over it
+    /// hears from us at once, which carries our new whereabouts to its
+    /// router (a handshake where there is no session). A peer that stays
+    /// silent is asked to renew its own presence, unless this re-creation
+    /// answered such a request (which would bounce between the two).
+    pub fn transport_rehomed(&mut self, kind: TransportKind, now: Instant) {
+        let answered = self.renewing.is_some_and(|(k, t)| {
+            k == kind && now.saturating_duration_since(t) < RENEW_ANSWER_TIME
+        });
+        if answered {
+            self.renewing = None;
+        }
+        tracing::info!(transport = %kind, "our presence was re-created: contacting peers");
+        let had_sessions = self
+            .peers
+            .iter()
+            .flatten()
+            .any(|p| p.has_session() && !p.paths.of_kind(kind).is_empty());
+        let after_own_renewal = self.renewed_self.take_if(|k| *k == kind).is_some();
+        if had_sessions && !after_own_renewal {
+            self.moved = Some((kind, now));
+        }
+        for peer in self.peers.iter_mut().flatten() {
+            if !peer.paths.rehomed(kind, now, !answered) || peer.has_session() {
+                continue;
+            }
+            if let TunnResult::WriteToNetwork(init) = peer
+                .tunn
+                .format_handshake_initiation(&mut self.scratch, false)
+            {
+                for to in peer.paths.of_kind(kind) {
+                    self.transmits.push_back(Transmit::new(to, init));
+                }
+            }
+        }
+        self.next_probe_due = now;
+    }
+
+    /// Once peers had their chance to answer after we moved (and to renew
+    /// their side): if not one got through, renew our own presence, once.
+    fn check_moved(&mut self, now: Instant) {
+        let Some((kind, at)) = self.moved else {
+            return;
+        };
+        if now < at + paths::RENEW_GRACE + paths::RENEW_ASK_WINDOW {
+            return;
+        }
+        self.moved = None;
+        if self
+            .peers
+            .iter()
+            .flatten()
+            .any(|p| p.paths.heard_since(kind, at))
+        {
+            return;
+        }
+        tracing::info!(transport = %kind, "no peer got through since we moved: renewing our presence");
+        self.renewed_self = Some(kind);
+        if !self.renewals.contains(&kind) {
+            self.renewals.push_back(kind);
+        }
+    }
+
+    /// A transport whose presence a peer asked us to re-create.
+    pub fn poll_renewal(&mut self) -> Option<TransportKind> {
+        self.renewals.pop_front()
     }
 
     /// A peer saw our probe come from `sa`: one of our NAT's mappings.
@@ -821,6 +963,7 @@ impl Node {
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
             self.drive_session_timers(now);
+            self.check_moved(now);
         }
         if now >= self.next_probe_due {
             self.drive_paths(now);
@@ -861,6 +1004,10 @@ impl Node {
         for probe in peer.paths.poll_probes(now) {
             let ttl = probe.short_ttl.then_some(self.punch_ttl);
             tracing::trace!(%probe.to, ?ttl, "probe");
+            if probe.renew {
+                tracing::debug!(%probe.to, "asking the peer to renew its presence");
+                self.send_peer_message(id, probe.to.clone(), &PeerMessage::Renew, None);
+            }
             self.send_peer_message(id, probe.to, &PeerMessage::Probe { id: probe.id }, ttl);
         }
     }
@@ -994,6 +1141,21 @@ impl Node {
                 .collect(),
         }
     }
+}
+
+/// Counts one more handshake initiation answered since the peer last sent
+/// data; true when they repeat enough to say our answers are lost.
+fn initiation_repeated(initiations: &mut Option<(u32, Instant)>, now: Instant) -> bool {
+    let (count, since) = match *initiations {
+        Some((count, since))
+            if now.saturating_duration_since(since) < REPEATED_INITIATIONS_WINDOW =>
+        {
+            (count + 1, since)
+        }
+        _ => (1, now),
+    };
+    *initiations = Some((count, since));
+    count >= REPEATED_INITIATIONS
 }
 
 /// The paths the config gives a peer, in its transports' order: only

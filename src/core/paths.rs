@@ -43,6 +43,12 @@ const MAX_LEARNED: usize = 16;
 const MAX_OUTSTANDING: usize = 64;
 /// Observed paths silent this long are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(120);
+/// After our presence on a transport was re-created, a peer not heard
+/// over it for this long is asked to renew its own ...
+pub const RENEW_GRACE: Duration = Duration::from_secs(10);
+/// ... for this long at most: shorter than the peer's cooldown between
+/// renewals, so one re-creation costs the peer at most one.
+pub const RENEW_ASK_WINDOW: Duration = Duration::from_secs(45);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,6 +80,14 @@ struct Punch {
     until: Instant,
 }
 
+/// Our presence on the path's transport was re-created at `at`; the path
+/// is probed fast until the peer is heard over it again.
+#[derive(Debug, Clone, Copy)]
+struct Rehome {
+    at: Instant,
+    ask_renew: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Path {
     addr: PeerAddr,
@@ -83,6 +97,7 @@ struct Path {
     rtt: Option<Duration>,
     next_probe: Instant,
     punch: Option<Punch>,
+    rehome: Option<Rehome>,
 }
 
 impl Path {
@@ -95,6 +110,7 @@ impl Path {
             rtt: None,
             next_probe: now,
             punch: None,
+            rehome: None,
         }
     }
 
@@ -120,6 +136,8 @@ pub struct ProbeToSend {
     pub id: u64,
     /// Send with this IP TTL (the opening probe of a punch).
     pub short_ttl: bool,
+    /// Ask the peer to renew its presence on this path's transport too.
+    pub renew: bool,
 }
 
 /// One path as `veilmesh show` lists it.
@@ -215,6 +233,7 @@ impl PathSet {
     pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
         if let Some(path) = self.get_mut(from) {
             path.last_rx = Some(now);
+            path.rehome = None;
             if let Some(punch) = path.punch.as_mut().filter(|p| p.full_from.is_none()) {
                 punch.full_from = Some(now);
                 path.next_probe = now;
@@ -319,6 +338,36 @@ impl PathSet {
         }
     }
 
+    /// Our presence on `kind` was re-created: probe its paths at once and
+    /// fast until the peer is heard over them; with `ask_renew`, probes
+    /// after `RENEW_GRACE` ask the peer to renew its own. False if the peer
+    /// has no path of that kind.
+    pub fn rehomed(&mut self, kind: TransportKind, now: Instant, ask_renew: bool) -> bool {
+        let mut any = false;
+        for p in self.paths.iter_mut().filter(|p| p.addr.kind() == kind) {
+            p.rehome = Some(Rehome { at: now, ask_renew });
+            p.next_probe = now;
+            any = true;
+        }
+        any
+    }
+
+    /// Has the peer been heard over `kind` since `t`?
+    pub fn heard_since(&self, kind: TransportKind, t: Instant) -> bool {
+        self.paths
+            .iter()
+            .any(|p| p.addr.kind() == kind && p.last_rx.is_some_and(|rx| rx >= t))
+    }
+
+    /// The paths over `kind`.
+    pub fn of_kind(&self, kind: TransportKind) -> Vec<PeerAddr> {
+        self.paths
+            .iter()
+            .filter(|p| p.addr.kind() == kind)
+            .map(|p| p.addr.clone())
+            .collect()
+    }
+
     /// Probe every path at once (after a handshake, or a new path).
     pub fn probe_all_now(&mut self, now: Instant) {
         for p in &mut self.paths {
@@ -352,7 +401,7 @@ impl PathSet {
                 Some(punch) if !punch.opened => {
                     punch.opened = true;
                     path.next_probe = punch.full_from.unwrap_or(punch.until).max(now);
-                    due.push((path.addr.clone(), true));
+                    due.push((path.addr.clone(), true, false));
                     continue;
                 }
                 Some(punch) if !matches!(punch.full_from, Some(t) if t <= now) => {
@@ -361,29 +410,42 @@ impl PathSet {
                 }
                 Some(_) => {
                     path.next_probe = now + PUNCH_INTERVAL;
-                    due.push((path.addr.clone(), false));
+                    due.push((path.addr.clone(), false, false));
                     continue;
                 }
                 None => !full_probes_allowed(path, now),
             };
+            path.rehome = path
+                .rehome
+                .filter(|r| now < r.at + RENEW_GRACE + RENEW_ASK_WINDOW);
+            let renew = path
+                .rehome
+                .is_some_and(|r| r.ask_renew && now >= r.at + RENEW_GRACE);
             let live = path.is_live(now, interval) || path.recently_live(now);
             path.next_probe = now
-                + if live || path.origin == Origin::Configured && path.last_pong.is_none() {
+                + if path.rehome.is_some() {
+                    PROBE_INTERVAL
+                } else if live || path.origin == Origin::Configured && path.last_pong.is_none() {
                     interval
                 } else {
                     DEAD_INTERVAL.max(interval)
                 };
-            due.push((path.addr.clone(), short_ttl));
+            due.push((path.addr.clone(), short_ttl, renew));
         }
         due.into_iter()
-            .map(|(to, short_ttl)| {
+            .map(|(to, short_ttl, renew)| {
                 let id = self.next_id;
                 self.next_id = self.next_id.wrapping_add(1);
                 if self.outstanding.len() == MAX_OUTSTANDING {
                     self.outstanding.pop_front();
                 }
                 self.outstanding.push_back((id, to.clone(), now));
-                ProbeToSend { to, id, short_ttl }
+                ProbeToSend {
+                    to,
+                    id,
+                    short_ttl,
+                    renew,
+                }
             })
             .collect()
     }

@@ -23,6 +23,7 @@ pub const MAX_CANDIDATES: usize = 16;
 const PROBE: u8 = 1;
 const PROBE_REPLY: u8 = 2;
 const CANDIDATES: u8 = 3;
+const RENEW: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMessage {
@@ -41,6 +42,12 @@ pub enum PeerMessage {
         endpoints: Vec<SocketAddr>,
         reply: bool,
     },
+    /// "My presence on the transport this arrived on was re-created and
+    /// nothing of yours has reached me since: re-create yours." An I2P
+    /// router keeps sending to a destination's old ratchet session after
+    /// the destination moved to another router; only a new session of the
+    /// sender's own drops it.
+    Renew,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +100,7 @@ pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &
             out.push(u8::from(*reply));
             encode_endpoints(endpoints, out);
         }
+        PeerMessage::Renew => out.push(RENEW),
     }
     let payload_len = (out.len() - IPV6_HEADER) as u16;
     out[4..6].copy_from_slice(&payload_len.to_be_bytes());
@@ -128,6 +136,7 @@ fn parse(payload: &[u8]) -> Result<PeerMessage, ParseError> {
             reply: r.u8()? != 0,
             endpoints: r.endpoints()?,
         },
+        RENEW => PeerMessage::Renew,
         other => return Err(ParseError::UnknownType(other)),
     };
     if !r.0.is_empty() {
@@ -240,6 +249,7 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(endpoints, reply)| PeerMessage::Candidates { endpoints, reply }),
+            Just(PeerMessage::Renew),
         ]
     }
 

@@ -788,3 +788,125 @@ fn peer_messages_from_the_tun_are_refused() {
         FromTun::Done(DropReason::BadPacket)
     ));
 }
+
+/// Runs A's timers at `at` and hands what A sends to B; B's answers are
+/// lost (its router still sends them to where A was).
+fn a_talks_into_the_void(m: &mut Mesh, at: Instant) {
+    m.node_a.handle_timeout(at);
+    while let Some(t) = m.node_a.poll_transmit() {
+        m.node_b
+            .handle_datagram(&m.a.addr, &t.payload, &mut m.buf, at);
+    }
+    while m.node_b.poll_transmit().is_some() {}
+}
+
+#[test]
+fn a_peer_silent_after_we_moved_is_asked_once_to_renew_and_does_not_ask_back() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let t0 = Instant::now();
+    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    for s in 0..10 {
+        a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
+        assert_eq!(
+            m.node_b.poll_renewal(),
+            None,
+            "asked before the grace ran out ({s} s)"
+        );
+    }
+    a_talks_into_the_void(&mut m, t0 + paths::RENEW_GRACE);
+    assert_eq!(m.node_b.poll_renewal(), Some(TransportKind::Udp));
+    assert_eq!(m.node_b.poll_renewal(), None);
+    // Asking goes on, but the peer renews once per cooldown.
+    for s in 11..20 {
+        a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
+    }
+    assert_eq!(m.node_b.poll_renewal(), None);
+
+    // B's renewal answers A's request: B contacts A but asks nothing back,
+    // even while A's answers are lost too.
+    let t1 = t0 + Duration::from_secs(20);
+    m.node_b.transport_rehomed(TransportKind::Udp, t1);
+    for s in 0..30 {
+        let at = t1 + Duration::from_secs(s);
+        m.node_b.handle_timeout(at);
+        let mut sent = 0;
+        while let Some(t) = m.node_b.poll_transmit() {
+            m.node_a
+                .handle_datagram(&m.b.addr, &t.payload, &mut m.buf, at);
+            sent += 1;
+        }
+        assert!(s > 0 || sent > 0, "b did not contact a at once");
+        while m.node_a.poll_transmit().is_some() {}
+        assert_eq!(m.node_a.poll_renewal(), None);
+    }
+}
+
+#[test]
+fn a_peer_heard_after_we_moved_is_not_asked_to_renew() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let t0 = Instant::now();
+    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    m.node_a.handle_timeout(t0);
+    pump(&mut m, None);
+    for s in 1..=70 {
+        a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
+    }
+    assert_eq!(m.node_b.poll_renewal(), None);
+    assert_eq!(m.node_a.poll_renewal(), None);
+}
+
+#[test]
+fn with_no_peer_getting_through_after_a_move_we_renew_our_own_presence_once() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let t0 = Instant::now();
+    let deadline = paths::RENEW_GRACE + paths::RENEW_ASK_WINDOW;
+    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    for s in 0..deadline.as_secs() {
+        a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
+        assert_eq!(
+            m.node_a.poll_renewal(),
+            None,
+            "renewed ourselves early ({s} s)"
+        );
+    }
+    a_talks_into_the_void(&mut m, t0 + deadline);
+    assert_eq!(m.node_a.poll_renewal(), Some(TransportKind::Udp));
+    // The renewed presence fares no better: no renewing in a loop.
+    let t1 = t0 + deadline + Duration::from_secs(30);
+    m.node_a.transport_rehomed(TransportKind::Udp, t1);
+    for s in 0..2 * deadline.as_secs() {
+        a_talks_into_the_void(&mut m, t1 + Duration::from_secs(s));
+    }
+    assert_eq!(m.node_a.poll_renewal(), None);
+}
+
+#[test]
+fn a_peer_that_keeps_initiating_although_answered_makes_us_renew() {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    for round in 1..=REPEATED_INITIATIONS {
+        // A fresh node each time: a new initiation, as after A's retries.
+        let b_config = m.b.as_peer("b", true, &["192.168.50.0/24"]);
+        m.node_a = Node::new(&m.a.key, vec![b_config], Instant::now()).unwrap();
+        let FromTun::Send { datagram, .. } = m.node_a.handle_tun_packet(&ping, limits, &mut out)
+        else {
+            panic!("no initiation");
+        };
+        let got = m
+            .node_b
+            .handle_datagram(&m.a.addr, datagram, &mut m.buf, Instant::now());
+        assert!(matches!(got, FromNetwork::Consumed));
+        // B answers; the answer is lost.
+        assert!(m.node_b.poll_transmit().is_some());
+        while m.node_b.poll_transmit().is_some() {}
+        let expected = (round == REPEATED_INITIATIONS).then_some(TransportKind::Udp);
+        assert_eq!(m.node_b.poll_renewal(), expected, "round {round}");
+    }
+}
