@@ -753,7 +753,8 @@ impl Node {
             return;
         }
         peer.renew_asked = Some(now);
-        tracing::info!(peer = %peer.config.name, transport = %kind, why, "renewing our presence");
+        // Debug: most transports have nothing to renew; those that do log it.
+        tracing::debug!(peer = %peer.config.name, transport = %kind, why, "renewing our presence");
         self.renewing = Some((kind, now));
         if !self.renewals.contains(&kind) {
             self.renewals.push_back(kind);

@@ -359,6 +359,7 @@ impl Transport for I2pTransport {
             return;
         }
         shared.renewed_at = Some(Instant::now());
+        tracing::info!("a peer does not get our datagrams: renewing the I2P session");
         let _ = self.inner.renew_requests.send(());
     }
 
