@@ -224,9 +224,9 @@ pub struct Node {
     renewals: VecDeque<TransportKind>,
     /// The last renewal a peer asked for, and when.
     renewing: Option<(TransportKind, Instant)>,
-    /// Our presence on a transport moved at this time, with peers we had
-    /// sessions with: if none gets through, our own router may hold stale
-    /// routes to them (LeaseSets of tunnels that died with the old router).
+    /// Our presence on a transport moved at this time: if no peer gets
+    /// through, our own router may hold stale routes to them (LeaseSets of
+    /// tunnels that died with the old router, or that its cache kept).
     moved: Option<(TransportKind, Instant)>,
     /// We renewed our own presence on this transport (once per move).
     renewed_self: Option<TransportKind>,
@@ -775,13 +775,13 @@ impl Node {
             self.renewing = None;
         }
         tracing::info!(transport = %kind, "our presence was re-created: contacting peers");
-        let had_sessions = self
+        let has_peers = self
             .peers
             .iter()
             .flatten()
-            .any(|p| p.has_session() && !p.paths.of_kind(kind).is_empty());
+            .any(|p| !p.paths.of_kind(kind).is_empty());
         let after_own_renewal = self.renewed_self.take_if(|k| *k == kind).is_some();
-        if had_sessions && !after_own_renewal {
+        if has_peers && !after_own_renewal {
             self.moved = Some((kind, now));
         }
         for peer in self.peers.iter_mut().flatten() {
