@@ -68,7 +68,6 @@ impl Transports {
 
     /// Transports whose presence was re-created since the last call.
     fn rehomed(&mut self) -> Vec<TransportKind> {
-        self.generations.resize(self.all.len(), 0);
         let mut kinds = Vec::new();
         for (t, seen) in self.all.iter().zip(&mut self.generations) {
             let generation = t.generation();
@@ -171,8 +170,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         all.push(Box::new(i2p));
     }
     let transports = Transports {
+        generations: vec![0; all.len()],
         all,
-        generations: Vec::new(),
         next: 0,
     };
     let rendezvous = match &config.rendezvous {

@@ -756,6 +756,10 @@ impl Node {
         // Debug: most transports have nothing to renew; those that do log it.
         tracing::debug!(peer = %peer.config.name, transport = %kind, why, "renewing our presence");
         self.renewing = Some((kind, now));
+        self.queue_renewal(kind);
+    }
+
+    fn queue_renewal(&mut self, kind: TransportKind) {
         if !self.renewals.contains(&kind) {
             self.renewals.push_back(kind);
         }
@@ -775,17 +779,13 @@ impl Node {
             self.renewing = None;
         }
         tracing::info!(transport = %kind, "our presence was re-created: contacting peers");
-        let has_peers = self
-            .peers
-            .iter()
-            .flatten()
-            .any(|p| !p.paths.of_kind(kind).is_empty());
-        let after_own_renewal = self.renewed_self.take_if(|k| *k == kind).is_some();
-        if has_peers && !after_own_renewal {
-            self.moved = Some((kind, now));
-        }
+        let mut has_peers = false;
         for peer in self.peers.iter_mut().flatten() {
-            if !peer.paths.rehomed(kind, now, !answered) || peer.has_session() {
+            if !peer.paths.rehomed(kind, now, !answered) {
+                continue;
+            }
+            has_peers = true;
+            if peer.has_session() {
                 continue;
             }
             if let TunnResult::WriteToNetwork(init) = peer
@@ -796,6 +796,10 @@ impl Node {
                     self.transmits.push_back(Transmit::new(to, init));
                 }
             }
+        }
+        let after_own_renewal = self.renewed_self.take_if(|k| *k == kind).is_some();
+        if has_peers && !after_own_renewal {
+            self.moved = Some((kind, now));
         }
         self.next_probe_due = now;
     }
@@ -820,9 +824,7 @@ impl Node {
         }
         tracing::info!(transport = %kind, "no peer got through since we moved: renewing our presence");
         self.renewed_self = Some(kind);
-        if !self.renewals.contains(&kind) {
-            self.renewals.push_back(kind);
-        }
+        self.queue_renewal(kind);
     }
 
     /// A transport whose presence a peer asked us to re-create.

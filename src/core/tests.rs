@@ -789,6 +789,16 @@ fn peer_messages_from_the_tun_are_refused() {
     ));
 }
 
+/// A mesh with a session, right after A's presence on UDP was re-created.
+fn mesh_after_a_moved() -> (Mesh, Instant) {
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let t0 = Instant::now();
+    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    (m, t0)
+}
+
 /// Runs A's timers at `at` and hands what A sends to B; B's answers are
 /// lost (its router still sends them to where A was).
 fn a_talks_into_the_void(m: &mut Mesh, at: Instant) {
@@ -802,11 +812,7 @@ fn a_talks_into_the_void(m: &mut Mesh, at: Instant) {
 
 #[test]
 fn a_peer_silent_after_we_moved_is_asked_once_to_renew_and_does_not_ask_back() {
-    let mut m = mesh();
-    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    send_from_a(&mut m, &ping);
-    let t0 = Instant::now();
-    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    let (mut m, t0) = mesh_after_a_moved();
     for s in 0..10 {
         a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
         assert_eq!(
@@ -845,11 +851,7 @@ fn a_peer_silent_after_we_moved_is_asked_once_to_renew_and_does_not_ask_back() {
 
 #[test]
 fn a_peer_heard_after_we_moved_is_not_asked_to_renew() {
-    let mut m = mesh();
-    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    send_from_a(&mut m, &ping);
-    let t0 = Instant::now();
-    m.node_a.transport_rehomed(TransportKind::Udp, t0);
+    let (mut m, t0) = mesh_after_a_moved();
     m.node_a.handle_timeout(t0);
     pump(&mut m, None);
     for s in 1..=70 {
@@ -861,12 +863,8 @@ fn a_peer_heard_after_we_moved_is_not_asked_to_renew() {
 
 #[test]
 fn with_no_peer_getting_through_after_a_move_we_renew_our_own_presence_once() {
-    let mut m = mesh();
-    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    send_from_a(&mut m, &ping);
-    let t0 = Instant::now();
+    let (mut m, t0) = mesh_after_a_moved();
     let deadline = paths::RENEW_GRACE + paths::RENEW_ASK_WINDOW;
-    m.node_a.transport_rehomed(TransportKind::Udp, t0);
     for s in 0..deadline.as_secs() {
         a_talks_into_the_void(&mut m, t0 + Duration::from_secs(s));
         assert_eq!(
