@@ -39,6 +39,8 @@ pub enum PacketError {
     Truncated { have: usize, need: usize },
     #[error("IPv4 header length {0} is below 20")]
     BadHeaderLength(usize),
+    #[error("IPv4 total length {total} is below the header length {header}")]
+    TotalBelowHeader { total: usize, header: usize },
 }
 
 pub fn parse(packet: &[u8]) -> Result<IpInfo, PacketError> {
@@ -74,7 +76,14 @@ fn parse_v4(packet: &[u8]) -> Result<IpInfo, PacketError> {
         return Err(PacketError::BadHeaderLength(header_len));
     }
     let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    need(packet, total_len.max(header_len))?;
+    if total_len < header_len {
+        // The core cuts the packet to `total_len`: it must keep the header.
+        return Err(PacketError::TotalBelowHeader {
+            total: total_len,
+            header: header_len,
+        });
+    }
+    need(packet, total_len)?;
     let flags_offset = u16::from_be_bytes([packet[6], packet[7]]);
     Ok(IpInfo {
         src: IpAddr::V4(Ipv4Addr::from(octets::<4>(packet, 12))),
@@ -385,6 +394,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn ipv4_total_length_below_the_header_is_rejected() {
+        // ICMP to an unrouted address with total length 0: once cut to its
+        // total length, nothing of the header would be left to answer.
+        let p = [
+            0x45, 0, 0, 0, 0, 0, 0, 0, 0x40, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        assert_eq!(
+            parse(&p),
+            Err(PacketError::TotalBelowHeader {
+                total: 0,
+                header: 20
+            })
+        );
+        let mut q = ipv4_udp(Ipv4Addr::LOCALHOST, Ipv4Addr::LOCALHOST, 8, false);
+        q[0] = 0x46; // 24-byte header, total length 36: fine
+        assert!(parse(&q).is_ok());
+        q[2..4].copy_from_slice(&22u16.to_be_bytes());
+        assert!(matches!(
+            parse(&q),
+            Err(PacketError::TotalBelowHeader { .. })
+        ));
+    }
+
+    #[test]
     fn icmpv6_unreachable_is_well_formed() {
         let p = ipv6_echo(A6, B6, 100);
         let info = parse(&p).unwrap();
@@ -460,9 +493,12 @@ pub(crate) mod tests {
         fn parsing_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(info) = parse(&bytes) {
                 prop_assert!(info.total_len <= bytes.len());
+                // The builders see what the core hands them: the packet cut
+                // to its total length.
+                let packet = &bytes[..info.total_len];
                 let mut out = [0u8; 1500];
-                let _ = destination_unreachable(&bytes, &info, Unreachable::NoPath, A6, &mut out);
-                let _ = packet_too_big(&bytes, &info, 1280, A6, &mut out);
+                let _ = destination_unreachable(packet, &info, Unreachable::NoPath, A6, &mut out);
+                let _ = packet_too_big(packet, &info, 1280, A6, &mut out);
             }
         }
 

@@ -243,6 +243,24 @@ fn unowned_mesh_address_gets_icmpv6_unreachable() {
     assert_eq!(m.node_a.counters().no_route, 1);
 }
 
+/// The packet from the issue: ICMP to an unrouted address with IPv4
+/// total length 0. It panicked the ICMP error builder.
+#[test]
+fn ipv4_with_total_length_zero_is_refused_not_a_panic() {
+    let mut m = mesh();
+    let crafted = [
+        0x45, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x40, 0x01, 0x00, 0x00, 0x0a, 0x00, 0x00,
+        0x01, 0x0a, 0x00, 0x00, 0x02,
+    ];
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let got = m.node_a.handle_tun_packet(&crafted, limits, &mut out);
+    assert!(
+        matches!(got, FromTun::Done(DropReason::BadPacket)),
+        "{got:?}"
+    );
+    assert_eq!(m.node_a.counters().bad_tun_packet, 1);
+}
+
 #[test]
 fn peer_without_path_gets_address_unreachable() {
     let mut m = mesh();
