@@ -73,6 +73,8 @@ struct RawInterface {
     addresses: Vec<String>,
     control_socket: Option<PathBuf>,
     metrics_address: Option<String>,
+    #[serde(default)]
+    metrics_allow_remote: bool,
     hosts_file: Option<PathBuf>,
     user: Option<String>,
 }
@@ -80,6 +82,7 @@ struct RawInterface {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUdp {
+    enabled: Option<bool>,
     #[serde(default)]
     stun_servers: Vec<String>,
     punch_ttl: Option<u8>,
@@ -140,6 +143,7 @@ struct RawPeer {
     tox: Option<String>,
     i2p: Option<String>,
     transports: Option<Vec<String>>,
+    allowed_destinations: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +171,8 @@ pub struct RendezvousSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UdpSettings {
+    /// `false` keeps the node off UDP altogether, whatever the peers say.
+    pub enabled: bool,
     /// Asked for our public mapping; none by default (peers also tell us).
     pub stun_servers: Vec<SocketAddr>,
     /// TTL of the probe that opens our NAT mapping for a punch.
@@ -176,6 +182,7 @@ pub struct UdpSettings {
 impl Default for UdpSettings {
     fn default() -> Self {
         UdpSettings {
+            enabled: true,
             stun_servers: Vec::new(),
             punch_ttl: crate::core::DEFAULT_PUNCH_TTL,
         }
@@ -255,6 +262,10 @@ pub struct PeerConfig {
     /// The transports this peer may be reached over, in order of preference.
     /// Nothing is ever sent to the peer, or accepted from it, over another.
     pub transports: Vec<TransportKind>,
+    /// Our addresses the peer may send to besides our mesh address, and
+    /// may get answers from. None: anywhere, unless the peer is anonymous
+    /// (then our mesh address only).
+    pub allowed_destinations: Option<Vec<IpNet>>,
 }
 
 impl PeerConfig {
@@ -270,6 +281,13 @@ impl PeerConfig {
 
     pub fn allows(&self, kind: TransportKind) -> bool {
         self.transports.contains(&kind)
+    }
+
+    /// A peer that may not use UDP must never learn our IP address: it
+    /// gets no UDP answer, no endpoint, no Tox friendship, and reaches our
+    /// mesh address only (plus `allowed_destinations`).
+    pub fn is_anonymous(&self) -> bool {
+        !self.allows(TransportKind::Udp)
     }
 }
 
@@ -296,9 +314,14 @@ impl Config {
         tox.into_iter().chain(i2p)
     }
 
-    /// The Tox IDs of the peers that have one: the Tox friend list.
+    /// The Tox friend list: the Tox IDs of the peers allowed Tox, and of
+    /// no other peer (a friend connection shows the friend our IP).
     pub fn tox_friends(&self) -> Vec<ToxId> {
-        self.peers.iter().filter_map(|p| p.tox).collect()
+        self.peers
+            .iter()
+            .filter(|p| p.allows(TransportKind::Tox))
+            .filter_map(|p| p.tox)
+            .collect()
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -380,14 +403,26 @@ impl Validator<'_> {
             .map(|t| self.i2p(t, &interface.name))
             .transpose()?
             .flatten();
+        if rendezvous.is_some() && !udp.enabled {
+            return Err(self.err(
+                "rendezvous.dht",
+                "publishes UDP endpoints, but [udp] enabled = false",
+            ));
+        }
         let enabled: Vec<TransportKind> = TransportKind::ALL
             .into_iter()
             .filter(|kind| match kind {
-                TransportKind::Udp => true,
+                TransportKind::Udp => udp.enabled,
                 TransportKind::Tox => tox.is_some(),
                 TransportKind::I2p => i2p.is_some(),
             })
             .collect();
+        if enabled.is_empty() {
+            return Err(self.err(
+                "udp.enabled",
+                "is false and neither [tox] nor [i2p] is enabled: this node would have no transport",
+            ));
+        }
         let own_key = interface.private_key.public_key();
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peers.len());
         for (index, raw_peer) in raw.peers.into_iter().enumerate() {
@@ -519,12 +554,24 @@ impl Validator<'_> {
         let metrics_address = raw
             .metrics_address
             .map(|text| {
-                text.parse::<SocketAddr>().map_err(|_| {
+                let addr = text.parse::<SocketAddr>().map_err(|_| {
                     self.err(
                         "interface.metrics_address",
                         format!("`{text}` is not IP:PORT, like 127.0.0.1:9586"),
                     )
-                })
+                })?;
+                if !addr.ip().is_loopback() && !raw.metrics_allow_remote {
+                    return Err(self.err(
+                        "interface.metrics_address",
+                        format!(
+                            "`{text}` is not a loopback address: the metrics name every peer, \
+                             its traffic and its paths to whoever connects. Use 127.0.0.1:{}, \
+                             or set metrics_allow_remote = true",
+                            addr.port()
+                        ),
+                    ));
+                }
+                Ok(addr)
             })
             .transpose()?;
         let hosts_file = match raw.hosts_file {
@@ -628,6 +675,7 @@ impl Validator<'_> {
             ));
         }
         Ok(UdpSettings {
+            enabled: raw.enabled.unwrap_or(true),
             stun_servers,
             punch_ttl,
         })
@@ -803,9 +851,48 @@ impl Validator<'_> {
                     }
                     kinds.push(kind);
                 }
+                // An address for a transport the peer may not use would be
+                // used anyway by something (a Tox friend request shows our
+                // IP): refuse it rather than guess.
+                for (kind, present, what) in [
+                    (TransportKind::Tox, tox.is_some(), "tox ID"),
+                    (TransportKind::Udp, endpoint.is_some(), "endpoint"),
+                ] {
+                    if present && !kinds.contains(&kind) {
+                        let field = if kind == TransportKind::Tox {
+                            "tox"
+                        } else {
+                            "endpoint"
+                        };
+                        return Err(self.err(
+                            format!("{label}.{field}"),
+                            format!(
+                                "is set, but transports = [{}] excludes {kind}; remove the \
+                                 {what} or add \"{kind}\" to transports",
+                                kinds
+                                    .iter()
+                                    .map(|k| format!("\"{k}\""))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
+                }
                 kinds
             }
         };
+        let allowed_destinations = raw
+            .allowed_destinations
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, text)| {
+                        parse_net(text)
+                            .map_err(|m| self.err(format!("{label}.allowed_destinations[{i}]"), m))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         Ok(PeerConfig {
             name,
             public_key,
@@ -814,6 +901,7 @@ impl Validator<'_> {
             i2p,
             transports,
             allowed_ips,
+            allowed_destinations,
             persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
         })
     }
@@ -1332,6 +1420,131 @@ mod tests {
             &peer(&format!("i2p = \"{b32}\"\ntransports = [\"i2p\"]")),
             "peer[0] \"b\".transports",
             "[i2p] is not enabled",
+        );
+    }
+    /// A valid Tox ID: key 0x01.., nospam 0xAABBCCDD, XOR checksum.
+    fn tox_id() -> String {
+        let mut bytes = vec![1u8; 32];
+        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
+        let sum = [
+            bytes.iter().step_by(2).fold(0, |a, b| a ^ b),
+            bytes.iter().skip(1).step_by(2).fold(0, |a, b| a ^ b),
+        ];
+        bytes.extend_from_slice(&sum);
+        bytes.iter().map(|b| format!("{b:02X}")).collect()
+    }
+
+    /// `join` of a token with a Tox ID, then the README's I2P-only recipe:
+    /// the Tox ID would make this node befriend the peer, and a Tox friend
+    /// sees our IP. Refused, naming the peer, the field and the fix.
+    #[test]
+    fn an_address_for_a_transport_the_peer_may_not_use_is_refused() {
+        let b32 = format!("{}q.b32.i2p", "b".repeat(51));
+        let base = format!(
+            "[interface]\nprivate_key = \"{KEY_A}\"\n[tox]\nenabled = true\n[i2p]\nenabled = true\n\
+             [[peer]]\nname = \"hidden\"\npublic_key = \"{PUB_B}\"\ni2p = \"{b32}\"\n"
+        );
+        let tox = tox_id();
+        expect_error(
+            &format!("{base}tox = \"{tox}\"\ntransports = [\"i2p\"]\n"),
+            "peer[0] \"hidden\".tox",
+            "remove the tox ID or add \"tox\" to transports",
+        );
+        expect_error(
+            &format!("{base}endpoint = \"198.51.100.7:51820\"\ntransports = [\"i2p\"]\n"),
+            "peer[0] \"hidden\".endpoint",
+            "remove the endpoint or add \"udp\" to transports",
+        );
+        // Allowed, the same addresses are fine; an I2P-only peer is
+        // anonymous and never a Tox friend.
+        let ok = parse(&format!(
+            "{base}tox = \"{tox}\"\nendpoint = \"198.51.100.7:51820\"\n\
+             [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\ni2p = \"{b32}\"\ntransports = [\"i2p\"]\n"
+        ))
+        .unwrap();
+        assert!(!ok.peers[0].is_anonymous());
+        assert!(ok.peers[1].is_anonymous());
+        assert_eq!(ok.tox_friends().len(), 1);
+    }
+
+    #[test]
+    fn udp_can_be_switched_off() {
+        let with = |body: &str| format!("[interface]\nprivate_key = \"{KEY_A}\"\n{body}");
+        let off = parse(&with(&format!(
+            "[udp]\nenabled = false\n[i2p]\nenabled = true\n\
+             [[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\ni2p = \"{}q.b32.i2p\"\n",
+            "b".repeat(51)
+        )))
+        .unwrap();
+        assert!(!off.udp.enabled);
+        assert_eq!(off.peers[0].transports, [TransportKind::I2p]);
+        assert!(off.peers[0].is_anonymous());
+        expect_error(
+            &with("[udp]\nenabled = false\n"),
+            "udp.enabled",
+            "no transport",
+        );
+        expect_error(
+            &with(&format!(
+                "[udp]\nenabled = false\n[tox]\nenabled = true\n\
+                 [[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\ntransports = [\"udp\"]\n"
+            )),
+            "peer[0] \"b\".transports",
+            "[udp] is not enabled",
+        );
+        expect_error(
+            &with("[udp]\nenabled = false\n[rendezvous]\ndht = true\n"),
+            "rendezvous.dht",
+            "[udp] enabled = false",
+        );
+    }
+
+    #[test]
+    fn allowed_destinations_parse_and_mistakes_are_named() {
+        let peer = |body: &str| {
+            with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n{body}"
+            ))
+        };
+        let cfg = parse(&peer(
+            "allowed_destinations = [\"10.10.1.1\", \"192.168.10.0/24\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.peers[0].allowed_destinations,
+            Some(vec![
+                "10.10.1.1/32".parse().unwrap(),
+                "192.168.10.0/24".parse().unwrap()
+            ])
+        );
+        assert_eq!(
+            parse(&peer("")).unwrap().peers[0].allowed_destinations,
+            None
+        );
+        expect_error(
+            &peer("allowed_destinations = [\"lan\"]"),
+            "peer[0] \"b\".allowed_destinations[0]",
+            "not an IP network",
+        );
+    }
+
+    #[test]
+    fn metrics_stay_local_unless_remote_access_is_asked_for() {
+        let with = |body: &str| format!("[interface]\nprivate_key = \"{KEY_A}\"\n{body}\n");
+        assert!(parse(&with("metrics_address = \"127.0.0.1:9586\"")).is_ok());
+        assert!(parse(&with("metrics_address = \"[::1]:9586\"")).is_ok());
+        expect_error(
+            &with("metrics_address = \"0.0.0.0:9586\""),
+            "interface.metrics_address",
+            "metrics_allow_remote = true",
+        );
+        let remote = parse(&with(
+            "metrics_address = \"198.51.100.7:9586\"\nmetrics_allow_remote = true",
+        ))
+        .unwrap();
+        assert_eq!(
+            remote.interface.metrics_address,
+            Some("198.51.100.7:9586".parse().unwrap())
         );
     }
 }

@@ -49,6 +49,7 @@ impl Side {
             tox: None,
             i2p: None,
             transports: veilmesh_transport::TransportKind::ALL.to_vec(),
+            allowed_destinations: None,
         }
     }
 }
@@ -630,6 +631,7 @@ impl PathSim {
             tox: Some(tox_ids[i]),
             i2p: None,
             transports: vec![TransportKind::Udp, TransportKind::Tox],
+            allowed_destinations: None,
         };
         let mut nodes = [
             Node::new(&keys[0], vec![peer_config(1)], now).unwrap(),
