@@ -156,8 +156,15 @@ pub fn render(status: &DaemonStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "  dropped: {} unknown-key handshakes, {} bad packets, {} no route, {} multicast ignored, {} send errors",
-        c.unknown_peer_handshakes, c.bad_packet, c.no_route, c.multicast_ignored, c.send_errors,
+        "  dropped: {} unknown-key handshakes, {} from unknown Tox/I2P identities, {} bad packets, \
+         {} no route, {} multicast ignored, {} rate limited, {} send errors",
+        c.unknown_peer_handshakes,
+        c.unknown_sender,
+        c.bad_packet,
+        c.no_route,
+        c.multicast_ignored,
+        c.rate_limited,
+        c.send_errors,
     );
     for peer in &node.peers {
         let c = &peer.counters;
@@ -201,8 +208,15 @@ pub fn render(status: &DaemonStatus) -> String {
         );
         let _ = writeln!(
             out,
-            "  dropped: {} spoofed source, {} no route, {} oversize, {} bad packets",
-            c.spoofed_source, c.no_route, c.oversize, c.bad_packet,
+            "  dropped: {} spoofed source, {} no route, {} oversize, {} bad packets, {} wrong path, \
+             {} to addresses it may not reach, {} from addresses it may not see",
+            c.spoofed_source,
+            c.no_route,
+            c.oversize,
+            c.bad_packet,
+            c.wrong_path,
+            c.refused_destination,
+            c.refused_source,
         );
     }
     out

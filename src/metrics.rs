@@ -74,6 +74,8 @@ pub fn render(status: &DaemonStatus) -> String {
             ("oversize", c.oversize),
             ("bad_packet", c.bad_packet),
             ("wrong_path", c.wrong_path),
+            ("refused_destination", c.refused_destination),
+            ("refused_source", c.refused_source),
         ] {
             drops.push((
                 format!(",peer=\"{}\",reason=\"{reason}\"", label(&p.name)),
@@ -120,6 +122,8 @@ pub fn render(status: &DaemonStatus) -> String {
             ("bad_tun_packet", c.bad_tun_packet),
             ("multicast", c.multicast_ignored),
             ("send_error", c.send_errors),
+            ("rate_limited", c.rate_limited),
+            ("unknown_sender", c.unknown_sender),
         ]
         .into_iter()
         .map(|(reason, v)| (format!(",reason=\"{reason}\""), v))

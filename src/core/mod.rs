@@ -36,8 +36,15 @@ use routing::RoutingTable;
 pub const NOISE_OVERHEAD: usize = 32;
 /// How often boringtun's timers are driven (as its own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshake initiations accepted per second before cookies are demanded.
+/// Handshake messages accepted per second and transport before the load
+/// rules apply (cookies over UDP, drops elsewhere). Per transport, so a
+/// flood of spoofed UDP initiations cannot block handshakes over Tox or
+/// I2P.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Under load, initiations without a valid cookie are decrypted (one
+/// Diffie-Hellman each) at most this often per second, to learn whether
+/// the sender may get a cookie over UDP at all; the rest are dropped.
+const UNDER_LOAD_IDENTIFICATIONS: u32 = 1000;
 /// Peer ids live in the top 24 bits of boringtun's session indices.
 const MAX_PEERS: usize = 1 << 24;
 /// Without a live direct path, endpoints are re-announced (and so punched
@@ -55,17 +62,21 @@ const MAX_OBSERVED_SELF: usize = 4;
 /// gateway (the first hop), not enough to cross the next router and reach
 /// the peer's NAT.
 pub const DEFAULT_PUNCH_TTL: u8 = 2;
-/// A peer's requests to renew our presence on a transport are acted on at
-/// most once per this long (it asks for `paths::RENEW_ASK_WINDOW`).
-const RENEW_COOLDOWN: Duration = Duration::from_secs(60);
 /// A peer whose handshake initiations keep coming although we answered
 /// each (this many within `REPEATED_INITIATIONS_WINDOW`) does not get our
-/// answers: it cannot ask us to renew (that needs a session), so this asks.
+/// answers: our own evidence that our presence needs renewing.
 const REPEATED_INITIATIONS: u32 = 3;
 const REPEATED_INITIATIONS_WINDOW: Duration = Duration::from_secs(30);
-/// A re-created presence this soon after a peer asked for it is the
-/// answer: peers are contacted but not asked to renew in turn.
-const RENEW_ANSWER_TIME: Duration = Duration::from_secs(300);
+/// After our presence on a transport moved (a failover), peers get this
+/// long to get through (they notice they are not heard and renew their
+/// side, ~45 s on I2P) before we suspect our own new router.
+const MOVE_SILENCE: Duration = Duration::from_secs(90);
+/// Renewals of our presence back off: the second may follow the first
+/// after the minimum, each further one waits twice as long as the last,
+/// up to the maximum; a quiet spell of `RENEW_FORGET` starts over.
+const RENEW_BACKOFF_MIN: Duration = Duration::from_secs(60);
+const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(3600);
+const RENEW_FORGET: Duration = Duration::from_secs(2 * 3600);
 
 pub type PeerId = usize;
 
@@ -84,6 +95,13 @@ pub struct PeerCounters {
     /// outside its `transports`, or a Tox key / I2P destination not its own.
     #[serde(default)]
     pub wrong_path: u64,
+    /// Decrypted packets to one of our addresses the peer may not reach
+    /// (an anonymous peer reaches our mesh address only).
+    #[serde(default)]
+    pub refused_destination: u64,
+    /// Packets to the peer from one of our addresses it may not see.
+    #[serde(default)]
+    pub refused_source: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
     /// Noise handshakes completed (either side initiating).
@@ -105,6 +123,12 @@ pub struct NodeCounters {
     pub multicast_ignored: u64,
     /// Cookie replies sent because handshakes arrived too fast.
     pub cookies_sent: u64,
+    /// Handshake messages dropped because they arrived too fast.
+    #[serde(default)]
+    pub rate_limited: u64,
+    /// Datagrams over Tox or I2P from an identity no peer has there.
+    #[serde(default)]
+    pub unknown_sender: u64,
     /// Datagrams the transport refused (queue full, socket error).
     pub send_errors: u64,
 }
@@ -119,6 +143,9 @@ pub enum DropReason {
     Spoofed,
     UnknownPeer,
     WrongPath,
+    /// To or from one of our addresses the peer may not reach or see.
+    RefusedAddress,
+    RateLimited,
     Queued,
 }
 
@@ -173,8 +200,6 @@ struct Peer {
     announce_at: Option<Instant>,
     /// The last handshake initiation sent to punch without a session.
     last_punch_handshake: Option<Instant>,
-    /// When the peer last made us renew our presence on a transport.
-    renew_asked: Option<Instant>,
     /// Handshake initiations answered since the peer last sent data: how
     /// many, since when.
     initiations: Option<(u32, Instant)>,
@@ -205,31 +230,37 @@ pub struct Node {
     /// indices of messages still in flight after a peer is removed.
     peers: Vec<Option<Peer>>,
     by_key: HashMap<[u8; 32], PeerId>,
+    /// The Tox keys and I2P destinations of the peers allowed them: over
+    /// those transports nobody else gets any work done for them.
+    by_identity: HashMap<PeerAddr, PeerId>,
     routes: RoutingTable<PeerId>,
-    rate_limiter: Arc<RateLimiter>,
+    /// Handshake rate limits, one per transport (see `limiter`).
+    limiters: [Arc<RateLimiter>; 3],
+    /// Under-load identifications this second.
+    identified_under_load: u32,
+    /// Given to every session: it checks MACs but never limits, as each
+    /// handshake was already counted once by the transport's limiter.
+    session_limiter: Arc<RateLimiter>,
+    probe_ids: ProbeIds,
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
     next_tick: Instant,
     next_rate_limit_reset: Instant,
     /// When some peer's probes or announcement are due.
     next_probe_due: Instant,
-    /// Our UDP endpoints (interface addresses, STUN mappings), announced
-    /// to peers that may use UDP.
-    local_candidates: Vec<SocketAddr>,
-    /// Where peers saw our probes come from: our NAT's mappings.
-    observed_self: VecDeque<SocketAddr>,
+    /// Our UDP endpoints, announced to peers that may use UDP.
+    own: OwnEndpoints,
     punch_ttl: u8,
-    /// Transports whose presence peers asked us to re-create, for the
-    /// daemon to act on.
+    /// Transports whose presence we want re-created, for the daemon.
     renewals: VecDeque<TransportKind>,
-    /// The last renewal a peer asked for, and when.
-    renewing: Option<(TransportKind, Instant)>,
+    /// Backoff of those renewals, per transport.
+    renewal_backoff: [RenewalBackoff; 3],
+    /// A renewal we asked for, whose re-created presence is not a move.
+    renewal_expected: Option<TransportKind>,
     /// Our presence on a transport moved at this time: if no peer gets
     /// through, our own router may hold stale routes to them (LeaseSets of
     /// tunnels that died with the old router, or that its cache kept).
     moved: Option<(TransportKind, Instant)>,
-    /// We renewed our own presence on this transport (once per move).
-    renewed_self: Option<TransportKind>,
     /// The latest `now` handed in, for the per-packet calls that take none.
     last_now: Instant,
     scratch: Vec<u8>,
@@ -256,27 +287,30 @@ impl Node {
         }
         let private = private_key.to_x25519();
         let public = x25519::PublicKey::from(&private);
-        let rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let limiter = || Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let mut node = Node {
             mesh_address: PublicKey(public.to_bytes()).mesh_address(),
-            private,
-            public,
             peers: Vec::with_capacity(peers.len()),
             by_key: HashMap::new(),
+            by_identity: HashMap::new(),
             routes: RoutingTable::default(),
-            rate_limiter,
+            limiters: [limiter(), limiter(), limiter()],
+            identified_under_load: 0,
+            session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+            probe_ids: ProbeIds::new(),
+            private,
+            public,
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
             next_tick: now,
             next_rate_limit_reset: now + Duration::from_secs(1),
             next_probe_due: now,
-            local_candidates: Vec::new(),
-            observed_self: VecDeque::new(),
+            own: OwnEndpoints::default(),
             punch_ttl: DEFAULT_PUNCH_TTL,
             renewals: VecDeque::new(),
-            renewing: None,
+            renewal_backoff: Default::default(),
+            renewal_expected: None,
             moved: None,
-            renewed_self: None,
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
@@ -292,13 +326,12 @@ impl Node {
             None,
             config.persistent_keepalive,
             id as u32,
-            Some(self.rate_limiter.clone()),
+            Some(self.session_limiter.clone()),
         );
         Peer {
             paths: PathSet::new(configured_paths(&config), now),
             announce_at: None,
             last_punch_handshake: None,
-            renew_asked: None,
             initiations: None,
             tunn,
             config,
@@ -379,12 +412,18 @@ impl Node {
     fn rebuild_indexes(&mut self) {
         self.routes = RoutingTable::default();
         self.by_key.clear();
+        self.by_identity.clear();
         for (id, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
             for net in peer.config.all_allowed_ips() {
                 self.routes.insert(net, id);
             }
             self.by_key.insert(peer.config.public_key.0, id);
+            for path in configured_paths(&peer.config) {
+                if path.kind() != TransportKind::Udp {
+                    self.by_identity.insert(path, id);
+                }
+            }
         }
     }
 
@@ -439,6 +478,11 @@ impl Node {
             self.counters.no_route += 1;
             return FromTun::Done(DropReason::NoRoute);
         };
+        if !local_address_allowed(&peer.config, self.mesh_address, info.src) {
+            peer.counters.refused_source += 1;
+            tracing::trace!(peer = %peer.config.name, src = %info.src, "source the peer may not see");
+            return FromTun::Done(DropReason::RefusedAddress);
+        }
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.config.name, "no path to peer");
@@ -500,20 +544,56 @@ impl Node {
     }
 
     /// Which configured peer a WireGuard message belongs to, or the drop.
+    /// Over Tox and I2P, whose senders the transport authenticates, only
+    /// the identities of configured peers get that far. Handshakes pass
+    /// their transport's rate limit; under load over UDP, a cookie goes
+    /// only to a peer that may use UDP (anyone who knows our public key
+    /// could otherwise confirm a guessed IP address with a flood).
     fn identify_sender(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
-        let parsed = match Tunn::parse_incoming_packet(datagram) {
-            Ok(p) => p,
-            Err(_) => {
-                self.counters.bad_packet += 1;
-                return Err(DropReason::BadPacket);
+        if from.kind() != TransportKind::Udp && !self.by_identity.contains_key(from) {
+            self.counters.unknown_sender += 1;
+            tracing::trace!(%from, "datagram from an identity no peer has");
+            return Err(DropReason::UnknownPeer);
+        }
+        let Ok(parsed) = Tunn::parse_incoming_packet(datagram) else {
+            self.counters.bad_packet += 1;
+            return Err(DropReason::BadPacket);
+        };
+        let handshake = matches!(
+            parsed,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        );
+        let cookie = if handshake {
+            self.admit_handshake(from, datagram)?
+        } else {
+            None
+        };
+        let id = match parsed {
+            Packet::HandshakeInit(init) => {
+                self.identify_initiator(from, &init, cookie.is_some())?
             }
+            Packet::HandshakeResponse(p) => self.peer_of_index(p.receiver_idx)?,
+            Packet::PacketCookieReply(p) => self.peer_of_index(p.receiver_idx)?,
+            Packet::PacketData(p) => self.peer_of_index(p.receiver_idx)?,
         };
-        let receiver_idx = match parsed {
-            Packet::HandshakeInit(_) => return self.identify_initiator(from, datagram),
-            Packet::HandshakeResponse(p) => p.receiver_idx,
-            Packet::PacketCookieReply(p) => p.receiver_idx,
-            Packet::PacketData(p) => p.receiver_idx,
+        let Some(cookie) = cookie else {
+            return Ok(id);
         };
+        let Some(peer) = self.peers[id].as_mut() else {
+            return Err(DropReason::UnknownPeer);
+        };
+        if path_allowed(&peer.config, from) {
+            self.counters.cookies_sent += 1;
+            self.transmits
+                .push_back(Transmit::new(from.clone(), &cookie));
+        } else {
+            peer.counters.wrong_path += 1;
+        }
+        self.counters.rate_limited += 1;
+        Err(DropReason::RateLimited)
+    }
+
+    fn peer_of_index(&mut self, receiver_idx: u32) -> Result<PeerId, DropReason> {
         let id = (receiver_idx >> 8) as usize;
         if matches!(self.peers.get(id), Some(Some(_))) {
             Ok(id)
@@ -523,30 +603,45 @@ impl Node {
         }
     }
 
-    /// A handshake initiation names its sender only inside the encrypted
-    /// static key: check the MAC (and the rate limit) first, then decrypt it.
-    fn identify_initiator(
+    /// A handshake's MAC and its transport's rate limit: Ok(None) to go on,
+    /// Ok(Some(cookie)) when, under load over UDP, the sender must first
+    /// prove its address (the cookie is for it, if it may have one).
+    fn admit_handshake(
         &mut self,
         from: &PeerAddr,
         datagram: &[u8],
-    ) -> Result<PeerId, DropReason> {
-        let verified = self
-            .rate_limiter
-            .verify_packet(from.ip(), datagram, &mut self.scratch);
-        let init = match verified {
-            Ok(Packet::HandshakeInit(init)) => init,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                self.counters.cookies_sent += 1;
-                self.transmits
-                    .push_back(Transmit::new(from.clone(), cookie));
-                return Err(DropReason::UnknownPeer);
+    ) -> Result<Option<Vec<u8>>, DropReason> {
+        let limiter = &self.limiters[transport_index(from.kind())];
+        match limiter.verify_packet(from.ip(), datagram, &mut self.scratch) {
+            Ok(_) => Ok(None),
+            Err(TunnResult::WriteToNetwork(cookie)) => Ok(Some(cookie.to_vec())),
+            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
+                self.counters.rate_limited += 1;
+                Err(DropReason::RateLimited)
             }
-            _ => {
+            Err(_) => {
                 self.counters.bad_packet += 1;
-                return Err(DropReason::BadPacket);
+                Err(DropReason::BadPacket)
             }
-        };
-        let half = parse_handshake_anon(&self.private, &self.public, &init).map_err(|_| {
+        }
+    }
+
+    /// A handshake initiation names its sender only inside the encrypted
+    /// static key: decrypt it (one Diffie-Hellman; under load, budgeted).
+    fn identify_initiator(
+        &mut self,
+        from: &PeerAddr,
+        init: &boringtun::noise::HandshakeInit,
+        under_load: bool,
+    ) -> Result<PeerId, DropReason> {
+        if under_load {
+            if self.identified_under_load >= UNDER_LOAD_IDENTIFICATIONS {
+                self.counters.rate_limited += 1;
+                return Err(DropReason::RateLimited);
+            }
+            self.identified_under_load += 1;
+        }
+        let half = parse_handshake_anon(&self.private, &self.public, init).map_err(|_| {
             self.counters.bad_packet += 1;
             DropReason::BadPacket
         })?;
@@ -585,33 +680,33 @@ impl Node {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
             TunnResult::WriteToNetwork(reply) => {
-                // Cookie replies answer unauthenticated packets: no roaming on those.
-                if message_type(reply) != Some(COOKIE_REPLY) {
-                    match message_type(datagram) {
-                        Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
-                        _ => Self::heard(peer, from, now, &mut self.next_probe_due),
-                    }
-                    let renew = message_type(datagram) == Some(HANDSHAKE_INIT)
-                        && initiation_repeated(&mut peer.initiations, now);
-                    if matches!(
-                        message_type(datagram),
-                        Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)
-                    ) {
-                        peer.counters.handshakes += 1;
-                        // A fresh session: measure every path, swap endpoints.
-                        peer.paths.probe_all_now(now);
-                        peer.announce_at = Some(now);
-                        self.next_probe_due = now;
-                    }
-                    peer.select_path(now);
-                    if renew {
-                        self.renew_for(
-                            id,
-                            from.kind(),
-                            now,
-                            "the peer keeps re-initiating: our answers do not reach it",
-                        );
-                    }
+                // The session's limiter never limits: no cookie replies
+                // here, only handshake responses and queued data.
+                match message_type(datagram) {
+                    Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
+                    _ => Self::heard(peer, from, now, &mut self.next_probe_due, &self.own),
+                }
+                let not_heard = message_type(datagram) == Some(HANDSHAKE_INIT)
+                    && initiation_repeated(&mut peer.initiations, now);
+                if matches!(
+                    message_type(datagram),
+                    Some(HANDSHAKE_INIT | HANDSHAKE_RESPONSE)
+                ) {
+                    peer.counters.handshakes += 1;
+                    // A fresh session: measure every path, swap endpoints.
+                    peer.paths.probe_all_now(now);
+                    peer.announce_at = Some(now);
+                    self.next_probe_due = now;
+                }
+                peer.select_path(now);
+                if not_heard {
+                    let name = peer.config.name.clone();
+                    self.request_renewal(
+                        from.kind(),
+                        now,
+                        &name,
+                        "the peer keeps re-initiating: our answers do not reach it",
+                    );
                 }
                 self.transmits.push_back(Transmit::new(from.clone(), reply));
                 self.flush_queued(id);
@@ -621,7 +716,7 @@ impl Node {
                 // A keepalive or cookie; only data messages authenticate the sender.
                 if message_type(datagram) == Some(DATA) {
                     peer.initiations = None;
-                    Self::heard(peer, from, now, &mut self.next_probe_due);
+                    Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
                 }
                 return FromNetwork::Consumed;
             }
@@ -633,7 +728,7 @@ impl Node {
         };
         // Authenticated: the peer may have moved, whatever the payload says.
         peer.initiations = None;
-        Self::heard(peer, from, now, &mut self.next_probe_due);
+        Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
         if self.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.config.name, %src, "dropped packet with a source outside the peer's allowed IPs");
@@ -657,6 +752,14 @@ impl Node {
             }
             return FromNetwork::Consumed;
         }
+        if needs_address_check(&peer.config) {
+            let dst = packet::parse(packet).ok().map(|info| info.dst);
+            if !dst.is_some_and(|d| local_address_allowed(&peer.config, self.mesh_address, d)) {
+                peer.counters.refused_destination += 1;
+                tracing::debug!(peer = %peer.config.name, ?dst, "packet to an address of ours the peer may not reach");
+                return FromNetwork::Dropped(DropReason::RefusedAddress);
+            }
+        }
         peer.counters.rx_packets += 1;
         FromNetwork::ToTun(packet)
     }
@@ -665,7 +768,20 @@ impl Node {
     /// with nothing verified yet it carries the replies (roaming). Runs per
     /// packet: traffic over the path in use cannot change the choice (that
     /// takes a reply, a new path, or time), so only other paths re-choose.
-    fn heard(peer: &mut Peer, from: &PeerAddr, now: Instant, next_probe_due: &mut Instant) {
+    /// Endpoints that may not be used (loopback, link-local, our own) are
+    /// not learned from.
+    fn heard(
+        peer: &mut Peer,
+        from: &PeerAddr,
+        now: Instant,
+        next_probe_due: &mut Instant,
+        own: &OwnEndpoints,
+    ) {
+        if let PeerAddr::Udp(sa) = from {
+            if !own.usable_for_peer(sa) && !peer.paths.is_configured(from) {
+                return;
+            }
+        }
         if peer.paths.heard(from, now) {
             peer.paths.probe_all_now(now);
             *next_probe_due = now;
@@ -701,7 +817,7 @@ impl Node {
                 id: probe,
                 observed,
             } => {
-                if !peer.paths.pong(probe, now) {
+                if !peer.paths.pong(probe, from, now) {
                     tracing::trace!(peer = %peer.config.name, probe, "stale probe reply");
                     return;
                 }
@@ -716,7 +832,7 @@ impl Node {
                     tracing::debug!(peer = %peer.config.name, "ignored endpoints of a peer not allowed UDP");
                     return;
                 }
-                let usable = usable_peer_endpoints(&self.routes, &endpoints);
+                let usable = self.own.usable_peer_endpoints(&self.routes, &endpoints);
                 tracing::debug!(peer = %peer.config.name, ?usable, reply, "peer announced endpoints");
                 // An answer to our announcement comes after the peer's
                 // short-TTL probes: its NAT is open to us.
@@ -729,59 +845,38 @@ impl Node {
                 }
                 self.next_probe_due = now;
             }
-            PeerMessage::Renew => self.renew_for(
-                id,
-                from.kind(),
-                now,
-                "the peer does not hear us since it moved",
-            ),
         }
     }
 
-    /// Renews our presence on `kind` because of what peer `id` did (it
-    /// asked, or it does not get our answers), at most once per
-    /// `RENEW_COOLDOWN` per peer.
-    fn renew_for(&mut self, id: PeerId, kind: TransportKind, now: Instant, why: &str) {
-        let Some(peer) = self.peers[id].as_mut() else {
-            return;
-        };
-        if peer
-            .renew_asked
-            .is_some_and(|t| now.saturating_duration_since(t) < RENEW_COOLDOWN)
+    /// Re-creates our presence on `kind` (same identity) on our own
+    /// evidence that peers do not hear us there: never because a peer
+    /// asks. Each renewal costs every peer on that transport an outage and
+    /// shows the peer that caused it when we renewed, so renewals back off
+    /// exponentially (`RENEW_BACKOFF_MIN` doubling to `RENEW_BACKOFF_MAX`).
+    fn request_renewal(&mut self, kind: TransportKind, now: Instant, peer: &str, why: &str) {
+        if self.renewals.contains(&kind) || !self.renewal_backoff[transport_index(kind)].admit(now)
         {
-            tracing::trace!(peer = %peer.config.name, why, "renewal asked again too soon");
+            tracing::trace!(peer, transport = %kind, why, "renewal not due yet");
             return;
         }
-        peer.renew_asked = Some(now);
         // Debug: most transports have nothing to renew; those that do log it.
-        tracing::debug!(peer = %peer.config.name, transport = %kind, why, "renewing our presence");
-        self.renewing = Some((kind, now));
-        self.queue_renewal(kind);
-    }
-
-    fn queue_renewal(&mut self, kind: TransportKind) {
-        if !self.renewals.contains(&kind) {
-            self.renewals.push_back(kind);
-        }
+        tracing::debug!(peer, transport = %kind, why, "renewing our presence");
+        self.renewal_expected = Some(kind);
+        self.renewals.push_back(kind);
     }
 
     /// Our presence on `kind` was re-created (a new I2P session): peers'
     /// routers may still send to the old one. Every peer reachable over it
     /// hears from us at once, which carries our new whereabouts to its
-    /// router (a handshake where there is no session). A peer that stays
-    /// silent is asked to renew its own presence, unless this re-creation
-    /// answered such a request (which would bounce between the two).
+    /// router (a handshake where there is no session), and is probed fast
+    /// until heard: a peer that hears us but stays unheard renews its side
+    /// on its own evidence.
     pub fn transport_rehomed(&mut self, kind: TransportKind, now: Instant) {
-        let answered = self.renewing.is_some_and(|(k, t)| {
-            k == kind && now.saturating_duration_since(t) < RENEW_ANSWER_TIME
-        });
-        if answered {
-            self.renewing = None;
-        }
-        tracing::info!(transport = %kind, "our presence was re-created: contacting peers");
+        let renewal = self.renewal_expected.take_if(|k| *k == kind).is_some();
+        tracing::info!(transport = %kind, renewal, "our presence was re-created: contacting peers");
         let mut has_peers = false;
         for peer in self.peers.iter_mut().flatten() {
-            if !peer.paths.rehomed(kind, now, !answered) {
+            if !peer.paths.rehomed(kind, now) {
                 continue;
             }
             has_peers = true;
@@ -797,8 +892,9 @@ impl Node {
                 }
             }
         }
-        let after_own_renewal = self.renewed_self.take_if(|k| *k == kind).is_some();
-        if has_peers && !after_own_renewal {
+        // A renewal of ours is not a move: judged again, it would renew
+        // in a loop while every peer is away.
+        if has_peers && !renewal {
             self.moved = Some((kind, now));
         }
         self.next_probe_due = now;
@@ -810,7 +906,7 @@ impl Node {
         let Some((kind, at)) = self.moved else {
             return;
         };
-        if now < at + paths::RENEW_GRACE + paths::RENEW_ASK_WINDOW {
+        if now < at + MOVE_SILENCE {
             return;
         }
         self.moved = None;
@@ -822,26 +918,37 @@ impl Node {
         {
             return;
         }
-        tracing::info!(transport = %kind, "no peer got through since we moved: renewing our presence");
-        self.renewed_self = Some(kind);
-        self.queue_renewal(kind);
+        self.request_renewal(kind, now, "", "no peer got through since we moved");
     }
 
-    /// A transport whose presence a peer asked us to re-create.
+    /// Peers heard over a path that does not carry our answers back.
+    fn check_one_way(&mut self, now: Instant) {
+        let one_way: Vec<(TransportKind, String)> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.paths.one_way(now)?, p.config.name.clone())))
+            .collect();
+        for (kind, name) in one_way {
+            self.request_renewal(kind, now, &name, "the peer is heard but does not hear us");
+        }
+    }
+
+    /// A transport whose presence we want re-created.
     pub fn poll_renewal(&mut self) -> Option<TransportKind> {
         self.renewals.pop_front()
     }
 
     /// A peer saw our probe come from `sa`: one of our NAT's mappings.
     fn observed(&mut self, sa: SocketAddr, now: Instant) {
-        if self.observed_self.contains(&sa) || self.local_candidates.contains(&sa) {
+        if !usable_endpoint(&sa) || self.own.is_own(&sa) {
             return;
         }
         tracing::info!(endpoint = %sa, "a peer sees us at a new endpoint");
-        if self.observed_self.len() == MAX_OBSERVED_SELF {
-            self.observed_self.pop_front();
+        if self.own.observed.len() == MAX_OBSERVED_SELF {
+            self.own.observed.pop_front();
         }
-        self.observed_self.push_back(sa);
+        self.own.observed.push_back(sa);
         self.announce_to_all(now);
     }
 
@@ -850,9 +957,9 @@ impl Node {
     pub fn set_local_candidates(&mut self, mut endpoints: Vec<SocketAddr>, now: Instant) {
         endpoints.retain(usable_endpoint);
         endpoints.dedup();
-        if endpoints != self.local_candidates {
+        if endpoints != self.own.local {
             tracing::info!(?endpoints, "local UDP endpoints");
-            self.local_candidates = endpoints;
+            self.own.local = endpoints;
             self.announce_to_all(now);
         }
     }
@@ -881,8 +988,8 @@ impl Node {
 
     /// Our UDP endpoints as announced to peers.
     pub fn candidates(&self) -> Vec<SocketAddr> {
-        let mut all = self.local_candidates.clone();
-        for sa in &self.observed_self {
+        let mut all = self.own.local.clone();
+        for sa in &self.own.observed {
             if !all.contains(sa) {
                 all.push(*sa);
             }
@@ -960,13 +1067,17 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
         if now >= self.next_rate_limit_reset {
-            self.rate_limiter.reset_count();
+            for limiter in &self.limiters {
+                limiter.reset_count();
+            }
+            self.identified_under_load = 0;
             self.next_rate_limit_reset = now + Duration::from_secs(1);
         }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
             self.drive_session_timers(now);
             self.check_moved(now);
+            self.check_one_way(now);
         }
         if now >= self.next_probe_due {
             self.drive_paths(now);
@@ -1004,13 +1115,10 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return;
         };
-        for probe in peer.paths.poll_probes(now) {
+        let ids = &mut self.probe_ids;
+        for probe in peer.paths.poll_probes(now, || ids.next()) {
             let ttl = probe.short_ttl.then_some(self.punch_ttl);
             tracing::trace!(%probe.to, ?ttl, "probe");
-            if probe.renew {
-                tracing::debug!(%probe.to, "asking the peer to renew its presence");
-                self.send_peer_message(id, probe.to.clone(), &PeerMessage::Renew, None);
-            }
             self.send_peer_message(id, probe.to, &PeerMessage::Probe { id: probe.id }, ttl);
         }
     }
@@ -1026,7 +1134,7 @@ impl Node {
         let spaced = peer
             .last_punch_handshake
             .is_none_or(|t| now.saturating_duration_since(t) >= PUNCH_HANDSHAKE_SPACING);
-        if due.is_empty() || !(spaced || due.iter().any(|p| p.short_ttl)) {
+        if due.is_empty() || !(spaced || due.iter().any(|(_, short_ttl)| *short_ttl)) {
             return;
         }
         let TunnResult::WriteToNetwork(init) = peer
@@ -1036,9 +1144,9 @@ impl Node {
             return;
         };
         peer.last_punch_handshake = Some(now);
-        for probe in due {
-            let mut transmit = Transmit::new(probe.to, init);
-            transmit.ttl = probe.short_ttl.then_some(self.punch_ttl);
+        for (to, short_ttl) in due {
+            let mut transmit = Transmit::new(to, init);
+            transmit.ttl = short_ttl.then_some(self.punch_ttl);
             self.transmits.push_back(transmit);
         }
     }
@@ -1056,7 +1164,7 @@ impl Node {
         if !peer.config.allows(TransportKind::Udp) || peer.has_session() {
             return;
         }
-        let usable = usable_peer_endpoints(&self.routes, endpoints);
+        let usable = self.own.usable_peer_endpoints(&self.routes, endpoints);
         tracing::info!(peer = %peer.config.name, ?usable, "endpoints found in the DHT");
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
@@ -1175,29 +1283,140 @@ fn configured_paths(config: &PeerConfig) -> Vec<PeerAddr> {
         .collect()
 }
 
-/// The endpoints a peer gave us (in the session or the DHT) that may be
-/// probed: usable ones, and never one our own TUN routes (a tunnel inside
-/// the tunnel).
-fn usable_peer_endpoints(
-    routes: &RoutingTable<PeerId>,
-    endpoints: &[SocketAddr],
-) -> Vec<SocketAddr> {
-    endpoints
-        .iter()
-        .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
-        .filter(|sa| usable_endpoint(sa) && routes.lookup(sa.ip()).is_none())
-        .collect()
+/// Our own UDP endpoints: interface addresses and STUN mappings (`local`),
+/// and where peers saw our probes come from (`observed`).
+#[derive(Debug, Default)]
+struct OwnEndpoints {
+    local: Vec<SocketAddr>,
+    observed: VecDeque<SocketAddr>,
 }
 
-/// May an endpoint be probed or announced? Never the unspecified,
-/// multicast or broadcast addresses, a mesh address, nor port 0.
+impl OwnEndpoints {
+    fn is_own(&self, sa: &SocketAddr) -> bool {
+        self.local.contains(sa) || self.observed.contains(sa)
+    }
+
+    /// May a peer's endpoint be probed or learned? A usable one that is
+    /// not ours (a peer announcing our own endpoint would have us probe
+    /// ourselves).
+    fn usable_for_peer(&self, sa: &SocketAddr) -> bool {
+        let sa = SocketAddr::new(sa.ip().to_canonical(), sa.port());
+        usable_endpoint(&sa) && !self.is_own(&sa)
+    }
+
+    /// The endpoints a peer gave us (in the session or the DHT) that may be
+    /// probed: usable ones, and never one our own TUN routes (a tunnel
+    /// inside the tunnel).
+    fn usable_peer_endpoints(
+        &self,
+        routes: &RoutingTable<PeerId>,
+        endpoints: &[SocketAddr],
+    ) -> Vec<SocketAddr> {
+        endpoints
+            .iter()
+            .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
+            .filter(|sa| self.usable_for_peer(sa) && routes.lookup(sa.ip()).is_none())
+            .collect()
+    }
+}
+
+/// May an endpoint be probed, learned or announced? Never the unspecified,
+/// loopback, link-local (169.254.0.0/16, fe80::/10), multicast or broadcast
+/// addresses, a mesh address, nor port 0: none of them reaches a peer, and
+/// a peer naming one would turn our probes on our own host or LAN.
 fn usable_endpoint(sa: &SocketAddr) -> bool {
     let ip = sa.ip().to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
     sa.port() != 0
         && !ip.is_unspecified()
+        && !ip.is_loopback()
+        && !link_local
         && !ip.is_multicast()
         && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
         && !matches!(ip, IpAddr::V6(v6) if crate::identity::is_mesh_address(&v6))
+}
+
+/// Does this peer's traffic need its addresses checked (see
+/// `local_address_allowed`)? Most peers' does not, which keeps the check
+/// off their per-packet path.
+fn needs_address_check(config: &PeerConfig) -> bool {
+    config.is_anonymous() || config.allowed_destinations.is_some()
+}
+
+/// May the peer reach (and see) this address of ours? Our mesh address
+/// always; besides it, its `allowed_destinations`, or, without that
+/// setting, anything unless the peer is anonymous: an I2P-only peer that
+/// could ping our LAN or public address would learn it from the answer.
+fn local_address_allowed(config: &PeerConfig, mesh_address: Ipv6Addr, addr: IpAddr) -> bool {
+    addr == IpAddr::V6(mesh_address)
+        || match &config.allowed_destinations {
+            Some(nets) => nets.iter().any(|net| net.contains(&addr)),
+            None => !config.is_anonymous(),
+        }
+}
+
+fn transport_index(kind: TransportKind) -> usize {
+    match kind {
+        TransportKind::Udp => 0,
+        TransportKind::Tox => 1,
+        TransportKind::I2p => 2,
+    }
+}
+
+/// Probe ids no peer can guess: a keyed hash of a counter.
+struct ProbeIds {
+    key: [u8; 32],
+    counter: u64,
+}
+
+impl ProbeIds {
+    fn new() -> ProbeIds {
+        let mut key = [0u8; 32];
+        // Without OS randomness the ids are only as good as the counter's
+        // secrecy; nothing else depends on it.
+        let _ = getrandom::fill(&mut key);
+        ProbeIds { key, counter: 0 }
+    }
+
+    fn next(&mut self) -> u64 {
+        use sha2::{Digest, Sha256};
+        self.counter += 1;
+        let digest = Sha256::new()
+            .chain_update(self.key)
+            .chain_update(self.counter.to_le_bytes())
+            .finalize();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(id)
+    }
+}
+
+/// When the next renewal of our presence on one transport may be.
+#[derive(Debug, Default, Clone, Copy)]
+struct RenewalBackoff {
+    last: Option<Instant>,
+    wait: Duration,
+}
+
+impl RenewalBackoff {
+    /// True (and the renewal is counted) if one may happen now.
+    fn admit(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let since = now.saturating_duration_since(last);
+            if since < self.wait {
+                return false;
+            }
+            if since >= RENEW_FORGET {
+                self.wait = Duration::ZERO;
+            }
+        }
+        self.last = Some(now);
+        self.wait = (self.wait * 2).clamp(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX);
+        true
+    }
 }
 
 /// May this path carry the peer's session? Only over its allowed
@@ -1216,7 +1435,6 @@ fn path_allowed(config: &PeerConfig, path: &PeerAddr) -> bool {
 
 const HANDSHAKE_INIT: u32 = 1;
 const HANDSHAKE_RESPONSE: u32 = 2;
-const COOKIE_REPLY: u32 = 3;
 const DATA: u32 = 4;
 
 fn message_type(datagram: &[u8]) -> Option<u32> {

@@ -43,12 +43,17 @@ const MAX_LEARNED: usize = 16;
 const MAX_OUTSTANDING: usize = 64;
 /// Observed paths silent this long are forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(120);
-/// After our presence on a transport was re-created, a peer not heard
-/// over it for this long is asked to renew its own ...
-pub const RENEW_GRACE: Duration = Duration::from_secs(10);
-/// ... for this long at most: shorter than the peer's cooldown between
-/// renewals, so one re-creation costs the peer at most one.
-pub const RENEW_ASK_WINDOW: Duration = Duration::from_secs(45);
+/// After our presence on a transport was re-created, its paths are probed
+/// fast until the peer is heard over them, for this long at most.
+const REHOME_FAST_PROBING: Duration = Duration::from_secs(60);
+/// A path counts as heard while the peer's traffic came over it this
+/// recently.
+const HEARD_RECENTLY: Duration = Duration::from_secs(5);
+/// A path is one way (we hear the peer, it does not hear us) once this
+/// many probes in a row went unanswered while it was heard, the first of
+/// them this long ago at least. A one-way path is probed fast.
+const ONE_WAY_PROBES: u32 = 5;
+const ONE_WAY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,14 +85,6 @@ struct Punch {
     until: Instant,
 }
 
-/// Our presence on the path's transport was re-created at `at`; the path
-/// is probed fast until the peer is heard over it again.
-#[derive(Debug, Clone, Copy)]
-struct Rehome {
-    at: Instant,
-    ask_renew: bool,
-}
-
 #[derive(Debug, Clone)]
 struct Path {
     addr: PeerAddr,
@@ -97,7 +94,12 @@ struct Path {
     rtt: Option<Duration>,
     next_probe: Instant,
     punch: Option<Punch>,
-    rehome: Option<Rehome>,
+    /// Our presence on the path's transport was re-created then: probe
+    /// fast until the peer is heard over it again.
+    rehomed: Option<Instant>,
+    /// Probes sent since the last one answered, and when the first of
+    /// them went.
+    unanswered: Option<(u32, Instant)>,
 }
 
 impl Path {
@@ -110,7 +112,8 @@ impl Path {
             rtt: None,
             next_probe: now,
             punch: None,
-            rehome: None,
+            rehomed: None,
+            unanswered: None,
         }
     }
 
@@ -127,6 +130,23 @@ impl Path {
         self.last_pong
             .is_some_and(|t| now.saturating_duration_since(t) <= RECENT)
     }
+
+    fn heard_recently(&self, now: Instant) -> bool {
+        self.last_rx
+            .is_some_and(|t| now.saturating_duration_since(t) <= HEARD_RECENTLY)
+    }
+
+    /// Heard now, while our probes have gone unanswered for a while.
+    fn suspect_one_way(&self, now: Instant) -> bool {
+        self.heard_recently(now) && self.unanswered.is_some()
+    }
+
+    fn is_one_way(&self, now: Instant) -> bool {
+        self.heard_recently(now)
+            && self.unanswered.is_some_and(|(n, since)| {
+                n >= ONE_WAY_PROBES && now.saturating_duration_since(since) >= ONE_WAY_AFTER
+            })
+    }
 }
 
 /// A probe the node should send now.
@@ -136,8 +156,6 @@ pub struct ProbeToSend {
     pub id: u64,
     /// Send with this IP TTL (the opening probe of a punch).
     pub short_ttl: bool,
-    /// Ask the peer to renew its presence on this path's transport too.
-    pub renew: bool,
 }
 
 /// One path as `veilmesh show` lists it.
@@ -155,16 +173,13 @@ pub struct PathStatus {
 pub struct PathSet {
     paths: Vec<Path>,
     in_use: Option<PeerAddr>,
+    /// Probes awaiting a reply: id, the path it went on, when.
     outstanding: VecDeque<(u64, PeerAddr, Instant)>,
-    next_id: u64,
 }
 
 impl PathSet {
     pub fn new(configured: Vec<PeerAddr>, now: Instant) -> PathSet {
-        let mut set = PathSet {
-            next_id: 1,
-            ..PathSet::default()
-        };
+        let mut set = PathSet::default();
         set.set_configured(configured, now, |_| true);
         set
     }
@@ -223,6 +238,12 @@ impl PathSet {
         }
     }
 
+    /// Is `addr` one of the paths the config gives?
+    pub fn is_configured(&self, addr: &PeerAddr) -> bool {
+        self.get(addr)
+            .is_some_and(|p| p.origin == Origin::Configured)
+    }
+
     pub fn in_use(&self) -> Option<&PeerAddr> {
         self.in_use.as_ref()
     }
@@ -233,7 +254,16 @@ impl PathSet {
     pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
         if let Some(path) = self.get_mut(from) {
             path.last_rx = Some(now);
-            path.rehome = None;
+            path.rehomed = None;
+            // Heard while a probe is overdue: look closer now rather than
+            // at the keepalive interval (the path may be one way).
+            let overdue = path
+                .unanswered
+                .is_some_and(|(_, since)| now.saturating_duration_since(since) >= PROBE_INTERVAL);
+            if overdue && path.next_probe > now + PROBE_INTERVAL {
+                path.next_probe = now + PROBE_INTERVAL;
+                return true;
+            }
             if let Some(punch) = path.punch.as_mut().filter(|p| p.full_from.is_none()) {
                 punch.full_from = Some(now);
                 path.next_probe = now;
@@ -256,6 +286,7 @@ impl PathSet {
         if let Some(path) = self.get_mut(from) {
             path.last_pong = Some(now);
             path.punch = None;
+            path.unanswered = None;
         }
     }
 
@@ -339,17 +370,28 @@ impl PathSet {
     }
 
     /// Our presence on `kind` was re-created: probe its paths at once and
-    /// fast until the peer is heard over them; with `ask_renew`, probes
-    /// after `RENEW_GRACE` ask the peer to renew its own. False if the peer
-    /// has no path of that kind.
-    pub fn rehomed(&mut self, kind: TransportKind, now: Instant, ask_renew: bool) -> bool {
+    /// fast until the peer is heard over them. False if the peer has no
+    /// path of that kind.
+    pub fn rehomed(&mut self, kind: TransportKind, now: Instant) -> bool {
         let mut any = false;
         for p in self.paths.iter_mut().filter(|p| p.addr.kind() == kind) {
-            p.rehome = Some(Rehome { at: now, ask_renew });
+            p.rehomed = Some(now);
             p.next_probe = now;
+            // A new presence: evidence about the old one says nothing.
+            p.unanswered = None;
             any = true;
         }
         any
+    }
+
+    /// A transport over which the peer is heard but does not hear us: our
+    /// own evidence that our presence there needs renewing (an I2P router
+    /// that still sends our replies to where the peer used to be).
+    pub fn one_way(&self, now: Instant) -> Option<TransportKind> {
+        self.paths
+            .iter()
+            .find(|p| p.is_one_way(now))
+            .map(|p| p.addr.kind())
     }
 
     /// Has the peer been heard over `kind` since `t`?
@@ -375,18 +417,40 @@ impl PathSet {
         }
     }
 
-    /// The probes due now; each is remembered to match its reply.
-    pub fn poll_probes(&mut self, now: Instant) -> Vec<ProbeToSend> {
-        self.poll(now, false)
+    /// The probes due now; each is remembered, with its path, to match its
+    /// reply. `new_id` gives unpredictable probe ids: a reply counts only
+    /// if it names one.
+    pub fn poll_probes(
+        &mut self,
+        now: Instant,
+        mut new_id: impl FnMut() -> u64,
+    ) -> Vec<ProbeToSend> {
+        let due = self.poll(now, false);
+        due.into_iter()
+            .map(|(to, short_ttl)| {
+                let id = new_id();
+                if self.outstanding.len() == MAX_OUTSTANDING {
+                    self.outstanding.pop_front();
+                }
+                self.outstanding.push_back((id, to.clone(), now));
+                if let Some(path) = self.get_mut(&to) {
+                    let (count, since) = path.unanswered.unwrap_or((0, now));
+                    path.unanswered = Some((count + 1, since));
+                }
+                ProbeToSend { to, id, short_ttl }
+            })
+            .collect()
     }
 
     /// Like `poll_probes`, for paths being punched only: without a session
-    /// the node sends handshake initiations there instead of probes.
-    pub fn poll_punches(&mut self, now: Instant) -> Vec<ProbeToSend> {
+    /// the node sends handshake initiations there instead of probes. The
+    /// second field: with the short TTL.
+    pub fn poll_punches(&mut self, now: Instant) -> Vec<(PeerAddr, bool)> {
         self.poll(now, true)
     }
 
-    fn poll(&mut self, now: Instant, punches_only: bool) -> Vec<ProbeToSend> {
+    /// The paths due a probe (or punch) now, and whether with the short TTL.
+    fn poll(&mut self, now: Instant, punches_only: bool) -> Vec<(PeerAddr, bool)> {
         let interval = self.interval();
         let mut due = Vec::new();
         for path in &mut self.paths {
@@ -401,7 +465,7 @@ impl PathSet {
                 Some(punch) if !punch.opened => {
                     punch.opened = true;
                     path.next_probe = punch.full_from.unwrap_or(punch.until).max(now);
-                    due.push((path.addr.clone(), true, false));
+                    due.push((path.addr.clone(), true));
                     continue;
                 }
                 Some(punch) if !matches!(punch.full_from, Some(t) if t <= now) => {
@@ -410,44 +474,24 @@ impl PathSet {
                 }
                 Some(_) => {
                     path.next_probe = now + PUNCH_INTERVAL;
-                    due.push((path.addr.clone(), false, false));
+                    due.push((path.addr.clone(), false));
                     continue;
                 }
                 None => !full_probes_allowed(path, now),
             };
-            path.rehome = path
-                .rehome
-                .filter(|r| now < r.at + RENEW_GRACE + RENEW_ASK_WINDOW);
-            let renew = path
-                .rehome
-                .is_some_and(|r| r.ask_renew && now >= r.at + RENEW_GRACE);
+            path.rehomed = path.rehomed.filter(|at| now < *at + REHOME_FAST_PROBING);
             let live = path.is_live(now, interval) || path.recently_live(now);
             path.next_probe = now
-                + if path.rehome.is_some() {
+                + if path.rehomed.is_some() || path.suspect_one_way(now) {
                     PROBE_INTERVAL
                 } else if live || path.origin == Origin::Configured && path.last_pong.is_none() {
                     interval
                 } else {
                     DEAD_INTERVAL.max(interval)
                 };
-            due.push((path.addr.clone(), short_ttl, renew));
+            due.push((path.addr.clone(), short_ttl));
         }
-        due.into_iter()
-            .map(|(to, short_ttl, renew)| {
-                let id = self.next_id;
-                self.next_id = self.next_id.wrapping_add(1);
-                if self.outstanding.len() == MAX_OUTSTANDING {
-                    self.outstanding.pop_front();
-                }
-                self.outstanding.push_back((id, to.clone(), now));
-                ProbeToSend {
-                    to,
-                    id,
-                    short_ttl,
-                    renew,
-                }
-            })
-            .collect()
+        due
     }
 
     /// When the next probe is due.
@@ -464,10 +508,15 @@ impl PathSet {
             .min()
     }
 
-    /// A probe reply: the path it was sent on answers. False if the id is
-    /// not one of ours (old, or never sent).
-    pub fn pong(&mut self, id: u64, now: Instant) -> bool {
-        let Some(i) = self.outstanding.iter().position(|(o, _, _)| *o == id) else {
+    /// A probe reply that came over `from`: the path answers if the probe
+    /// went there. False if the id is not one of ours (old, never sent) or
+    /// went elsewhere: a reply over one path must not make another live.
+    pub fn pong(&mut self, id: u64, from: &PeerAddr, now: Instant) -> bool {
+        let Some(i) = self
+            .outstanding
+            .iter()
+            .position(|(o, addr, _)| *o == id && addr == from)
+        else {
             return false;
         };
         let Some((_, addr, sent)) = self.outstanding.remove(i) else {
@@ -483,6 +532,7 @@ impl PathSet {
         });
         path.last_pong = Some(now);
         path.punch = None;
+        path.unanswered = None;
         true
     }
 
@@ -608,12 +658,21 @@ mod tests {
     fn udp(s: &str) -> PeerAddr {
         PeerAddr::Udp(s.parse().unwrap())
     }
+
+    /// Probe ids for tests: any distinct numbers do.
+    fn ids() -> impl FnMut() -> u64 {
+        let mut next = 0;
+        move || {
+            next += 1;
+            next
+        }
+    }
     const ORDER: [TransportKind; 3] = TransportKind::ALL;
 
     fn answer_all(set: &mut PathSet, now: Instant, only: &[PeerAddr]) {
-        for probe in set.poll_probes(now) {
+        for probe in set.poll_probes(now, ids()) {
             if only.contains(&probe.to) {
-                assert!(set.pong(probe.id, now + Duration::from_millis(10)));
+                assert!(set.pong(probe.id, &probe.to, now + Duration::from_millis(10)));
             }
         }
     }
@@ -664,9 +723,9 @@ mod tests {
         let direct = udp("203.0.113.7:40000");
         let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
         let mut set = PathSet::new(vec![direct.clone(), tox.clone()], t0);
-        for probe in set.poll_probes(t0) {
+        for probe in set.poll_probes(t0, ids()) {
             let rtt = if probe.to == tox { 5 } else { 50 };
-            set.pong(probe.id, t0 + Duration::from_millis(rtt));
+            set.pong(probe.id, &probe.to, t0 + Duration::from_millis(rtt));
         }
         set.select(t0 + Duration::from_millis(60), &ORDER);
         assert_eq!(set.in_use(), Some(&direct));
@@ -690,7 +749,7 @@ mod tests {
         ];
         set.announced(&announced, t0, false);
         let first: Vec<_> = set
-            .poll_probes(t0)
+            .poll_probes(t0, ids())
             .into_iter()
             .filter(|p| p.to != tox)
             .collect();
@@ -698,20 +757,20 @@ mod tests {
         assert!(first.iter().all(|p| p.short_ttl));
         // Nothing more to it until the peer's side is open...
         assert!(set
-            .poll_probes(t0 + Duration::from_millis(300))
+            .poll_probes(t0 + Duration::from_millis(300), ids())
             .iter()
             .all(|p| p.to == tox));
         // ...which its probe arriving shows: full probes every 100 ms.
         let heard_at = t0 + Duration::from_millis(300);
         assert!(set.heard(&public, heard_at));
-        let later = set.poll_probes(heard_at);
+        let later = set.poll_probes(heard_at, ids());
         assert!(later.iter().any(|p| p.to == public && !p.short_ttl));
         assert!(later.iter().all(|p| p.to != lan));
         assert_eq!(set.next_probe(), Some(heard_at + PUNCH_INTERVAL));
         // The endpoint never heard from ends its punch: only short-TTL
         // keepalives from then on, and no handshakes.
         let after = t0 + Duration::from_secs(6);
-        let probes = set.poll_probes(after);
+        let probes = set.poll_probes(after, ids());
         assert!(probes.iter().filter(|p| p.to == lan).all(|p| p.short_ttl));
         assert!(probes.iter().any(|p| p.to == public && !p.short_ttl));
         assert!(!set.handshake_targets(after).contains(&lan));
@@ -742,6 +801,60 @@ mod tests {
     fn unknown_probe_replies_are_ignored() {
         let t0 = Instant::now();
         let mut set = PathSet::new(vec![udp("198.18.0.1:51820")], t0);
-        assert!(!set.pong(12345, t0));
+        assert!(!set.pong(12345, &udp("198.18.0.1:51820"), t0));
+    }
+
+    /// A reply names its probe, but only counts over the path the probe
+    /// went: else a peer could make an endpoint it announced, which never
+    /// answered, look live and pull our traffic there.
+    #[test]
+    fn a_reply_over_another_path_makes_nothing_live() {
+        let t0 = Instant::now();
+        let real = udp("198.18.0.1:51820");
+        let victim = udp("203.0.113.99:80");
+        let mut set = PathSet::new(vec![real.clone()], t0);
+        set.announced(&["203.0.113.99:80".parse().unwrap()], t0, true);
+        let probes = set.poll_probes(t0, ids());
+        let to_victim = probes.iter().find(|p| p.to == victim).unwrap();
+        assert!(!set.pong(to_victim.id, &real, t0));
+        assert!(set.status(t0).iter().all(|p| p.state != "live"));
+        let to_real = probes.iter().find(|p| p.to == real).unwrap();
+        assert!(set.pong(to_real.id, &real, t0));
+    }
+
+    /// Heard but unanswered: probed fast, then reported one way, which is
+    /// our own evidence for renewing our presence.
+    #[test]
+    fn a_path_heard_but_deaf_to_our_probes_is_one_way() {
+        let t0 = Instant::now();
+        let i2p = PeerAddr::I2p(veilmesh_transport::I2pAddress([5; 32]));
+        let mut set = PathSet::new(vec![i2p.clone()], t0);
+        let mut ids = ids();
+        for p in set.poll_probes(t0, &mut ids) {
+            assert!(set.pong(p.id, &p.to, t0));
+        }
+        let mut now = t0;
+        let mut found = None;
+        while now < t0 + Duration::from_secs(60) {
+            now += Duration::from_millis(250);
+            set.heard(&i2p, now);
+            set.poll_probes(now, &mut ids);
+            if let Some(kind) = set.one_way(now) {
+                found = Some(now);
+                assert_eq!(kind, TransportKind::I2p);
+                break;
+            }
+        }
+        let found = found.expect("never one way");
+        // The first probe goes unanswered at the keepalive interval; being
+        // heard then brings probes every second until the evidence is in.
+        assert!(
+            found - t0 <= KEEPALIVE_INTERVAL + ONE_WAY_AFTER + Duration::from_secs(2),
+            "{:?}",
+            found - t0
+        );
+        assert!(found - t0 >= KEEPALIVE_INTERVAL + ONE_WAY_AFTER);
+        // Not heard any more: not one way, just silent.
+        assert_eq!(set.one_way(now + HEARD_RECENTLY * 2), None);
     }
 }

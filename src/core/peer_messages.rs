@@ -23,7 +23,10 @@ pub const MAX_CANDIDATES: usize = 16;
 const PROBE: u8 = 1;
 const PROBE_REPLY: u8 = 2;
 const CANDIDATES: u8 = 3;
-const RENEW: u8 = 4;
+// Type 4 asked the receiver to renew its presence on a transport. Retired:
+// a peer must not be able to cause that (each renewal is an outage for
+// every peer there, and a timing signal); renewals follow our own
+// evidence only. It now parses as an unknown type.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMessage {
@@ -42,12 +45,6 @@ pub enum PeerMessage {
         endpoints: Vec<SocketAddr>,
         reply: bool,
     },
-    /// "My presence on the transport this arrived on was re-created and
-    /// nothing of yours has reached me since: re-create yours." An I2P
-    /// router keeps sending to a destination's old ratchet session after
-    /// the destination moved to another router; only a new session of the
-    /// sender's own drops it.
-    Renew,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,7 +97,6 @@ pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &
             out.push(u8::from(*reply));
             encode_endpoints(endpoints, out);
         }
-        PeerMessage::Renew => out.push(RENEW),
     }
     let payload_len = (out.len() - IPV6_HEADER) as u16;
     out[4..6].copy_from_slice(&payload_len.to_be_bytes());
@@ -136,7 +132,6 @@ fn parse(payload: &[u8]) -> Result<PeerMessage, ParseError> {
             reply: r.u8()? != 0,
             endpoints: r.endpoints()?,
         },
-        RENEW => PeerMessage::Renew,
         other => return Err(ParseError::UnknownType(other)),
     };
     if !r.0.is_empty() {
@@ -249,7 +244,6 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(endpoints, reply)| PeerMessage::Candidates { endpoints, reply }),
-            Just(PeerMessage::Renew),
         ]
     }
 
@@ -294,6 +288,7 @@ mod tests {
         assert_eq!(parse(&payload), Err(ParseError::TooMany(17)));
         assert_eq!(parse(b"vm\x02\x01"), Err(ParseError::Version(2)));
         assert_eq!(parse(b"vm\x01\x09"), Err(ParseError::UnknownType(9)));
+        assert_eq!(parse(b"vm\x01\x04"), Err(ParseError::UnknownType(4)));
     }
 
     #[test]
