@@ -232,29 +232,55 @@ pub trait Transport: Send {
 }
 
 /// Writes a transport's state or key file atomically, readable by its owner
-/// only; a missing directory is created private (0700).
+/// only; a missing directory is created private (0700). The temporary file
+/// is new (O_EXCL) and named after the target, so two files saved at once
+/// in one directory (the Tox state and the I2P key) never swap contents;
+/// file and directory are synced, so a crash leaves the old or the new
+/// file, never none.
 pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    if let Some(dir) = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
-    {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?
+        .to_string_lossy();
+    let (tmp, mut file) = loop {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(file) => break (tmp, file),
+            // Left by a crashed process with our pid: take the next name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -285,6 +311,40 @@ mod tests {
         }
         let err = "carrier-pigeon".parse::<TransportKind>().unwrap_err();
         assert!(err.contains("carrier-pigeon"), "{err}");
+    }
+
+    /// The Tox state and the I2P key saved at once in one directory each
+    /// keep their own contents (they once shared the temporary name
+    /// `veil0.tmp`, and one could end up with the other's bytes).
+    #[test]
+    fn files_saved_at_once_never_swap_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tox, i2p) = (dir.path().join("veil0.tox"), dir.path().join("veil0.i2p"));
+        let writer = |path: std::path::PathBuf, byte: u8| {
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let content = vec![byte; 1000 + i];
+                    write_private_file(&path, &content).unwrap();
+                    let read = std::fs::read(&path).unwrap();
+                    assert!(
+                        read.iter().all(|b| *b == byte),
+                        "{} got another file's bytes",
+                        path.display()
+                    );
+                }
+            })
+        };
+        let (a, b) = (writer(tox.clone(), b't'), writer(i2p.clone(), b'i'));
+        a.join().unwrap();
+        b.join().unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "temporary files left: {left:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&tox).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
