@@ -14,20 +14,22 @@
 //!   socket, read by `poll_recv`.
 //!
 //! Nothing here ever sends this node's IP addresses anywhere but to the
-//! configured SAM bridges.
+//! configured SAM bridges. The datagram socket of a session is bound to
+//! the address facing its bridge (loopback for a local router) and
+//! connected to the bridge's datagram port, so nothing else can reach it.
 
 pub mod dest;
 pub mod sam;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -71,9 +73,12 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// session took it over meanwhile (which then goes deaf): a bridge whose
 /// session just ended gets the same destination only after this.
 const DESTINATION_TEARDOWN: Duration = Duration::from_secs(7);
-/// Renewals peers ask for are at most this frequent: several peers asking
-/// at once cost one.
+/// Renewals are at most this frequent, whatever asks (the core backs off
+/// much further).
 const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(30);
+/// Datagrams one receive call reads and discards at most (malformed ones
+/// from the bridge) before it lets the event loop run its timers.
+const MAX_DISCARDS_PER_CALL: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct I2pConfig {
@@ -103,8 +108,6 @@ pub enum I2pError {
         path.display()
     )]
     KeyFileMode { path: PathBuf, mode: u32 },
-    #[error("cannot open the UDP socket for datagrams from the SAM bridge: {0}")]
-    Socket(io::Error),
 }
 
 /// Counters of the transport; monotonic.
@@ -140,8 +143,9 @@ enum Lookup {
 #[derive(Clone)]
 struct Live {
     bridge: String,
-    /// The bridge's UDP port for datagrams.
-    udp: SocketAddr,
+    /// Bound to the address facing the bridge, connected to its datagram
+    /// port: it sends ours and receives what the bridge forwards.
+    socket: Arc<UdpSocket>,
     id: String,
 }
 
@@ -153,11 +157,13 @@ struct Shared {
     state: String,
     lookups: HashMap<I2pAddress, Lookup>,
     counters: I2pCounters,
-    /// When a peer's request last re-created the session.
+    /// When a renewal last re-created the session.
     renewed_at: Option<Instant>,
+    /// The receive call waiting for a session's socket.
+    receiver: Option<std::task::Waker>,
 }
 
-type Outbound = (SocketAddr, Vec<u8>);
+type Outbound = (Arc<UdpSocket>, Vec<u8>);
 
 /// Everything the tasks and the transport share.
 struct Inner {
@@ -178,7 +184,7 @@ impl Inner {
         let mut packet = Vec::with_capacity(header.len() + datagram.len());
         packet.extend_from_slice(header.as_bytes());
         packet.extend_from_slice(datagram);
-        match self.outbound.try_send((live.udp, packet)) {
+        match self.outbound.try_send((live.socket.clone(), packet)) {
             Ok(()) => true,
             Err(_) => {
                 shared.counters.queue_drops += 1;
@@ -190,7 +196,6 @@ impl Inner {
 
 pub struct I2pTransport {
     inner: Arc<Inner>,
-    socket: Arc<UdpSocket>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -200,7 +205,6 @@ impl I2pTransport {
     /// comes up in the background, and comes back after failures.
     pub fn start(config: I2pConfig) -> Result<I2pTransport, I2pError> {
         let keys = load_keys(&config.key_file)?;
-        let socket = Arc::new(bind_forward_socket().map_err(I2pError::Socket)?);
         let (outbound, outbound_rx) = mpsc::channel(SEND_QUEUE);
         let (lookup_requests, lookup_rx) = mpsc::unbounded_channel();
         let (renew_requests, renew_rx) = mpsc::unbounded_channel();
@@ -214,7 +218,6 @@ impl I2pTransport {
             lookup_requests,
             renew_requests,
         });
-        let forward_port = socket.local_addr().map_err(I2pError::Socket)?.port();
         tracing::info!(
             address = ?inner.lock().address.map(|a| a.to_string()),
             bridges = ?config.bridges,
@@ -224,17 +227,12 @@ impl I2pTransport {
             config,
             keys,
             inner: inner.clone(),
-            forward_port,
         };
         let tasks = vec![
             tokio::spawn(supervisor.run(lookup_rx, renew_rx)),
-            tokio::spawn(pace(socket.clone(), outbound_rx, inner.clone())),
+            tokio::spawn(pace(outbound_rx, inner.clone())),
         ];
-        Ok(I2pTransport {
-            inner,
-            socket,
-            tasks,
-        })
+        Ok(I2pTransport { inner, tasks })
     }
 
     /// This node's `.b32.i2p` address, once it has a destination.
@@ -242,16 +240,22 @@ impl I2pTransport {
         self.inner.lock().address
     }
 
-    /// Turns one UDP datagram into a received Noise datagram at the start of
-    /// `buf`, or None (counted) if it is not a datagram from our bridge.
-    fn accept(&self, from: SocketAddr, len: usize, buf: &mut [u8]) -> Option<Received> {
+    /// The live session's socket; without one, `cx` is woken when one
+    /// comes.
+    fn socket(&self, cx: Option<&mut Context<'_>>) -> Option<Arc<UdpSocket>> {
         let mut shared = self.inner.lock();
-        let bridge_ip = shared.live.as_ref().map(|l| l.udp.ip().to_canonical());
-        if bridge_ip != Some(from.ip().to_canonical()) {
-            shared.counters.bad_datagrams += 1;
-            tracing::trace!(%from, "datagram not from the SAM bridge in use");
-            return None;
+        let socket = shared.live.as_ref().map(|l| l.socket.clone());
+        if let Some(cx) = cx {
+            shared.receiver = Some(cx.waker().clone());
         }
+        socket
+    }
+
+    /// Turns one forwarded datagram (the socket takes them from the bridge
+    /// only) into a received Noise datagram at the start of `buf`, or None
+    /// (counted) if it is not SAM-framed.
+    fn accept(&self, len: usize, buf: &mut [u8]) -> Option<Received> {
+        let mut shared = self.inner.lock();
         match sam::parse_forwarded(&buf[..len]) {
             Ok((source, start)) => {
                 shared.counters.received += 1;
@@ -364,31 +368,41 @@ impl Transport for I2pTransport {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        loop {
+        let Some(socket) = self.socket(Some(cx)) else {
+            return Poll::Pending;
+        };
+        for _ in 0..MAX_DISCARDS_PER_CALL {
             let mut read = tokio::io::ReadBuf::new(buf);
-            let from = match self.socket.poll_recv_from(cx, &mut read) {
-                Poll::Ready(Ok(from)) => from,
+            match socket.poll_recv(cx, &mut read) {
+                Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             };
             let len = read.filled().len();
-            if let Some(received) = self.accept(from, len, buf) {
+            if let Some(received) = self.accept(len, buf) {
                 return Poll::Ready(Ok(received));
             }
         }
+        // Bad datagrams only: come back after the event loop's other work.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        loop {
-            let (len, from) = match self.socket.try_recv_from(buf) {
-                Ok(got) => got,
+        let Some(socket) = self.socket(None) else {
+            return Ok(None);
+        };
+        for _ in 0..MAX_DISCARDS_PER_CALL {
+            let len = match socket.try_recv(buf) {
+                Ok(len) => len,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
-            if let Some(received) = self.accept(from, len, buf) {
+            if let Some(received) = self.accept(len, buf) {
                 return Ok(Some(received));
             }
         }
+        Ok(None)
     }
 
     fn describe(&self) -> String {
@@ -428,25 +442,22 @@ impl Transport for I2pTransport {
     }
 }
 
-/// One socket receives forwarded datagrams from whichever bridge is in use
-/// and sends ours to it: dual-stack on a free port.
-fn bind_forward_socket() -> io::Result<UdpSocket> {
+/// A session's datagram socket: bound to `local` (the address our control
+/// connection to the bridge comes from, so never `[::]`) on a free port,
+/// and connected to the bridge's datagram port, so the kernel delivers
+/// datagrams from the bridge only.
+fn bind_datagram_socket(local: std::net::IpAddr, bridge: SocketAddr) -> io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = match Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)) {
-        Ok(s) => {
-            s.set_only_v6(false)?;
-            s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
-            s
-        }
-        Err(_) => {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
-            s
-        }
-    };
+    let socket = Socket::new(
+        Domain::for_address(bridge),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
     socket.set_nonblocking(true)?;
     let _ = socket.set_recv_buffer_size(2 << 20);
     let _ = socket.set_send_buffer_size(2 << 20);
+    socket.bind(&SocketAddr::new(local, 0).into())?;
+    socket.connect(&bridge.into())?;
     UdpSocket::from_std(socket.into())
 }
 
@@ -481,10 +492,10 @@ fn load_keys(path: &Path) -> Result<Option<PrivateKeys>, I2pError> {
 }
 
 /// Sends queued datagrams to the bridge at a bounded rate.
-async fn pace(socket: Arc<UdpSocket>, mut queue: mpsc::Receiver<Outbound>, inner: Arc<Inner>) {
+async fn pace(mut queue: mpsc::Receiver<Outbound>, inner: Arc<Inner>) {
     let mut tokens = BURST;
     let mut refilled = tokio::time::Instant::now();
-    while let Some((to, packet)) = queue.recv().await {
+    while let Some((socket, packet)) = queue.recv().await {
         loop {
             let now = tokio::time::Instant::now();
             tokens = (tokens + now.duration_since(refilled).as_secs_f64() * DATAGRAMS_PER_SECOND)
@@ -497,9 +508,9 @@ async fn pace(socket: Arc<UdpSocket>, mut queue: mpsc::Receiver<Outbound>, inner
             let wait = (1.0 - tokens) / DATAGRAMS_PER_SECOND;
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
         }
-        match socket.send_to(&packet, to).await {
+        match socket.send(&packet).await {
             Ok(_) => inner.lock().counters.sent += 1,
-            Err(error) => tracing::debug!(%to, %error, "datagram to the SAM bridge failed"),
+            Err(error) => tracing::debug!(%error, "datagram to the SAM bridge failed"),
         }
     }
 }
@@ -519,16 +530,49 @@ enum SessionError {
     Resolve(String),
     #[error("the bridge created a session for another destination")]
     WrongDestination,
-    #[error("a peer asked for a new session")]
+    #[error("a new session was asked for")]
     Renew,
+    #[error("cannot save the new I2P destination to {path}: {error}")]
+    KeySave { path: String, error: io::Error },
 }
 
 /// A SAM control connection after HELLO.
 struct Control {
-    reader: BufReader<OwnedReadHalf>,
+    lines: LineReader,
     writer: OwnedWriteHalf,
     peer: SocketAddr,
     local: SocketAddr,
+}
+
+/// Reads the bridge's reply lines. Cancel safe: bytes of a line that has
+/// not fully arrived stay in `partial` when a `select!` drops the read, so
+/// a reply split across TCP segments is never lost.
+struct LineReader {
+    read: OwnedReadHalf,
+    partial: Vec<u8>,
+}
+
+impl LineReader {
+    /// One line from the bridge, at most `sam::MAX_LINE` long.
+    async fn next_line(&mut self) -> Result<String, SessionError> {
+        loop {
+            if let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+                let line = String::from_utf8_lossy(&self.partial[..end]).into_owned();
+                self.partial.drain(..=end);
+                return Ok(line);
+            }
+            if self.partial.len() > sam::MAX_LINE {
+                return Err(SamError::Malformed("reply line too long".into()).into());
+            }
+            let mut chunk = [0u8; 4096];
+            // `read` is cancel safe: it either returns bytes or takes none.
+            let n = self.read.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(SessionError::Closed);
+            }
+            self.partial.extend_from_slice(&chunk[..n]);
+        }
+    }
 }
 
 impl Control {
@@ -550,7 +594,10 @@ impl Control {
         let (peer, local) = (stream.peer_addr()?, stream.local_addr()?);
         let (read, writer) = stream.into_split();
         let mut control = Control {
-            reader: BufReader::new(read),
+            lines: LineReader {
+                read,
+                partial: Vec::new(),
+            },
             writer,
             peer,
             local,
@@ -569,47 +616,17 @@ impl Control {
         expected: &'static str,
     ) -> Result<sam::Reply, SessionError> {
         self.writer.write_all(command.as_bytes()).await?;
-        let line = tokio::time::timeout(timeout, read_line(&mut self.reader))
+        let line = tokio::time::timeout(timeout, self.lines.next_line())
             .await
             .map_err(|_| SessionError::Timeout(expected))??;
         Ok(sam::Reply::parse(&line)?.expect_ok(expected)?)
     }
 }
 
-/// One line from the bridge, at most `sam::MAX_LINE` long.
-async fn read_line<R: AsyncRead + Unpin>(
-    reader: &mut BufReader<R>,
-) -> Result<String, SessionError> {
-    let mut line = Vec::new();
-    loop {
-        let available = reader.fill_buf().await?;
-        if available.is_empty() {
-            return Err(SessionError::Closed);
-        }
-        match available.iter().position(|&b| b == b'\n') {
-            Some(i) => {
-                line.extend_from_slice(&available[..i]);
-                reader.consume(i + 1);
-                break;
-            }
-            None => {
-                let n = available.len();
-                line.extend_from_slice(available);
-                reader.consume(n);
-            }
-        }
-        if line.len() > sam::MAX_LINE {
-            return Err(SamError::Malformed("reply line too long".into()).into());
-        }
-    }
-    Ok(String::from_utf8_lossy(&line).into_owned())
-}
-
 struct Supervisor {
     config: I2pConfig,
     keys: Option<PrivateKeys>,
     inner: Arc<Inner>,
-    forward_port: u16,
 }
 
 impl Supervisor {
@@ -687,7 +704,16 @@ impl Supervisor {
                 let keys = PrivateKeys::from_base64(reply.require("PRIV")?).map_err(|e| {
                     SamError::Malformed(format!("DEST REPLY PRIV is not a private key: {e}"))
                 })?;
-                self.save_keys(&keys);
+                // Unsaved, the address would change at the next start and
+                // every peer would lose us: not used until saved.
+                let path = &self.config.key_file;
+                veilmesh_transport::write_private_file(path, keys.base64().as_bytes()).map_err(
+                    |error| SessionError::KeySave {
+                        path: path.display().to_string(),
+                        error,
+                    },
+                )?;
+                tracing::info!(path = %path.display(), "new I2P destination saved");
                 self.inner.lock().address = Some(keys.public().address());
                 self.keys = Some(keys.clone());
                 keys
@@ -695,12 +721,14 @@ impl Supervisor {
         };
         let id = session_id(&self.config.label);
         // The bridge forwards datagrams to the address it sees us on.
-        let host = control.local.ip().to_canonical();
+        let bridge_udp = SocketAddr::new(control.peer.ip(), control.peer.port().saturating_sub(1));
+        let socket = Arc::new(bind_datagram_socket(control.local.ip(), bridge_udp)?);
+        let forward = socket.local_addr()?;
         let command = sam::session_create(
             &id,
             keys.base64(),
-            &host.to_string(),
-            self.forward_port,
+            &forward.ip().to_canonical().to_string(),
+            forward.port(),
             &self.config.options,
         );
         let started = Instant::now();
@@ -716,7 +744,6 @@ impl Supervisor {
                 return Err(SessionError::WrongDestination);
             }
         }
-        let udp = SocketAddr::new(control.peer.ip(), control.peer.port().saturating_sub(1));
         tracing::info!(
             %bridge,
             address = %keys.public().address(),
@@ -727,23 +754,10 @@ impl Supervisor {
             control,
             Live {
                 bridge: bridge.to_owned(),
-                udp,
+                socket,
                 id,
             },
         ))
-    }
-
-    fn save_keys(&self, keys: &PrivateKeys) {
-        let path = &self.config.key_file;
-        match veilmesh_transport::write_private_file(path, keys.base64().as_bytes()) {
-            Ok(()) => tracing::info!(path = %path.display(), "new I2P destination saved"),
-            // Still usable, but the address changes at the next start.
-            Err(error) => tracing::error!(
-                path = %path.display(),
-                %error,
-                "cannot save the new I2P destination; this address lasts until restart"
-            ),
-        }
     }
 
     /// Runs a created session until its control connection ends: answers
@@ -764,6 +778,9 @@ impl Supervisor {
             shared.live = Some(live.clone());
             shared.counters.sessions += 1;
             shared.state = format!("session up on SAM bridge {}", live.bridge);
+            if let Some(receiver) = shared.receiver.take() {
+                receiver.wake();
+            }
         }
         while requests.try_recv().is_ok() {}
         while renewals.try_recv().is_ok() {}
@@ -801,7 +818,7 @@ impl Supervisor {
                 }
             }
             tokio::select! {
-                line = read_line(&mut control.reader) => {
+                line = control.lines.next_line() => {
                     let line = match line {
                         Ok(line) => line,
                         Err(error) => return error,
@@ -981,6 +998,119 @@ mod tests {
             transport.describe()
         );
         assert!(transport.address().is_none());
+    }
+
+    /// A scripted SAM bridge on loopback: it answers HELLO and SESSION
+    /// CREATE, DEST GENERATE with `private_keys`, and NAMING LOOKUP with
+    /// `lookup_reply` written in two pieces `pause` apart. It reports the
+    /// SESSION CREATE line it got.
+    async fn scripted_bridge(
+        private_keys: String,
+        lookup_reply: String,
+        pause: Duration,
+    ) -> (String, mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bridge = listener.local_addr().unwrap().to_string();
+        let (created, created_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = if line.starts_with("HELLO") {
+                    "HELLO REPLY RESULT=OK VERSION=3.1\n".to_owned()
+                } else if line.starts_with("DEST GENERATE") {
+                    format!("DEST REPLY PUB=x PRIV={private_keys}\n")
+                } else if line.starts_with("SESSION CREATE") {
+                    let _ = created.send(line.clone());
+                    format!("SESSION STATUS RESULT=OK DESTINATION={private_keys}\n")
+                } else if line.starts_with("NAMING LOOKUP") {
+                    let (first, second) = lookup_reply.split_at(lookup_reply.len() / 2);
+                    let _ = write.write_all(first.as_bytes()).await;
+                    tokio::time::sleep(pause).await;
+                    second.to_owned()
+                } else {
+                    continue;
+                };
+                if write.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (bridge, created_rx)
+    }
+
+    fn sample_keys() -> String {
+        let mut blob = dest::tests::sample_destination(2);
+        blob.extend_from_slice(&[1; 288]);
+        dest::I2P_BASE64.encode(&blob)
+    }
+
+    /// A NAMING REPLY that arrives in two TCP segments 1.5 s apart (the
+    /// supervisor's 1 s tick fires in between) still resolves the peer,
+    /// at once rather than after the 30 s lookup timeout.
+    #[tokio::test]
+    async fn a_reply_split_across_segments_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let peer =
+            Destination::from_base64(&dest::I2P_BASE64.encode(&dest::tests::sample_destination(8)))
+                .unwrap();
+        let reply = format!(
+            "NAMING REPLY RESULT=OK NAME={} VALUE={}\n",
+            peer.address(),
+            peer.to_base64()
+        );
+        let (bridge, mut created) =
+            scripted_bridge(sample_keys(), reply, Duration::from_millis(1500)).await;
+        let mut transport = I2pTransport::start(test_config(&bridge, dir.path())).unwrap();
+        let create = tokio::time::timeout(Duration::from_secs(5), created.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // The datagram socket faces the bridge: loopback, never [::].
+        assert!(create.contains(" HOST=127.0.0.1 "), "{create}");
+        let to = PeerAddr::I2p(peer.address());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while transport.send(&to, b"first datagram").is_err() {
+            assert!(Instant::now() < deadline, "{}", transport.describe());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let started = Instant::now();
+        while transport.path_state(&to).as_deref() != Some("destination resolved") {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{:?} after {:?}",
+                transport.path_state(&to),
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A destination the bridge made that cannot be saved is not used: the
+    /// address would change at the next start and every peer lose us.
+    #[tokio::test]
+    async fn a_destination_that_cannot_be_saved_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bridge, _created) =
+            scripted_bridge(sample_keys(), String::new(), Duration::ZERO).await;
+        let mut config = test_config(&bridge, dir.path());
+        // Absent, so there is nothing to read, and impossible to create.
+        config.key_file = "/proc/veilmesh-no-such-directory/veil0.i2p".into();
+        let transport = I2pTransport::start(config).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !transport
+            .describe()
+            .contains("cannot save the new I2P destination")
+        {
+            assert!(Instant::now() < deadline, "{}", transport.describe());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(transport.address().is_none());
+        assert_eq!(transport.generation(), 0, "a session was created anyway");
     }
 
     /// A fake bridge that answers garbage: a clear error, no panic, and the
