@@ -28,6 +28,9 @@ const IPV6_UDP_HEADERS: usize = 40 + 8;
 const INTERFACE_REFRESH: Duration = Duration::from_secs(10);
 /// STUN requests answered per second at most: a reflector, not an amplifier.
 const STUN_ANSWERS_PER_SECOND: u32 = 200;
+/// STUN messages one receive call handles at most before it lets the
+/// event loop run its timers: a STUN flood must not starve them.
+const MAX_STUN_PER_CALL: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct UdpConfig {
@@ -358,7 +361,7 @@ impl Transport for UdpTransport {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        loop {
+        for _ in 0..MAX_STUN_PER_CALL {
             let mut read = ReadBuf::new(buf);
             match self.socket.poll_recv_from(cx, &mut read) {
                 Poll::Ready(Ok(from)) => {
@@ -371,12 +374,15 @@ impl Transport for UdpTransport {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        // STUN only so far: come back after the event loop's other work.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         // Through tokio's readiness cache: the EAGAIN that ends a batch also
         // clears it, so the next poll_recv waits instead of asking again.
-        loop {
+        for _ in 0..MAX_STUN_PER_CALL {
             match self.socket.try_recv_from(buf) {
                 Ok((len, from)) => {
                     if let Some(received) = self.received(buf, from, len) {
@@ -387,6 +393,7 @@ impl Transport for UdpTransport {
                 Err(e) => return Err(e),
             }
         }
+        Ok(None)
     }
 
     fn describe(&self) -> String {
@@ -453,6 +460,39 @@ mod tests {
                 Some(client.local_addr().unwrap())
             ))
         );
+    }
+
+    /// A flood of STUN requests: each receive call handles a bounded
+    /// number and hands control back, so the event loop's timers still run.
+    #[tokio::test]
+    async fn a_stun_flood_does_not_hold_the_receive_call() {
+        let mut node = UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            ..UdpConfig::default()
+        })
+        .unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .unwrap();
+        let to = ("127.0.0.1", node.local_addr().port());
+        for i in 0..3 * MAX_STUN_PER_CALL {
+            client
+                .send_to(&stun::binding_request(&[i as u8; 12]), to)
+                .unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let answered = |client: &std::net::UdpSocket| {
+            let mut buf = [0u8; 128];
+            std::iter::from_fn(|| client.recv_from(&mut buf).ok()).count()
+        };
+        let mut buf = [0u8; 128];
+        assert!(matches!(node.try_recv(&mut buf), Ok(None)));
+        assert_eq!(answered(&client), MAX_STUN_PER_CALL);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(node.poll_recv(&mut cx, &mut buf).is_pending());
+        assert_eq!(answered(&client), MAX_STUN_PER_CALL);
     }
 
     #[tokio::test]
