@@ -503,7 +503,7 @@ impl DataPath {
         self.device.sync_routes(new.peer_subnets())?;
         let report = self.node.reconfigure(new.peers.clone(), Instant::now())?;
         if let Some(tox) = &self.tox_control {
-            tox.set_friends(new.tox_friends())?;
+            tox.set_friends(new.tox_friends());
         }
         self.config = new;
         self.update_hosts();

@@ -13,6 +13,7 @@ _Static_assert(TOX_ERR_FRIEND_CUSTOM_PACKET_OK == 0, "Tox_Err_Friend_Custom_Pack
 _Static_assert(TOX_ERR_BOOTSTRAP_OK == 0, "Tox_Err_Bootstrap");
 _Static_assert(TOX_ERR_FRIEND_BY_PUBLIC_KEY_OK == 0, "Tox_Err_Friend_By_Public_Key");
 _Static_assert(TOX_ERR_GET_PORT_OK == 0, "Tox_Err_Get_Port");
+_Static_assert(TOX_ERR_FRIEND_DELETE_OK == 0, "Tox_Err_Friend_Delete");
 
 /* Referenced so the object file is not empty. */
 int veilmesh_tox_abi_checked(void) { return 1; }

@@ -77,6 +77,9 @@ extern "C" {
     ) -> u32;
     pub fn tox_friend_add_norequest(tox: *mut Tox, public_key: *const u8, error: *mut c_int)
         -> u32;
+    pub fn tox_friend_delete(tox: *mut Tox, friend_number: u32, error: *mut c_int) -> bool;
+    pub fn tox_self_get_friend_list_size(tox: *const Tox) -> usize;
+    pub fn tox_self_get_friend_list(tox: *const Tox, friend_list: *mut u32);
     pub fn tox_friend_by_public_key(
         tox: *const Tox,
         public_key: *const u8,

@@ -278,6 +278,12 @@ pub struct ToxCounters {
     pub send_errors: u64,
     /// Packets held back by pacing or back-off on relayed friends.
     pub paced_drops: u64,
+    /// Lossy packets from a friend that is not (any more) a configured
+    /// peer allowed Tox, dropped.
+    pub unallowed_packets: u64,
+    /// Friends deleted from toxcore: peers removed from the config or no
+    /// longer allowed Tox, also those found in the saved state.
+    pub friends_deleted: u64,
 }
 
 /// This node on the Tox network.
@@ -304,34 +310,32 @@ impl ToxInfo {
 struct Shared {
     friends: HashMap<[u8; 32], FriendState>,
     counters: ToxCounters,
-}
-
-enum Command {
-    Send([u8; 32], Vec<u8>),
-    /// The configured peers changed (reload).
-    SetFriends(Vec<ToxId>),
+    /// A new friend list for the Tox thread to apply (a reload).
+    new_friends: Option<Vec<ToxId>>,
 }
 
 /// Changes a running Tox transport from outside the event loop's
 /// `Transport` calls (config reload).
 #[derive(Clone)]
 pub struct ToxControl {
-    commands: SyncSender<Command>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl ToxControl {
     /// Makes `friends` the configured peers: new ones get a friend request,
-    /// and only their keys are accepted from now on.
-    pub fn set_friends(&self, friends: Vec<ToxId>) -> Result<(), SendError> {
-        // Blocking is fine here: reloads are rare and the queue drains fast.
-        self.commands
-            .send(Command::SetFriends(friends))
-            .map_err(|_| SendError::NotReady("tox thread stopped"))
+    /// friends not among them are deleted (and the state saved), and only
+    /// their keys are accepted from now on. Never blocks: the Tox thread
+    /// picks the list up at its next iteration.
+    pub fn set_friends(&self, friends: Vec<ToxId>) {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .new_friends = Some(friends);
     }
 }
 
 pub struct ToxTransport {
-    commands: SyncSender<Command>,
+    commands: SyncSender<([u8; 32], Vec<u8>)>,
     inbound: tokio_mpsc::Receiver<([u8; 32], Vec<u8>)>,
     shared: Arc<Mutex<Shared>>,
     info: ToxInfo,
@@ -377,7 +381,7 @@ impl ToxTransport {
 
     pub fn control(&self) -> ToxControl {
         ToxControl {
-            commands: self.commands.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -433,10 +437,7 @@ impl Transport for ToxTransport {
                 max: MAX_DATAGRAM,
             });
         }
-        match self
-            .commands
-            .try_send(Command::Send(pk.0, datagram.to_vec()))
-        {
+        match self.commands.try_send((pk.0, datagram.to_vec())) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(SendError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(SendError::NotReady("tox thread stopped")),
@@ -482,11 +483,13 @@ impl Transport for ToxTransport {
             .count();
         format!(
             "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored, \
-             {} send errors, {} paced drops",
+             {} friends deleted, {} packets from unallowed friends, {} send errors, {} paced drops",
             self.info.id,
             self.info.udp_port.map_or("-".into(), |p| p.to_string()),
             shared.friends.len(),
             shared.counters.ignored_friend_requests,
+            shared.counters.friends_deleted,
+            shared.counters.unallowed_packets,
             shared.counters.send_errors,
             shared.counters.paced_drops
         )
@@ -502,8 +505,20 @@ fn deliver(pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
     })
 }
 
+/// The saved state; never through a symbolic link (another instance's
+/// user could plant one).
 fn read_state(path: &Path) -> Result<Option<Vec<u8>>, ToxError> {
-    match std::fs::read(path) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut file| {
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes).map(|_| bytes)
+        });
+    match read {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ToxError::State {
@@ -600,6 +615,11 @@ unsafe extern "C" fn on_lossy_packet(
     let Some(pk) = friend_key(tox, friend) else {
         return;
     };
+    if !ctx.allowed.contains(&pk) {
+        // Deleted at start and on reload; a packet can still be on its way.
+        ctx.shared().counters.unallowed_packets += 1;
+        return;
+    }
     ctx.last_traffic = Instant::now();
     if ctx.inbound.try_send((pk, datagram.to_vec())).is_err() {
         ctx.shared().counters.inbound_dropped += 1;
@@ -610,7 +630,7 @@ unsafe extern "C" fn on_lossy_packet(
 fn run_tox(
     config: ToxConfig,
     state: Option<Vec<u8>>,
-    commands: std_mpsc::Receiver<Command>,
+    commands: std_mpsc::Receiver<([u8; 32], Vec<u8>)>,
     inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
     shared: Arc<Mutex<Shared>>,
     ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
@@ -642,6 +662,15 @@ fn run_tox(
     let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
     let mut pacers: HashMap<[u8; 32], Pacer> = HashMap::new();
     loop {
+        let new_friends = ctx.shared().new_friends.take();
+        if let Some(friends) = new_friends {
+            ctx.allowed = friends.iter().map(|id| id.public_key().0).collect();
+            delete_unallowed_friends(tox, &mut ctx);
+            // Friend numbers of deleted friends are reused.
+            friend_numbers.clear();
+            pacers.retain(|pk, _| ctx.allowed.contains(pk));
+            add_friends(tox, &friends, &mut ctx);
+        }
         // SAFETY: as above; ctx outlives the call.
         unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
         if ctx.state_changed {
@@ -662,7 +691,7 @@ fn run_tox(
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match commands.recv_timeout(left) {
-                Ok(Command::Send(pk, datagram)) => {
+                Ok((pk, datagram)) => {
                     let now = Instant::now();
                     ctx.last_traffic = now;
                     let relayed = ctx.shared().friends.get(&pk) == Some(&FriendState::Tcp);
@@ -673,10 +702,6 @@ fn run_tox(
                     } else {
                         ctx.shared().counters.paced_drops += 1;
                     }
-                }
-                Ok(Command::SetFriends(friends)) => {
-                    ctx.allowed = friends.iter().map(|id| id.public_key().0).collect();
-                    add_friends(tox, &friends, &mut ctx);
                 }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
@@ -743,10 +768,44 @@ fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, To
     }
 }
 
-/// Bootstrap nodes, relays and friend requests to every configured peer.
+/// Bootstrap nodes, relays and friend requests to every configured peer;
+/// friends in the saved state that are not (any more) are deleted first.
 fn connect(tox: *mut ffi::Tox, config: &ToxConfig, ctx: &mut CallbackContext) {
     bootstrap(tox, config);
+    delete_unallowed_friends(tox, ctx);
     add_friends(tox, &config.friends, ctx);
+}
+
+/// Deletes every friend whose key is not allowed: a friend connection
+/// shows the friend our IP address, and a removed peer must lose it.
+fn delete_unallowed_friends(tox: *mut ffi::Tox, ctx: &mut CallbackContext) {
+    // SAFETY: live instance; the list has the size toxcore reports.
+    let numbers = unsafe {
+        let mut numbers = vec![0u32; ffi::tox_self_get_friend_list_size(tox)];
+        ffi::tox_self_get_friend_list(tox, numbers.as_mut_ptr());
+        numbers
+    };
+    for number in numbers {
+        let Some(pk) = friend_key(tox, number) else {
+            continue;
+        };
+        if ctx.allowed.contains(&pk) {
+            continue;
+        }
+        let mut err = 0;
+        // SAFETY: live instance, a friend number toxcore just listed.
+        if unsafe { ffi::tox_friend_delete(tox, number, &mut err) } {
+            tracing::info!(friend = %hex(&pk[..4]), "deleted a Tox friend that is not a peer allowed Tox");
+            {
+                let mut shared = ctx.shared();
+                shared.friends.remove(&pk);
+                shared.counters.friends_deleted += 1;
+            }
+            ctx.state_changed = true;
+        } else {
+            tracing::warn!(friend = %hex(&pk[..4]), err, "tox_friend_delete failed");
+        }
+    }
 }
 
 fn bootstrap(tox: *mut ffi::Tox, config: &ToxConfig) {

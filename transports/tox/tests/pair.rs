@@ -140,7 +140,7 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
 
     // Once a's config lists c (a reload), c becomes a friend after all.
     let pk_c = c.info().id.public_key();
-    a.control().set_friends(vec![id_b, c.info().id]).unwrap();
+    a.control().set_friends(vec![id_b, c.info().id]);
     let took = wait_for(
         "the friend added at runtime",
         Duration::from_secs(60),
@@ -150,4 +150,36 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
         "friend added by set_friends connected after {:.1} s",
         took.as_secs_f64()
     );
+
+    // b leaves a's config: a deletes the friend, and nothing b sends gets
+    // through any more (a friend connection shows a's IP to b).
+    a.control().set_friends(vec![c.info().id]);
+    wait_for("b's deletion", Duration::from_secs(5), || {
+        a.counters().friends_deleted == 1
+    });
+    assert_eq!(a.friend_state(&pk_b), FriendState::None);
+    let to_a = PeerAddr::Tox(pk_a);
+    let mut buf = vec![0u8; 2048];
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let _ = b.send(&to_a, b"from a removed peer");
+        std::thread::sleep(Duration::from_millis(20));
+        while let Some(got) = a.try_recv(&mut buf).unwrap() {
+            assert_ne!(
+                got.from,
+                PeerAddr::Tox(pk_b),
+                "a removed friend still reaches a"
+            );
+        }
+    }
+    // The deletion was saved: a restart with the same config deletes
+    // nothing; one with no peers at all deletes c from the saved state.
+    drop(a);
+    let a =
+        ToxTransport::start(config(&state_a, (33445, 33454), vec![c.info().id], vec![])).unwrap();
+    assert_eq!(a.counters().friends_deleted, 0, "{}", a.describe());
+    drop(a);
+    let a = ToxTransport::start(config(&state_a, (33445, 33454), vec![], vec![])).unwrap();
+    assert_eq!(a.counters().friends_deleted, 1, "{}", a.describe());
+    println!("{}", a.describe());
 }
