@@ -1,6 +1,8 @@
 //! The local control socket: one JSON request line in, one JSON response
-//! line out. The socket is created mode 0600 in a 0700 directory, so only
-//! root (the daemon's user) can talk to it.
+//! line out. The socket is created mode 0600 by root in a root-owned 0700
+//! directory, so only root can talk to it, and the daemon (once it runs as
+//! its own user) cannot replace another instance's socket; the daemon also
+//! checks each client's credentials.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -25,11 +27,16 @@ pub const MAX_REQUEST: usize = 1 << 20;
 pub enum Request {
     Show,
     /// Apply peer changes from the config file. `config` is its text, read
-    /// by the (root) client: after dropping privileges the daemon may not be
-    /// able to read it. Without it the daemon reads the file itself.
+    /// by the (root) client from `file`, the path on the client's own
+    /// command line (never one the daemon reports: root would read whatever
+    /// a compromised daemon names): after dropping privileges the daemon
+    /// may not be able to read it. Without it the daemon reads its file
+    /// itself.
     Reload {
         #[serde(default)]
         config: Option<String>,
+        #[serde(default)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -52,19 +59,18 @@ pub struct DaemonStatus {
     pub node: NodeStatus,
 }
 
-/// Binds the control socket, refusing to steal one a live daemon answers on.
-/// Returns the directory it had to create, if any.
-pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, Option<PathBuf>)> {
-    let mut created = None;
+/// Binds the control socket, refusing to steal one a live daemon answers
+/// on. A missing directory is created (root's, 0700).
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            created = Some(dir.to_owned());
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
+        check_socket_dir(dir)?;
     }
     if path.exists() {
         if StdUnixStream::connect(path).is_ok() {
@@ -81,22 +87,51 @@ pub fn bind(path: &Path) -> anyhow::Result<(UnixListener, Option<PathBuf>)> {
         .with_context(|| format!("cannot bind control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict permissions of {}", path.display()))?;
-    Ok((listener, created))
+    Ok(listener)
 }
 
-/// `reload` as a client call: reads the daemon's config file (with the
-/// client's, i.e. root's, permissions) and sends it.
-pub fn reload(socket: &Path) -> anyhow::Result<ReconfigureReport> {
-    let file = show(socket)?.config_file;
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    match request(socket, &Request::Reload { config: Some(text) })? {
+/// A socket directory the daemon's user (or anyone but root) owns would
+/// let a compromised instance replace another instance's socket, and
+/// receive the configs root sends it.
+fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        bail!(
+            "control socket directory {} must be a directory owned by root that only root \
+             can write to (run `chown root:root {0} && chmod 700 {0}`, or let veilmesh create it)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `reload` as a client call. With `file` (the path on the client's own
+/// command line), reads it with the client's (root's) permissions and sends
+/// it; without, the daemon reads its own file.
+pub fn reload(socket: &Path, file: Option<&Path>) -> anyhow::Result<ReconfigureReport> {
+    let config = file
+        .map(|file| {
+            std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))
+        })
+        .transpose()?;
+    let reload = Request::Reload {
+        config,
+        file: file.map(Path::to_owned),
+    };
+    match request(socket, &reload)? {
         Response::Reloaded(report) => Ok(report),
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }
 }
 
-/// Removes the socket file on drop.
+/// Removes the socket file on drop, where the daemon still may (as root;
+/// after dropping privileges it cannot write to the root-owned directory,
+/// and the next start replaces the stale socket).
 pub struct SocketFile(pub PathBuf);
 
 impl Drop for SocketFile {
@@ -262,12 +297,74 @@ mod tests {
         assert_eq!(human_bytes(3 << 30), "3.00 GiB");
     }
 
+    /// A daemon that answers every request with a status naming a secret
+    /// file as its config; returns the requests it got.
+    fn lying_daemon(socket: &Path, secret: &Path) -> std::thread::JoinHandle<Vec<Request>> {
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        let secret = secret.to_owned();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                let request = parse_request(&line).unwrap();
+                let answer = match &request {
+                    Request::Show => Response::Status(DaemonStatus {
+                        interface: "veil0".into(),
+                        config_file: secret.clone(),
+                        transports: vec![],
+                        node: crate::core::NodeStatus {
+                            public_key: String::new(),
+                            mesh_address: std::net::Ipv6Addr::LOCALHOST,
+                            counters: Default::default(),
+                            peers: vec![],
+                        },
+                    }),
+                    Request::Reload { .. } => Response::Reloaded(ReconfigureReport::default()),
+                };
+                got.push(request);
+                let answer = serde_json::to_string(&answer).unwrap();
+                let _ = (&stream).write_all(format!("{answer}\n").as_bytes());
+                if matches!(got.last(), Some(Request::Reload { .. })) {
+                    break;
+                }
+            }
+            got
+        })
+    }
+
+    /// `reload` reads the file on its own command line (or none), never
+    /// one the daemon names: root would read whatever a compromised daemon
+    /// asked for and hand it over.
+    #[test]
+    fn reload_reads_only_the_file_it_was_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root's secret").unwrap();
+        let mine = dir.path().join("veil0.toml");
+        std::fs::write(&mine, "[interface]\n").unwrap();
+        for (given, expected) in [(Some(&mine), Some("[interface]\n")), (None, None)] {
+            let socket = dir.path().join("c.sock");
+            let _ = std::fs::remove_file(&socket);
+            let daemon = lying_daemon(&socket, &secret);
+            reload(&socket, given.map(|p| p.as_path())).unwrap();
+            let got = daemon.join().unwrap();
+            assert_eq!(
+                got,
+                vec![Request::Reload {
+                    config: expected.map(str::to_owned),
+                    file: given.cloned(),
+                }]
+            );
+        }
+    }
+
     #[tokio::test]
     async fn socket_is_private_and_a_live_one_is_not_stolen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/veil0.sock");
-        let (_listener, created) = bind(&path).unwrap();
-        assert_eq!(created.as_deref(), path.parent());
+        let _listener = bind(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let dir_mode = std::fs::metadata(path.parent().unwrap())

@@ -48,6 +48,22 @@ impl Transports {
         self.all.iter_mut().find(|t| t.kind() == kind)
     }
 
+    fn add(&mut self, transport: Box<dyn Transport>) {
+        self.generations.push(transport.generation());
+        self.all.push(transport);
+    }
+
+    /// Drops the transport of `kind`; false if there was none.
+    fn remove(&mut self, kind: TransportKind) -> bool {
+        let Some(i) = self.all.iter().position(|t| t.kind() == kind) else {
+            return false;
+        };
+        self.all.remove(i);
+        self.generations.remove(i);
+        self.next = 0;
+        true
+    }
+
     fn limits(&self, to: &PeerAddr) -> DatagramLimits {
         self.get(to.kind())
             .map(|t| t.limits(to))
@@ -114,8 +130,14 @@ impl Transports {
 
 type ControlRequest = (Request, oneshot::Sender<Response>);
 
+/// A config parsed off the event loop (names in it may need DNS), with
+/// where the result goes: a control client, or the log (SIGHUP).
+type ParsedReload = (anyhow::Result<Config>, Option<oneshot::Sender<Response>>);
+
 /// UDP ports Tox may bind (toxcore's own default range).
 const TOX_PORTS: (u16, u16) = (33445, 33545);
+/// Metrics scrapes served at once; more connections are closed at once.
+const MAX_METRICS_CONNECTIONS: usize = 8;
 
 fn tox_settings_lack_bootstrap(config: &Config) -> bool {
     config.tox.as_ref().is_some_and(|t| {
@@ -123,21 +145,103 @@ fn tox_settings_lack_bootstrap(config: &Config) -> bool {
     })
 }
 
-/// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Does this config give UDP any use? Not if it is off, nor if no peer
+/// may use it: then no UDP socket is bound on a routable address at all
+/// (an I2P-only node must not answer anything at its IP).
+fn udp_wanted(config: &Config) -> bool {
+    config.udp.enabled && config.peers.iter().any(|p| p.allows(TransportKind::Udp))
+}
+
+fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
     let iface = &config.interface;
-    // The control socket goes first: it is how a second `up` finds the first.
-    let (listener, created_socket_dir) = control::bind(&iface.control_socket)?;
-    let _socket_file = control::SocketFile(iface.control_socket.clone());
-    crate::netdev::ensure_absent(&iface.name)?;
-    let udp = UdpTransport::bind(UdpConfig {
+    UdpTransport::bind(UdpConfig {
         listen_port: iface.listen_port,
         stun_servers: config.udp.stun_servers.clone(),
         skip_interfaces: vec![iface.name.clone()],
         ..UdpConfig::default()
     })
-    .with_context(|| format!("{}: interface.listen_port", config.file.display()))?;
-    let mut all: Vec<Box<dyn Transport>> = vec![Box::new(udp)];
+    .with_context(|| format!("{}: interface.listen_port", config.file.display()))
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
+///
+/// Order: everything that needs root (control socket, TUN, routes, the UDP
+/// socket, the metrics listener, the hosts file) is set up without running
+/// any task, then privileges are dropped; only then do the network-facing
+/// parts start (Tox and the DHT on their threads, the I2P tasks, the event
+/// loop), so none of them ever runs as root.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let iface = &config.interface;
+    // The control socket goes first: it is how a second `up` finds the first.
+    let listener = control::bind(&iface.control_socket)?;
+    let _socket_file = control::SocketFile(iface.control_socket.clone());
+    crate::netdev::ensure_absent(&iface.name)?;
+    let udp = udp_wanted(&config).then(|| bind_udp(&config)).transpose()?;
+    if udp.is_none() {
+        tracing::info!("no peer may use UDP: no UDP socket");
+    }
+
+    let now = Instant::now();
+    let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
+    node.set_punch_ttl(config.udp.punch_ttl);
+    let device = NetDevice::create(
+        &iface.name,
+        iface.mtu,
+        node.mesh_address(),
+        &iface.addresses,
+        config.peer_subnets(),
+    )?;
+    let metrics_listener = match iface.metrics_address {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .with_context(|| {
+                    format!(
+                        "{}: interface.metrics_address: cannot listen on {addr}",
+                        config.file.display()
+                    )
+                })?;
+            Some((addr, listener))
+        }
+        None => None,
+    };
+    // Opened while still root; written through this descriptor later.
+    let hosts = iface.hosts_file.as_deref().and_then(|p| {
+        HostsFile::open(p, &iface.name)
+            .map_err(|error| tracing::warn!("peer names disabled: {error:#}"))
+            .ok()
+    });
+
+    // Everything privileged is set up: drop to the daemon user.
+    if let Some(target) = privileges::resolve(iface.user.as_deref())? {
+        // Tox saves its state (friends) and I2P its new destination while
+        // running: the default state directory and the files go to the
+        // daemon user too.
+        for file in config.state_files() {
+            // The I2P key may only be written after the drop: its default
+            // directory must exist and be ours by then.
+            if let Some(dir) = file.parent().filter(|d| d.starts_with(DEFAULT_STATE_DIR)) {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            for path in [file.parent(), Some(file)].into_iter().flatten() {
+                if path.starts_with(DEFAULT_STATE_DIR) && path.exists() {
+                    target.hand_over(path)?;
+                }
+            }
+        }
+        privileges::drop_to(&target)?;
+    }
+    privileges::forbid_new_privileges()?;
+
+    let mut all: Vec<Box<dyn Transport>> = udp
+        .into_iter()
+        .map(|t| Box::new(t) as Box<dyn Transport>)
+        .collect();
     let mut tox_control = None;
     if let Some(tox) = &config.tox {
         let tox = veilmesh_tox::ToxTransport::start(veilmesh_tox::ToxConfig {
@@ -188,26 +292,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let now = Instant::now();
-    let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
-    node.set_punch_ttl(config.udp.punch_ttl);
-    let device = NetDevice::create(
-        &iface.name,
-        iface.mtu,
-        node.mesh_address(),
-        &iface.addresses,
-        config.peer_subnets(),
-    )?;
-
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
-    let metrics = match iface.metrics_address {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!(
-                    "{}: interface.metrics_address: cannot listen on {addr}",
-                    config.file.display()
-                )
-            })?;
+    let (parsed_tx, mut parsed_rx) = mpsc::channel::<ParsedReload>(4);
+    let metrics = match metrics_listener {
+        Some((addr, listener)) => {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
             tracing::info!(%addr, "serving Prometheus metrics");
             Some(tokio::spawn(serve_metrics(listener, control_tx.clone())))
         }
@@ -217,46 +306,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    // Opened while still root; written through this descriptor later.
-    let hosts = iface.hosts_file.as_deref().and_then(|p| {
-        HostsFile::open(p, &iface.name)
-            .map_err(|error| tracing::warn!("peer names disabled: {error:#}"))
-            .ok()
-    });
-
-    // Everything privileged is set up: drop to the daemon user.
-    if let Some(target) = privileges::resolve(iface.user.as_deref())? {
-        // So the daemon can still remove its socket at exit: the directory
-        // it created, or the shared default one (ours by convention).
-        let socket_dir = created_socket_dir.or_else(|| {
-            let parent = iface.control_socket.parent()?;
-            (parent == std::path::Path::new(control::DEFAULT_SOCKET_DIR)).then(|| parent.to_owned())
-        });
-        if let Some(dir) = &socket_dir {
-            target.hand_over(dir)?;
-        }
-        // Tox saves its state (friends) and I2P its new destination while
-        // running: the default state directory and the files go to the
-        // daemon user too.
-        for file in config.state_files() {
-            // The I2P key may only be written after the drop: its default
-            // directory must exist and be ours by then.
-            if let Some(dir) = file.parent().filter(|d| d.starts_with(DEFAULT_STATE_DIR)) {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            for path in [file.parent(), Some(file)].into_iter().flatten() {
-                if path.starts_with(DEFAULT_STATE_DIR) && path.exists() {
-                    target.hand_over(path)?;
-                }
-            }
-        }
-        privileges::drop_to(&target)?;
-    }
 
     let notifier = Notifier::from_env();
     notifier.ready(&format!(
@@ -279,6 +328,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         node,
         transports,
         device,
+        parsed: parsed_tx,
         tun_buf: vec![0u8; BUFFER_SIZE],
         net_buf: vec![0u8; BUFFER_SIZE],
         out: vec![0u8; BUFFER_SIZE],
@@ -301,7 +351,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.config.file.display());
-                let _ = path.reload(None, &notifier);
+                path.parse_reload(None, None);
             }
             _ = &mut timer => {
                 let now = Instant::now();
@@ -317,8 +367,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 path.node.rendezvous(&found.peer, &found.endpoints, Instant::now());
                 path.flush_transmits();
             }
-            Some((request, reply)) = control_rx.recv() => {
-                let _ = reply.send(path.answer(request, &notifier));
+            Some((request, reply)) = control_rx.recv() => match request {
+                Request::Show => {
+                    let _ = reply.send(path.show());
+                }
+                Request::Reload { config, file } => match path.check_reload_file(file.as_deref()) {
+                    Ok(()) => path.parse_reload(config, Some(reply)),
+                    Err(error) => {
+                        let _ = reply.send(Response::Error { message: format!("{error:#}") });
+                    }
+                },
+            },
+            Some((parsed, reply)) = parsed_rx.recv() => {
+                let response = match path.reload(parsed, &notifier) {
+                    Ok(report) => Response::Reloaded(report),
+                    Err(error) => Response::Error { message: format!("{error:#}") },
+                };
+                if let Some(reply) = reply {
+                    let _ = reply.send(response);
+                }
             }
             readable = tun.readable() => {
                 readable.context("TUN device failed")?;
@@ -359,6 +426,8 @@ struct DataPath {
     node: Node,
     transports: Transports,
     device: NetDevice,
+    /// Where configs parsed off the event loop come back.
+    parsed: mpsc::Sender<ParsedReload>,
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
     out: Vec<u8>,
@@ -396,34 +465,70 @@ impl DataPath {
             changed
         });
     }
-    fn answer(&mut self, request: Request, notifier: &Notifier) -> Response {
-        match request {
-            Request::Show => Response::Status(DaemonStatus {
-                interface: self.device.name().to_owned(),
-                config_file: self.config.file.clone(),
-                transports: self.transports.describe(),
-                node: self
-                    .node
-                    .status_with(Instant::now(), |to| self.transports.path_state(to)),
-            }),
-            Request::Reload { config } => match self.reload(config, notifier) {
-                Ok(report) => Response::Reloaded(report),
-                Err(error) => Response::Error {
-                    message: format!("{error:#}"),
-                },
-            },
-        }
+
+    fn show(&self) -> Response {
+        Response::Status(DaemonStatus {
+            interface: self.device.name().to_owned(),
+            config_file: self.config.file.clone(),
+            transports: self.transports.describe(),
+            node: self
+                .node
+                .status_with(Instant::now(), |to| self.transports.path_state(to)),
+        })
     }
 
-    /// Re-reads the config file and applies its peers. A config that does
-    /// not load, or that changes what only a restart can change, is refused
-    /// and the running one stays.
+    /// A client's reload names the file it read: it must be this
+    /// daemon's, or a config meant for another instance would replace ours.
+    fn check_reload_file(&self, file: Option<&std::path::Path>) -> anyhow::Result<()> {
+        let Some(file) = file else { return Ok(()) };
+        let same = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+        if same(file) != same(&self.config.file) {
+            anyhow::bail!(
+                "this daemon runs {}, not {} (nothing was reloaded)",
+                self.config.file.display(),
+                file.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Reads (without `text`) and parses the config on a blocking thread:
+    /// host names in it are resolved, and DNS must not stall the data
+    /// path. The result comes back to the event loop through `parsed`.
+    fn parse_reload(&self, text: Option<String>, reply: Option<oneshot::Sender<Response>>) {
+        let file = self.config.file.clone();
+        let running = self.config.interface.clone();
+        let parsed = self.parsed.clone();
+        tokio::spawn(async move {
+            let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Config> {
+                let text = match text {
+                    Some(text) => text,
+                    None => std::fs::read_to_string(&file).with_context(|| {
+                        format!(
+                            "cannot read {} (after dropping privileges the daemon may not be \
+                             allowed to; `veilmesh reload --config FILE`, which systemctl reload \
+                             runs, reads it as root)",
+                            file.display()
+                        )
+                    })?,
+                };
+                Ok(Config::parse_for_reload(&text, &file, &running)?)
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("config parser failed: {e}")));
+            let _ = parsed.send((result, reply)).await;
+        });
+    }
+
+    /// Applies a parsed config's peers. A config that did not load, or
+    /// that changes what only a restart can change, is refused and the
+    /// running one stays.
     fn reload(
         &mut self,
-        text: Option<String>,
+        parsed: anyhow::Result<Config>,
         notifier: &Notifier,
     ) -> anyhow::Result<ReconfigureReport> {
-        let result = self.try_reload(text);
+        let result = parsed.and_then(|new| self.apply(new));
         match &result {
             Ok(r) => {
                 tracing::info!(
@@ -444,19 +549,7 @@ impl DataPath {
         result
     }
 
-    fn try_reload(&mut self, text: Option<String>) -> anyhow::Result<ReconfigureReport> {
-        let file = &self.config.file;
-        let text = match text {
-            Some(text) => text,
-            None => std::fs::read_to_string(file).with_context(|| {
-                format!(
-                    "cannot read {} (after dropping privileges the daemon may not be allowed to; \
-                     `veilmesh reload`, which systemctl reload runs, reads it as root)",
-                    file.display()
-                )
-            })?,
-        };
-        let new = Config::parse_for_reload(&text, file, &self.config.interface)?;
+    fn apply(&mut self, new: Config) -> anyhow::Result<ReconfigureReport> {
         let (old_if, new_if) = (&self.config.interface, &new.interface);
         let restart_only = [
             (
@@ -500,8 +593,18 @@ impl DataPath {
                 changed.join(", ")
             );
         }
+        // UDP before anything else changes: binding can fail.
+        let udp = match (udp_wanted(&new), self.transports.get(TransportKind::Udp)) {
+            (true, None) => Some(bind_udp(&new)?),
+            _ => None,
+        };
         self.device.sync_routes(new.peer_subnets())?;
         let report = self.node.reconfigure(new.peers.clone(), Instant::now())?;
+        if let Some(udp) = udp {
+            self.transports.add(Box::new(udp));
+        } else if !udp_wanted(&new) && self.transports.remove(TransportKind::Udp) {
+            tracing::info!("no peer may use UDP any more: UDP socket closed");
+        }
         if let Some(tox) = &self.tox_control {
             tox.set_friends(new.tox_friends());
         }
@@ -618,15 +721,22 @@ async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
 }
 
 /// Accepts control connections; each gets its own task so a slow or
-/// malicious client never stalls the data path.
+/// malicious client never stalls the data path. Only root and the daemon's
+/// own user are served, whatever the socket's permissions say.
 async fn accept_control(
     listener: tokio::net::UnixListener,
     requests: mpsc::Sender<ControlRequest>,
 ) {
+    let own = nix::unistd::geteuid().as_raw();
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_control(stream, requests.clone()));
+                let uid = stream.peer_cred().map(|c| c.uid());
+                let allowed = matches!(uid, Ok(u) if u == 0 || u == own);
+                if !allowed {
+                    tracing::warn!(?uid, "control connection from another user refused");
+                }
+                tokio::spawn(serve_control(stream, allowed, requests.clone()));
             }
             Err(error) => {
                 tracing::warn!(%error, "control socket accept failed");
@@ -636,12 +746,16 @@ async fn accept_control(
     }
 }
 
-async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest>) {
+async fn serve_control(stream: UnixStream, allowed: bool, requests: mpsc::Sender<ControlRequest>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64 + 1));
     let read_line = reader.read_line(&mut line);
     let response = match tokio::time::timeout(std::time::Duration::from_secs(5), read_line).await {
+        Ok(Ok(_)) if !allowed => Response::Error {
+            message: "refused: the control socket serves root and the daemon's own user only"
+                .into(),
+        },
         Ok(Ok(_)) => match control::parse_request(&line) {
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
@@ -671,13 +785,21 @@ async fn serve_control(stream: UnixStream, requests: mpsc::Sender<ControlRequest
 /// Minimal HTTP/1.0 server for `GET /metrics`; everything else gets 404.
 /// Each scrape is a `show` request to the event loop.
 async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<ControlRequest>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
+        // Each connection holds a slot until it is done; with none free
+        // it is closed at once (dropped).
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics connection refused: too many at once");
+            continue;
+        };
         let requests = requests.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let (read, mut write) = stream.into_split();
             let mut first_line = String::new();
             let mut reader = BufReader::new(read.take(8192));

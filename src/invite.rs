@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{is_dns_label, Config, ConfigError};
 use crate::identity::PublicKey;
+use veilmesh_transport::TransportKind;
 
 const PREFIX: &str = "veilmesh1-";
 const CHECKSUM_LEN: usize = 4;
@@ -31,6 +32,14 @@ pub struct Invite {
     /// Its Tox ID, when it runs the Tox transport.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tox: Option<String>,
+    /// Its I2P address (`.b32.i2p`), when it runs the I2P transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i2p: Option<String>,
+    /// The transports the joining side may use to reach it, in order; the
+    /// token then carries no address of any other (an I2P-only token has
+    /// no IP, endpoint or Tox ID). None: every transport both run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transports: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,6 +102,31 @@ impl Invite {
                     reason: e.to_string(),
                 })?;
         }
+        if let Some(i2p) = &self.i2p {
+            veilmesh_i2p::parse_peer_address(i2p).map_err(|reason| InviteError::Invalid {
+                field: "I2P address",
+                reason,
+            })?;
+        }
+        if let Some(list) = &self.transports {
+            let kinds = parse_transports(list).map_err(|reason| InviteError::Invalid {
+                field: "transports",
+                reason,
+            })?;
+            // What the join would write must not be refused by the config:
+            // no address for a transport it may not use.
+            for (kind, present) in [
+                (TransportKind::Udp, self.endpoint.is_some()),
+                (TransportKind::Tox, self.tox.is_some()),
+            ] {
+                if present && !kinds.contains(&kind) {
+                    return Err(InviteError::Invalid {
+                        field: "transports",
+                        reason: format!("the token carries a {kind} address but excludes {kind}"),
+                    });
+                }
+            }
+        }
         self.validate_name()
     }
 
@@ -108,6 +142,22 @@ impl Invite {
         }
         Ok(())
     }
+}
+
+/// Transport names in order, each once.
+pub fn parse_transports(list: &[String]) -> Result<Vec<TransportKind>, String> {
+    if list.is_empty() {
+        return Err("no transport listed".into());
+    }
+    let mut kinds = Vec::with_capacity(list.len());
+    for text in list {
+        let kind: TransportKind = text.parse()?;
+        if kinds.contains(&kind) {
+            return Err(format!("{kind} listed twice"));
+        }
+        kinds.push(kind);
+    }
+    Ok(kinds)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,6 +209,13 @@ pub fn add_peer(
     if let Some(tox) = &invite.tox {
         table["tox"] = toml_edit::value(tox.as_str());
     }
+    if let Some(i2p) = &invite.i2p {
+        table["i2p"] = toml_edit::value(i2p.as_str());
+    }
+    if let Some(transports) = &invite.transports {
+        let list: toml_edit::Array = transports.iter().map(String::as_str).collect();
+        table["transports"] = toml_edit::value(list);
+    }
     table
         .decor_mut()
         .set_prefix(format!("\n# added by `veilmesh join` ({name})\n"));
@@ -189,6 +246,8 @@ mod tests {
             public_key: KEY.into(),
             endpoint: Some("198.18.0.1:51820".into()),
             tox: None,
+            i2p: None,
+            transports: None,
         }
     }
 
@@ -263,6 +322,8 @@ mod tests {
             public_key: own_pub,
             endpoint: None,
             tox: None,
+            i2p: None,
+            transports: None,
         };
         assert!(matches!(
             add_peer(&text, Path::new("x"), &me, "me"),
@@ -297,6 +358,43 @@ mod tests {
         };
         let err = Invite::decode(&bad.encode()).unwrap_err();
         assert!(err.to_string().contains("Tox ID"), "{err}");
+    }
+
+    /// An anonymous token: an I2P address and `transports = ["i2p"]`, no
+    /// endpoint, no Tox ID; join writes exactly that.
+    #[test]
+    fn an_i2p_only_invite_carries_no_ip_and_joins_as_i2p_only() {
+        let b32 = format!("{}q.b32.i2p", "b".repeat(51));
+        let hidden = Invite {
+            endpoint: None,
+            i2p: Some(b32.clone()),
+            transports: Some(vec!["i2p".into()]),
+            ..invite()
+        };
+        let token = hidden.encode();
+        let decoded = Invite::decode(&token).unwrap();
+        assert_eq!(decoded, hidden);
+        let text = format!("[interface]\nprivate_key = \"{OWN}\"\n[i2p]\nenabled = true\n");
+        let out = add_peer(&text, Path::new("x.toml"), &decoded, "alpha").unwrap();
+        let cfg = Config::parse(&out, Path::new("x.toml")).unwrap();
+        let peer = &cfg.peers[0];
+        assert_eq!(peer.transports, [TransportKind::I2p]);
+        assert!(peer.is_anonymous());
+        assert_eq!((peer.endpoint, peer.tox), (None, None));
+        assert_eq!(peer.i2p.map(|a| a.to_string()), Some(b32));
+        // A node without I2P cannot take it: refused, config untouched.
+        let plain = format!("[interface]\nprivate_key = \"{OWN}\"\n");
+        assert!(matches!(
+            add_peer(&plain, Path::new("x.toml"), &decoded, "alpha"),
+            Err(JoinError::WouldBreak(_))
+        ));
+        // A token claiming I2P only but carrying an endpoint is refused.
+        let mixed = Invite {
+            endpoint: Some("198.18.0.1:51820".into()),
+            ..hidden
+        };
+        let err = Invite::decode(&mixed.encode()).unwrap_err();
+        assert!(err.to_string().contains("transports"), "{err}");
     }
 
     proptest! {

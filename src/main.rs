@@ -60,16 +60,24 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff).
     Manpage,
-    /// Print a one-line invite: this node's key, name and UDP endpoint.
+    /// Print a one-line invite: this node's key, name, and its addresses
+    /// on the transports it runs (UDP endpoint, Tox ID, I2P address).
     Invite {
         #[command(flatten)]
         file: ConfigFile,
         /// The UDP endpoint peers should use (HOST:PORT), when known.
         #[arg(long)]
         endpoint: Option<String>,
-        /// The name peers should know this node by (default: the host name).
+        /// The name peers should know this node by (default: the host name;
+        /// for a token without udp, a name derived from the key).
         #[arg(long)]
         name: Option<String>,
+        /// The transports the joining peer may use, in order, e.g. `i2p`:
+        /// the token then carries no address of the others, and `join`
+        /// restricts the peer to them. `--transports i2p` makes an
+        /// anonymous token: no IP, endpoint, Tox ID or host name.
+        #[arg(long, value_delimiter = ',')]
+        transports: Option<Vec<String>>,
     },
     /// Add the node behind an invite as a peer (keeping the config's
     /// comments and layout) and reload the running daemon.
@@ -82,11 +90,17 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Make the running daemon re-read its config file (as SIGHUP does).
-    /// Unchanged peers keep their sessions; a bad config is refused.
+    /// Send the running daemon its config file again (read here, as the
+    /// caller, from the path given or the interface's default; never from a
+    /// path the daemon names). Unchanged peers keep their sessions; a bad
+    /// config is refused. With only --socket, the daemon reads its own file
+    /// (as SIGHUP does), with its own permissions.
     Reload {
         #[command(flatten)]
-        target: Target,
+        file: ConfigFile,
+        /// Control socket path (default: the config's control_socket).
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Run a BitTorrent DHT server node in the foreground, e.g. as the
     /// bootstrap node of a private network's [rendezvous] DHT.
@@ -115,6 +129,10 @@ struct ConfigFile {
 }
 
 impl ConfigFile {
+    fn given(&self) -> bool {
+        self.config.is_some() || self.interface.is_some()
+    }
+
     fn path(self) -> PathBuf {
         match (self.config, self.interface) {
             (Some(path), _) => path,
@@ -224,34 +242,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             endpoint,
             name,
+            transports,
         } => {
-            let config = Config::load(&file.path())?;
-            if let Some(endpoint) = &endpoint {
-                veilmesh::config::parse_endpoint(endpoint)
-                    .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
-            }
-            let name = match name {
-                Some(name) => name,
-                None => host_name_label()
-                    .context("cannot derive a name from the host name; pass --name")?,
-            };
-            // The Tox ID rides along when this node runs Tox, so the joining
-            // side can reach it without a UDP endpoint.
-            let tox = match &config.tox {
-                Some(tox) => {
-                    Some(veilmesh_tox::load_or_create_identity(&tox.state_file)?.to_string())
-                }
-                None => None,
-            };
-            let invite = Invite {
-                name,
-                public_key: config.interface.private_key.public_key().to_base64(),
-                endpoint,
-                tox,
-            };
-            invite
-                .validate_name()
-                .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+            let invite = make_invite(&file.path(), endpoint, name, transports)?;
             println!("{}", invite.encode());
         }
         Command::Join { token, file, name } => {
@@ -271,7 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            control::reload(&socket)?;
+            control::reload(&socket, Some(&path))?;
             println!("added peer {name} to {} and reloaded", path.display());
         }
         Command::DhtNode {
@@ -294,8 +287,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Command::Reload { target } => {
-            let r = control::reload(&target.control_socket()?)?;
+        Command::Reload { file, socket } => {
+            let r = match socket {
+                Some(socket) if !file.given() => control::reload(&socket, None)?,
+                socket => {
+                    let path = file.path();
+                    let socket = match socket {
+                        Some(socket) => socket,
+                        None => Config::load(&path)?.interface.control_socket,
+                    };
+                    control::reload(&socket, Some(&path))?
+                }
+            };
             println!(
                 "reloaded: {} added, {} removed, {} changed, {} unchanged",
                 r.added.len(),
@@ -306,6 +309,93 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The invite for this node: only the addresses of the transports the
+/// joining peer may use (all this node runs, by default).
+fn make_invite(
+    config_file: &std::path::Path,
+    endpoint: Option<String>,
+    name: Option<String>,
+    transports: Option<Vec<String>>,
+) -> anyhow::Result<Invite> {
+    use veilmesh_transport::TransportKind;
+    let config = Config::load(config_file)?;
+    let runs = |kind: &TransportKind| match kind {
+        TransportKind::Udp => config.udp.enabled,
+        TransportKind::Tox => config.tox.is_some(),
+        TransportKind::I2p => config.i2p.is_some(),
+    };
+    let kinds = match &transports {
+        Some(list) => veilmesh::invite::parse_transports(list)
+            .map_err(|e| anyhow::anyhow!("--transports: {e}"))?,
+        None => TransportKind::ALL.into_iter().filter(runs).collect(),
+    };
+    if let Some(kind) = kinds.iter().find(|k| !runs(k)) {
+        anyhow::bail!(
+            "--transports lists {kind}, but {kind} is not enabled in {}",
+            config_file.display()
+        );
+    }
+    let allows = |kind| kinds.contains(&kind);
+    if let Some(endpoint) = &endpoint {
+        if !allows(TransportKind::Udp) {
+            anyhow::bail!(
+                "--endpoint: the token excludes udp (--transports); it would show the peer this IP"
+            );
+        }
+        veilmesh::config::parse_endpoint(endpoint)
+            .map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
+    }
+    let public_key = config.interface.private_key.public_key();
+    let name = match name {
+        Some(name) => name,
+        // A host name can identify the machine: not in a token that hides it.
+        None if !allows(TransportKind::Udp) => {
+            let hex: String = public_key.0[..4]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("peer-{hex}")
+        }
+        None => {
+            host_name_label().context("cannot derive a name from the host name; pass --name")?
+        }
+    };
+    // The Tox ID rides along when this node runs Tox, so the joining
+    // side can reach it without a UDP endpoint.
+    let tox = match &config.tox {
+        Some(tox) if allows(TransportKind::Tox) => {
+            Some(veilmesh_tox::load_or_create_identity(&tox.state_file)?.to_string())
+        }
+        _ => None,
+    };
+    let i2p = match &config.i2p {
+        Some(i2p) if allows(TransportKind::I2p) => {
+            let address = veilmesh_i2p::address_in_key_file(&i2p.key_file)?;
+            if address.is_none() && transports.is_some() {
+                anyhow::bail!(
+                    "{} holds no I2P destination yet: start the daemon once (it creates one \
+                     through the SAM bridge), then invite",
+                    i2p.key_file.display()
+                );
+            }
+            address.map(|a| a.to_string())
+        }
+        _ => None,
+    };
+    let invite = Invite {
+        name,
+        public_key: public_key.to_base64(),
+        endpoint,
+        tox,
+        i2p,
+        transports,
+    };
+    invite
+        .validate_name()
+        .map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    Ok(invite)
 }
 
 /// The host name as a DNS label, for a default invite name.

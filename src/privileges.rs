@@ -49,12 +49,41 @@ fn net_admin_only() -> CapsHashSet {
 }
 
 impl DropTarget {
-    /// Gives `path` to the target user, so the dropped daemon can still
-    /// write there.
+    /// Gives `path` (a regular file or directory) to the target user, so
+    /// the dropped daemon can still write there. Through a descriptor opened
+    /// without following a symbolic link: a link planted in a state
+    /// directory (by another instance running as that user) must not make
+    /// root give away what it points to.
     pub fn hand_over(&self, path: &std::path::Path) -> anyhow::Result<()> {
-        nix::unistd::chown(path, Some(self.uid), Some(self.gid))
-            .with_context(|| format!("cannot hand {} to {}", path.display(), self.name))
+        use nix::fcntl::{open, OFlag};
+        use nix::sys::stat::{fstat, Mode, SFlag};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let what = || format!("cannot hand {} to {}", path.display(), self.name);
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = open(path, flags, Mode::empty()).with_context(what)?;
+        // SAFETY: `open` just returned this descriptor, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let kind = SFlag::from_bits_truncate(fstat(fd.as_raw_fd()).with_context(what)?.st_mode)
+            & SFlag::S_IFMT;
+        if kind != SFlag::S_IFREG && kind != SFlag::S_IFDIR {
+            bail!("{}: neither a regular file nor a directory", what());
+        }
+        nix::unistd::fchown(fd.as_raw_fd(), Some(self.uid), Some(self.gid)).with_context(what)
     }
+}
+
+/// No privilege can be gained from here on (setuid binaries, file
+/// capabilities), whether the daemon dropped to its user or stays root.
+pub fn forbid_new_privileges() -> anyhow::Result<()> {
+    // SAFETY: prctl with PR_SET_NO_NEW_PRIVS takes four integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if rc != 0 {
+        bail!(
+            "cannot set PR_SET_NO_NEW_PRIVS: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Becomes `target`, keeping only CAP_NET_ADMIN.
@@ -89,4 +118,41 @@ pub fn drop_to(target: &DropTarget) -> anyhow::Result<()> {
     }
     tracing::info!(user = %target.name, uid = %target.uid, "dropped privileges; keeping CAP_NET_ADMIN only");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A symbolic link planted where a state file goes (by another
+    /// instance running as the daemon user) must not make root hand over
+    /// what it points to.
+    #[test]
+    fn hand_over_never_follows_a_symbolic_link() {
+        assert!(
+            Uid::effective().is_root(),
+            "needs root (chown); CI runs it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("shadow");
+        std::fs::write(&victim, "root only").unwrap();
+        let link = dir.path().join("veil0.tox");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let nobody = DropTarget {
+            name: "nobody".into(),
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65534),
+        };
+        let err = nobody.hand_over(&link).unwrap_err();
+        assert!(format!("{err:#}").contains("veil0.tox"), "{err:#}");
+        assert_eq!(std::fs::metadata(&victim).unwrap().uid(), 0);
+        // Real files and directories are handed over.
+        let state = dir.path().join("veil0.i2p");
+        std::fs::write(&state, "key").unwrap();
+        nobody.hand_over(&state).unwrap();
+        nobody.hand_over(dir.path()).unwrap();
+        assert_eq!(std::fs::metadata(&state).unwrap().uid(), 65534);
+        assert_eq!(std::fs::metadata(dir.path()).unwrap().uid(), 65534);
+    }
 }

@@ -130,3 +130,67 @@ fn man_page_and_completions_come_from_the_cli_definition() {
         assert!(ok && text.contains("reload"), "{shell} completions");
     }
 }
+
+/// `invite --transports i2p`: a token with this node's I2P address and no
+/// IP, endpoint, Tox ID or host name; joined, the peer is I2P-only.
+#[test]
+fn an_anonymous_invite_shows_nothing_but_the_i2p_address() {
+    use veilmesh::invite::Invite;
+    let dir = tempfile::tempdir().unwrap();
+    let files = NodeFiles::new(dir.path(), "a");
+    // A destination as a bridge generates it (Ed25519 key certificate),
+    // with its private part.
+    let mut blob = vec![3u8; 384];
+    blob.extend_from_slice(&[5, 0, 4, 0, 7, 0, 0]);
+    blob.extend_from_slice(&[9u8; 288]);
+    let key_file = files.dir.join("veil0.i2p");
+    std::fs::write(&key_file, veilmesh_i2p::dest::I2P_BASE64.encode(&blob)).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let tox_state = files.dir.join("veil0.tox");
+    files.write_config(
+        "",
+        &format!(
+            "[tox]\nenabled = true\nstate_file = \"{}\"\nbootstrap_nodes = []\ntcp_relays = [\"198.18.0.3:33446:{}\"]\n\
+             [i2p]\nenabled = true\nkey_file = \"{}\"\n",
+            tox_state.display(),
+            "AB".repeat(32),
+            key_file.display()
+        ),
+    );
+    let config = files.config.to_str().unwrap();
+    let (ok, token, err) = veilmesh(&["invite", "--config", config, "--transports", "i2p"], "");
+    assert!(ok, "{err}");
+    let invite = Invite::decode(&token).unwrap();
+    assert_eq!(invite.transports, Some(vec!["i2p".to_owned()]));
+    assert!(invite
+        .i2p
+        .as_deref()
+        .is_some_and(|a| a.ends_with(".b32.i2p")));
+    assert_eq!((invite.endpoint, invite.tox), (None, None));
+    assert!(invite.name.starts_with("peer-"), "{}", invite.name);
+    // No Tox identity was even created for it.
+    assert!(!tox_state.exists());
+    // An endpoint would show the IP: refused.
+    let (ok, _, err) = veilmesh(
+        &[
+            "invite",
+            "--config",
+            config,
+            "--transports",
+            "i2p",
+            "--endpoint",
+            "198.18.0.1:51820",
+        ],
+        "",
+    );
+    assert!(!ok && err.contains("--endpoint"), "{err}");
+    // Without --transports the token has everything this node runs.
+    let (ok, token, err) = veilmesh(&["invite", "--config", config, "--name", "alpha"], "");
+    assert!(ok, "{err}");
+    let full = Invite::decode(&token).unwrap();
+    assert!(full.tox.is_some() && full.i2p.is_some() && full.transports.is_none());
+}

@@ -95,3 +95,74 @@ fn reload_adds_and_removes_peers_without_disturbing_the_others() {
     );
     println!("ping a -> b during three reloads: {got}/{sent}");
 }
+
+/// Host names in a reloaded config are resolved off the event loop: a DNS
+/// server that never answers holds up the reload, not the traffic.
+#[test]
+fn a_name_that_takes_long_to_resolve_does_not_stall_traffic() {
+    require_root();
+    reap_stale();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = veth_pair("dn");
+    // a's resolver: an address on its own link where nothing answers.
+    let hosts_a = NetnsHosts::new(&a);
+    let resolv = hosts_a.file.with_file_name("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 198.18.0.99\noptions timeout:5 attempts:1\n",
+    )
+    .unwrap();
+    let (fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
+    let a_with_b = fb.peer_block("b", Some("198.18.0.2:51820"), &[]);
+    fa.write_config("", &a_with_b);
+    fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
+    let da = Daemon::start(&a, &fa);
+    let _db = Daemon::start(&b, &fb);
+    let b_mesh = fb.mesh().to_string();
+    let (_, got, out) = a.ping6(&b_mesh, 1);
+    assert_eq!(got, 1, "{out}");
+
+    let stranger = NodeFiles::new(dir.path(), "c").public();
+    fa.write_config(
+        "",
+        &format!(
+            "{a_with_b}[[peer]]\nname = \"c\"\npublic_key = \"{stranger}\"\nendpoint = \"c.slow.invalid:51820\"\n"
+        ),
+    );
+    let pings = a.spawn(&[
+        "ping", "-n", "-6", "-c", "25", "-i", "0.2", "-W", "1", &b_mesh,
+    ]);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let out = a.exec(&[
+        BIN,
+        "reload",
+        "--config",
+        fa.config.to_str().unwrap(),
+        "--socket",
+        fa.socket.to_str().unwrap(),
+    ]);
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("resolve"), "{err}");
+    let (sent, got, text) = ping_result(pings.wait_with_output().unwrap());
+    let max_ms: f64 = text
+        .lines()
+        .find_map(|l| l.split(" = ").nth(1))
+        .and_then(|v| v.split('/').nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::MAX);
+    println!(
+        "reload with an unresolvable name took {:.1} s; pings meanwhile {got}/{sent}, max RTT {max_ms} ms",
+        took.as_secs_f64()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "the name was not slow: {took:?}"
+    );
+    assert_eq!((sent, got), (25, 25), "{text}\n{}", da.log_text());
+    assert!(max_ms < 500.0, "the event loop stalled: {text}");
+}

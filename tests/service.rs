@@ -124,6 +124,26 @@ fn prometheus_metrics_are_served_on_the_configured_address() {
         "http://127.0.0.1:9586/",
     ]);
     assert_eq!(String::from_utf8_lossy(&other.stdout), "404");
+
+    // Connections that say nothing hold a slot each, a few at most: the
+    // rest are closed at once.
+    let closed_at_once = a.within(|| {
+        use std::io::Read;
+        let idle: Vec<std::net::TcpStream> = (0..20)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:9586").unwrap())
+            .collect();
+        idle.into_iter()
+            .filter_map(|mut s| {
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                matches!(s.read(&mut [0u8; 16]), Ok(0)).then_some(())
+            })
+            .count()
+    });
+    assert!(
+        closed_at_once >= 10,
+        "only {closed_at_once} of 20 idle connections closed"
+    );
 }
 
 fn proc_status_field(pid: nix::unistd::Pid, field: &str) -> String {
@@ -150,10 +170,21 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
         NodeFiles::new(dir.path(), "b"),
     );
     std::fs::set_permissions(&fa.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // A socket directory that does not exist yet: the daemon creates it and
-    // hands it to its user.
+    // A socket directory that does not exist yet: the daemon creates it,
+    // root's, so its unprivileged self cannot replace another's socket.
     fa.socket = fa.dir.join("run/control.sock");
-    let user = "user = \"nobody\"";
+    // Tox runs (towards an address where nothing answers): its thread must
+    // start only after the drop. Its state directory is the daemon user's.
+    let tox_dir = fa.dir.join("tox");
+    std::fs::create_dir(&tox_dir).unwrap();
+    nix::unistd::chown(&tox_dir, Some(65534.into()), Some(65534.into())).unwrap();
+    let user = format!(
+        "user = \"nobody\"\n\n[tox]\nenabled = true\nstate_file = \"{}/veil0.tox\"\n\
+         bootstrap_nodes = [\"198.18.0.2:33445:{}\"]\n",
+        tox_dir.display(),
+        "AB".repeat(32)
+    );
+    let user = user.as_str();
     fa.write_config(user, &fb.peer_block("b", Some("198.18.0.2:51820"), &[]));
     fb.write_config("", &fa.peer_block("a", Some("198.18.0.1:51820"), &[]));
 
@@ -180,6 +211,43 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
     for set in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
         assert_eq!(proc_status_field(pid, set), "0000000000001000", "{set}");
     }
+    assert_eq!(proc_status_field(pid, "NoNewPrivs"), "1");
+    // The network-facing thread started after the drop, not before.
+    let log = da.log_text();
+    let dropped = log.find("dropped privileges").expect("no drop in the log");
+    let tox_up = log
+        .find("tox transport running")
+        .expect("tox did not start");
+    assert!(dropped < tox_up, "Tox started as root:\n{log}");
+    let socket_dir = std::fs::metadata(fa.socket.parent().unwrap()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((socket_dir.uid(), socket_dir.mode() & 0o777), (0, 0o700));
+    // Whatever the socket's permissions, only root and the daemon's own
+    // user are served.
+    std::fs::set_permissions(
+        fa.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fa.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let socket = fa.socket.to_str().unwrap();
+    let out = run(&[
+        "setpriv",
+        "--reuid=65533",
+        "--regid=65533",
+        "--clear-groups",
+        BIN,
+        "show",
+        "--socket",
+        socket,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refused"), "{err}");
+    std::fs::set_permissions(
+        fa.socket.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
     let (_, got, out) = a.ping6(&fb.mesh().to_string(), 2);
     assert_eq!(got, 2, "{out}");
 
@@ -188,7 +256,14 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
         user,
         &fb.peer_block("b", Some("198.18.0.2:51820"), &["192.168.77.0/24"]),
     );
-    let out = run(&[BIN, "reload", "--socket", fa.socket.to_str().unwrap()]);
+    let out = run(&[
+        BIN,
+        "reload",
+        "--config",
+        fa.config.to_str().unwrap(),
+        "--socket",
+        fa.socket.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -197,6 +272,17 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
     assert!(a
         .ip(&["route", "show", "192.168.77.0/24"])
         .contains("veil0"));
+    // Another instance's config is not this daemon's to load.
+    let out = run(&[
+        BIN,
+        "reload",
+        "--config",
+        fb.config.to_str().unwrap(),
+        "--socket",
+        fa.socket.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not "), "{err}");
 
     assert!(da.stop().success(), "{}", da.log_text());
     assert!(!a.has_link("veil0"));
@@ -204,7 +290,12 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
         !a.ip(&["route", "show"]).contains("192.168.77.0"),
         "route left behind"
     );
-    assert!(!fa.socket.exists(), "control socket left behind");
+    // The dropped daemon cannot remove its socket from root's directory;
+    // nothing answers there any more, and the next start replaces it.
+    assert!(
+        std::os::unix::net::UnixStream::connect(&fa.socket).is_err(),
+        "the control socket still answers"
+    );
 }
 
 #[test]

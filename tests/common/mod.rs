@@ -159,6 +159,19 @@ impl Netns {
         self.ping(&["-6", "-c", &count, "-i", "0.2", "-W", "2", target])
     }
 
+    /// Runs `f` on a thread inside this namespace: sockets it opens
+    /// belong to the namespace (and keep working once it returns them).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace panicked")
+    }
+
     pub fn has_link(&self, name: &str) -> bool {
         run(&["ip", "-n", &self.name, "link", "show", name])
             .status

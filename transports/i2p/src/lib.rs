@@ -461,10 +461,29 @@ fn bind_datagram_socket(local: std::net::IpAddr, bridge: SocketAddr) -> io::Resu
     UdpSocket::from_std(socket.into())
 }
 
-/// The key file: None until the first bridge generated one.
+/// This node's I2P address as the key file has it: None until the first
+/// bridge generated the destination (the daemon does on its first start).
+pub fn address_in_key_file(path: &Path) -> Result<Option<I2pAddress>, I2pError> {
+    Ok(load_keys(path)?.map(|keys| keys.public().address()))
+}
+
+/// The key file: None until the first bridge generated one. Never read
+/// through a symbolic link.
 fn load_keys(path: &Path) -> Result<Option<PrivateKeys>, I2pError> {
     use std::os::unix::fs::PermissionsExt;
-    let text = match std::fs::read_to_string(path) {
+    let read = {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut file| {
+                let mut text = String::new();
+                file.read_to_string(&mut text).map(|_| text)
+            })
+    };
+    let text = match read {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
