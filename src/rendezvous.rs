@@ -30,7 +30,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// whenever our endpoints change.
 const REPUBLISH_INTERVAL: Duration = Duration::from_secs(300);
 const ITEM_VERSION: u8 = 1;
-const NONCE_LEN: usize = 12;
+pub const NONCE_LEN: usize = 12;
 
 /// What the event loop wants from the DHT.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,14 +50,14 @@ pub struct Found {
 }
 
 /// The keys of one direction (publisher → reader) of one peer pair.
-struct ItemKeys {
+pub struct ItemKeys {
     signing: SigningKey,
     seal: ChaCha20Poly1305,
     publisher: PublicKey,
 }
 
 impl ItemKeys {
-    fn new(own: &PrivateKey, peer: &PublicKey, publisher: &PublicKey) -> ItemKeys {
+    pub fn new(own: &PrivateKey, peer: &PublicKey, publisher: &PublicKey) -> ItemKeys {
         let shared = own.to_x25519().diffie_hellman(&peer.to_x25519());
         let derive = |label: &[u8]| -> [u8; 32] {
             let mut h = Sha256::new();
@@ -77,8 +77,14 @@ impl ItemKeys {
     fn seal(&self, endpoints: &[SocketAddr], nonce: [u8; NONCE_LEN]) -> Vec<u8> {
         let mut plain = vec![ITEM_VERSION];
         peer_messages::encode_endpoints(endpoints, &mut plain);
+        self.seal_bytes(&plain, nonce)
+    }
+
+    /// Seals any plaintext as an item value (the fuzzer's way past the
+    /// seal to the parser behind it).
+    pub fn seal_bytes(&self, plain: &[u8], nonce: [u8; NONCE_LEN]) -> Vec<u8> {
         let payload = Payload {
-            msg: &plain,
+            msg: plain,
             aad: &self.publisher.0,
         };
         let mut value = nonce.to_vec();
@@ -91,7 +97,9 @@ impl ItemKeys {
         value
     }
 
-    fn open(&self, value: &[u8]) -> Option<Vec<SocketAddr>> {
+    /// The endpoints an item value carries, if it is sealed with these
+    /// keys and well formed.
+    pub fn open(&self, value: &[u8]) -> Option<Vec<SocketAddr>> {
         if value.len() < NONCE_LEN {
             return None;
         }
