@@ -257,14 +257,65 @@ fn i2p_address(daemon: &Daemon) -> String {
     }
 }
 
+/// `veilmesh reload` as root: the config the command line names.
+fn try_reload(files: &NodeFiles) -> std::process::Output {
+    run(&[
+        BIN,
+        "reload",
+        "--config",
+        files.config.to_str().unwrap(),
+        "--socket",
+        files.socket.to_str().unwrap(),
+    ])
+}
+
 fn reload(files: &NodeFiles) {
-    let out = run(&[BIN, "reload", "--socket", files.socket.to_str().unwrap()]);
+    let out = try_reload(files);
     assert!(
         out.status.success(),
         "reload: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Local addresses of the UDP sockets `pid` has open in `ns`.
+fn udp_sockets_of(ns: &Netns, pid: Pid) -> Vec<String> {
+    let out = ns.exec(&["ss", "-uanpH"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        .collect()
+}
+
+/// `count` handshake initiations from `from_key` to `to_key`, sent from
+/// inside `ns` to `target`; how many datagrams came back within 2 s.
+fn initiations_answered(
+    ns: &Netns,
+    from_key: &veilmesh::identity::PrivateKey,
+    to_key: veilmesh::identity::PublicKey,
+    target: &str,
+    count: usize,
+) -> usize {
+    let (private, public) = (from_key.to_x25519(), to_key.to_x25519());
+    let target: std::net::SocketAddr = target.parse().unwrap();
+    ns.within(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut tunn = boringtun::noise::Tunn::new(private, public, None, None, 7, None);
+        let mut buf = vec![0u8; 256];
+        for _ in 0..count {
+            if let boringtun::noise::TunnResult::WriteToNetwork(init) =
+                tunn.format_handshake_initiation(&mut buf, true)
+            {
+                let _ = socket.send_to(init, target);
+            }
+        }
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        std::iter::from_fn(|| socket.recv_from(&mut buf).ok()).count()
+    })
 }
 
 fn path_to(daemon: &Daemon, peer: &str) -> (Option<String>, Option<String>) {
@@ -282,6 +333,11 @@ fn captured_from(capture: &Path, ip: &str) -> Vec<String> {
         .collect()
 }
 
+/// The anonymity promise, tried as b (an I2P-only peer of a) would. a also
+/// runs UDP and Tox for c. b knows a's key, guesses a's UDP endpoint, and
+/// routes a "LAN" subnet of a's through the tunnel. b's namespace must see
+/// nothing from a's address, b must not be a's Tox friend, and a must
+/// answer none of b's handshakes over UDP, however many.
 #[test]
 fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     let tag = "ip";
@@ -289,9 +345,13 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     let started = Instant::now();
     let a = net.host(tag, "a", "198.18.0.11");
     let b = net.host(tag, "b", "198.18.0.12");
+    let c = net.host(tag, "c", "198.18.0.13");
+    let t = net.host(tag, "t", "198.18.0.4");
+    // a's "LAN": an address b must never learn is a's.
+    a.ip(&["addr", "add", "fd77::1/128", "dev", "lo"]);
     // Everything that reaches b from a's address is recorded from the start.
     let capture = net.dir.path().join("b.pcap");
-    let mut tcpdump = b.spawn(&[
+    let mut tcpdump = ChildGuard(b.spawn(&[
         "tcpdump",
         "-i",
         "eth0",
@@ -300,48 +360,87 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         "-w",
         capture.to_str().unwrap(),
         "ip",
-    ]);
-    let (fa, fb) = (
+    ]));
+    let bootstrapd = Bootstrapd::start(&t, net.dir.path());
+    let (fa, fb, fc) = (
         NodeFiles::new(net.dir.path(), "a"),
         NodeFiles::new(net.dir.path(), "b"),
+        NodeFiles::new(net.dir.path(), "c"),
     );
+    let tox_section = |files: &NodeFiles| {
+        format!(
+            "[tox]\nenabled = true\nstate_file = \"{}\"\nbootstrap_nodes = [\"198.18.0.4:33445:{}\"]\n\
+             local_discovery = false\n",
+            files.dir.join("veil0.tox").display(),
+            bootstrapd.public_key
+        )
+    };
     let (sam_a, sam_b) = (net.sam(1), net.sam(2));
-    fa.write_config(
-        "listen_port = 51820",
-        &i2p_section(&fa, std::slice::from_ref(&sam_a)),
-    );
+    let a_sections = tox_section(&fa) + &i2p_section(&fa, std::slice::from_ref(&sam_a));
+    fa.write_config("listen_port = 51820", &a_sections);
     fb.write_config(
         "listen_port = 51820",
         &i2p_section(&fb, std::slice::from_ref(&sam_b)),
     );
+    fc.write_config("listen_port = 51820", &tox_section(&fc));
+    let (id_a, id_c) = (tox_id(&a, &fa), tox_id(&c, &fc));
     let da = Daemon::start(&a, &fa);
     let db = Daemon::start(&b, &fb);
     let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
-    // a knows b's UDP endpoint but may reach b only over I2P. b would use
-    // UDP to a (udp comes first by default): a must never answer there.
+    let c_peer = format!(
+        "{}tox = \"{id_c}\"\ntransports = [\"udp\", \"tox\"]\n",
+        fc.peer_block("c", Some("198.18.0.13:51820"), &[])
+    );
+    let b_peer = format!(
+        "{}i2p = \"{addr_b}\"\ntransports = [\"i2p\"]\n",
+        fb.peer_block("b", None, &[])
+    );
+    // Leak 1: a Tox ID on an I2P-only peer (join of a token with a Tox ID,
+    // then the README's I2P-only recipe) would make b a's Tox friend.
     fa.write_config(
         "listen_port = 51820",
-        &format!(
-            "{}{}i2p = \"{addr_b}\"\ntransports = [\"i2p\"]\n",
-            i2p_section(&fa, &[sam_a]),
-            fb.peer_block("b", Some("198.18.0.12:51820"), &[])
-        ),
+        &format!("{a_sections}{c_peer}{b_peer}tox = \"{id_c}\"\n"),
     );
+    let out = try_reload(&fa);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("peer[1] \"b\".tox")
+            && err.contains("remove the tox ID"),
+        "{err}"
+    );
+    fa.write_config(
+        "listen_port = 51820",
+        &format!("{a_sections}{c_peer}{b_peer}"),
+    );
+    // b would use UDP to a first (udp comes first by default), and routes
+    // a's LAN through the tunnel: a must answer neither.
     fb.write_config(
         "listen_port = 51820",
         &format!(
             "{}{}i2p = \"{addr_a}\"\n",
             i2p_section(&fb, &[sam_b]),
+            fa.peer_block("a", Some("198.18.0.11:51820"), &["fd77::/64"])
+        ),
+    );
+    fc.write_config(
+        "listen_port = 51820",
+        &format!(
+            "{}{}tox = \"{id_a}\"\ntransports = [\"udp\", \"tox\"]\n",
+            tox_section(&fc),
             fa.peer_block("a", Some("198.18.0.11:51820"), &[])
         ),
     );
     reload(&fa);
     reload(&fb);
+    let dc = Daemon::start(&c, &fc);
     // b speaks first: its handshakes go to a's UDP endpoint, where a must
     // drop them unanswered.
     let (_, got, _) = b.ping6(&fa.mesh().to_string(), 2);
     assert_eq!(got, 0, "a answered b over UDP");
 
+    let (sent, got, out) = c.ping6(&fa.mesh().to_string(), 5);
+    assert!(got >= 4, "c -> a over UDP: {got}/{sent}\n{out}");
     let b_mesh = fb.mesh().to_string();
     let took = first_reply(&a, &b_mesh, started, Duration::from_secs(150), &da);
     println!(
@@ -368,21 +467,50 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         out.lines().last().unwrap_or("")
     );
 
-    // b tried UDP first; a refused every one of those datagrams.
+    // Leak 4: b pings a's LAN address through the tunnel; the kernel would
+    // answer from it. Nothing comes back, and a counts the attempts.
+    let (_, got, _) = b.ping(&["-6", "-c", "3", "-i", "0.3", "-W", "2", "fd77::1"]);
+    assert_eq!(got, 0, "b reached a's LAN address through the tunnel");
     let to_b = da.peer("b");
-    println!(
-        "I2P: a refused {} datagrams from b over UDP",
-        to_b.counters.wrong_path
-    );
     assert!(
-        to_b.counters.wrong_path > 0,
-        "b never tried UDP: the test proves nothing"
+        to_b.counters.refused_destination >= 3,
+        "{:?}",
+        to_b.counters
     );
+
+    // Leak 3: 1000 handshake initiations at a's guessed UDP endpoint, with
+    // b's real key (enough to make a demand cookies): no answer at all.
+    let before = da.peer("b").counters.wrong_path;
+    let answered =
+        initiations_answered(&b, &fb.key, fa.key.public_key(), "198.18.0.11:51820", 1000);
+    assert_eq!(answered, 0, "a answered b's initiations over UDP");
+    let refused = da.peer("b").counters.wrong_path - before;
+    println!("I2P: a answered 0 of 1000 initiations from b over UDP ({refused} counted)");
+    assert!(refused >= 900, "{refused} of 1000 initiations counted");
+    assert!(
+        da.show().node.counters.rate_limited > 0,
+        "the burst never put a under load: the test proves less"
+    );
+
+    // Leak 1, at run time: c, connected, is a's one Tox friend.
+    let tox_state = || {
+        da.show()
+            .transports
+            .into_iter()
+            .find(|t| t.starts_with("tox "))
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !tox_state().contains(" 1/1 friends online") {
+        assert!(Instant::now() < deadline, "{}", tox_state());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // b tried UDP first; a refused every one of those datagrams.
     assert_eq!(path_to(&db, "a").0, Some(format!("i2p {addr_a}")));
 
     std::thread::sleep(Duration::from_millis(500));
-    let _ = kill(Pid::from_raw(tcpdump.id() as i32), Signal::SIGINT);
-    let _ = tcpdump.wait();
+    let _ = kill(Pid::from_raw(tcpdump.0.id() as i32), Signal::SIGINT);
+    let _ = tcpdump.0.wait();
     let from_a = captured_from(&capture, "198.18.0.11");
     let from_router = captured_from(&capture, "198.18.0.2");
     assert!(
@@ -398,6 +526,7 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         "I2P: capture in b: {} packets from b's router, 0 from a",
         from_router.len()
     );
+    drop(dc);
     let _ = net.logs();
 }
 
@@ -536,6 +665,13 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     reload(&fb);
     let b_mesh = fb.mesh().to_string();
     first_reply(&a, &b_mesh, Instant::now(), Duration::from_secs(150), &da);
+    // No peer of a's may use UDP: a binds no UDP socket but the I2P one,
+    // on the address facing its bridge.
+    let sockets = udp_sockets_of(&a, da.pid());
+    assert!(
+        !sockets.is_empty() && sockets.iter().all(|s| s.starts_with("198.18.0.11:")),
+        "{sockets:?}"
+    );
 
     // The router holding a's session dies: a re-creates it, with the same
     // destination, on its second bridge, and never exits.
@@ -624,10 +760,12 @@ fn bench_i2p_against_direct_udp() {
     let db = Daemon::start(&b, &fb);
     let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
     let configure = |transport: &str| {
+        // An endpoint on a peer that may not use UDP is refused.
         let peer = |files: &NodeFiles, name: &str, endpoint: &str, dest: &str| {
+            let endpoint = (transport == "udp").then_some(endpoint);
             format!(
                 "{}i2p = \"{dest}\"\ntransports = [\"{transport}\"]\n",
-                files.peer_block(name, Some(endpoint), &[])
+                files.peer_block(name, endpoint, &[])
             )
         };
         fa.write_config(
