@@ -253,6 +253,12 @@ impl PathSet {
     /// waiting for the peer's side to open now may probe in full.
     pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
         if let Some(path) = self.get_mut(from) {
+            // Evidence of a one-way path builds up only while the peer is
+            // heard: probes lost while it was silent say nothing, and would
+            // make a peer we hear again look deaf before it could answer.
+            if !path.heard_recently(now) {
+                path.unanswered = None;
+            }
             path.last_rx = Some(now);
             path.rehomed = None;
             // Heard while a probe is overdue: look closer now rather than
@@ -855,6 +861,14 @@ mod tests {
         );
         assert!(found - t0 >= KEEPALIVE_INTERVAL + ONE_WAY_AFTER);
         // Not heard any more: not one way, just silent.
-        assert_eq!(set.one_way(now + HEARD_RECENTLY * 2), None);
+        let later = now + HEARD_RECENTLY * 2;
+        assert_eq!(set.one_way(later), None);
+        // Heard again: probes lost while the peer was silent are no
+        // evidence; it gets its chance to answer.
+        set.poll_probes(later, &mut ids);
+        set.heard(&i2p, later);
+        assert_eq!(set.one_way(later), None);
+        set.poll_probes(later + Duration::from_secs(1), &mut ids);
+        assert_eq!(set.one_way(later + Duration::from_secs(1)), None);
     }
 }
