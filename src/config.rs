@@ -1000,7 +1000,7 @@ fn first_overlap(a: &PeerConfig, b: &PeerConfig) -> Option<(IpNet, IpNet)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const KEY_A: &str = "YNNrUH4sD+QQ6SRvm6VWjqSbrhYmJsV7qY5vPHlAo0c=";
@@ -1423,7 +1423,7 @@ mod tests {
         );
     }
     /// A valid Tox ID: key 0x01.., nospam 0xAABBCCDD, XOR checksum.
-    fn tox_id() -> String {
+    pub(crate) fn tox_id() -> String {
         let mut bytes = vec![1u8; 32];
         bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
         let sum = [

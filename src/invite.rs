@@ -333,14 +333,7 @@ mod tests {
 
     #[test]
     fn tox_ids_travel_in_invites_and_land_in_the_config() {
-        let mut bytes = vec![1u8; 32];
-        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
-        let sum = [
-            bytes.iter().step_by(2).fold(0, |a, b| a ^ b),
-            bytes.iter().skip(1).step_by(2).fold(0, |a, b| a ^ b),
-        ];
-        bytes.extend_from_slice(&sum);
-        let id: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        let id = crate::config::tests::tox_id();
         let with_tox = Invite {
             tox: Some(id.clone()),
             ..invite()

@@ -257,20 +257,8 @@ fn i2p_address(daemon: &Daemon) -> String {
     }
 }
 
-/// `veilmesh reload` as root: the config the command line names.
-fn try_reload(files: &NodeFiles) -> std::process::Output {
-    run(&[
-        BIN,
-        "reload",
-        "--config",
-        files.config.to_str().unwrap(),
-        "--socket",
-        files.socket.to_str().unwrap(),
-    ])
-}
-
 fn reload(files: &NodeFiles) {
-    let out = try_reload(files);
+    let out = reload_config(&files.config, &files.socket);
     assert!(
         out.status.success(),
         "reload: {}{}",
@@ -401,7 +389,7 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         "listen_port = 51820",
         &format!("{a_sections}{c_peer}{b_peer}tox = \"{id_c}\"\n"),
     );
-    let out = try_reload(&fa);
+    let out = reload_config(&fa.config, &fa.socket);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()

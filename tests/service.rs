@@ -256,14 +256,7 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
         user,
         &fb.peer_block("b", Some("198.18.0.2:51820"), &["192.168.77.0/24"]),
     );
-    let out = run(&[
-        BIN,
-        "reload",
-        "--config",
-        fa.config.to_str().unwrap(),
-        "--socket",
-        fa.socket.to_str().unwrap(),
-    ]);
+    let out = reload_config(&fa.config, &fa.socket);
     assert!(
         out.status.success(),
         "{}",
@@ -273,14 +266,7 @@ fn daemon_drops_to_an_unprivileged_user_and_keeps_only_net_admin() {
         .ip(&["route", "show", "192.168.77.0/24"])
         .contains("veil0"));
     // Another instance's config is not this daemon's to load.
-    let out = run(&[
-        BIN,
-        "reload",
-        "--config",
-        fb.config.to_str().unwrap(),
-        "--socket",
-        fa.socket.to_str().unwrap(),
-    ]);
+    let out = reload_config(&fb.config, &fa.socket);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("not "), "{err}");
 

@@ -1089,18 +1089,20 @@ fn mesh_with_a_anonymous_to_b(allowed_destinations: Option<Vec<IpNet>>) -> (Mesh
     (m, a_dest)
 }
 
+/// A UDP packet between a's tunnel address and b's LAN, either way.
+fn lan_packet(to_lan: bool) -> Vec<u8> {
+    let (a, lan) = (Ipv4Addr::new(10, 10, 1, 1), Ipv4Addr::new(192, 168, 50, 2));
+    let (src, dst) = if to_lan { (a, lan) } else { (lan, a) };
+    ipv4_udp(src, dst, 20, true)
+}
+
 /// An anonymous peer that pings our LAN or public address through the
 /// tunnel would learn it from the answer: it reaches our mesh address only.
 #[test]
 fn an_anonymous_peer_reaches_our_mesh_address_only() {
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
     let now = Instant::now();
-    let to_lan = ipv4_udp(
-        Ipv4Addr::new(10, 10, 1, 1),
-        Ipv4Addr::new(192, 168, 50, 2),
-        20,
-        true,
-    );
+    let to_lan = lan_packet(true);
     let datagram = data_message_from_a(&mut m, &to_lan);
     assert!(matches!(
         m.node_b
@@ -1115,12 +1117,7 @@ fn an_anonymous_peer_reaches_our_mesh_address_only() {
         FromNetwork::ToTun(_)
     ));
     // Nothing leaves towards it from another address of ours either.
-    let from_lan = ipv4_udp(
-        Ipv4Addr::new(192, 168, 50, 2),
-        Ipv4Addr::new(10, 10, 1, 1),
-        20,
-        true,
-    );
+    let from_lan = lan_packet(false);
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
         m.node_b.handle_tun_packet(&from_lan, limits, &mut out),
@@ -1137,24 +1134,14 @@ fn an_anonymous_peer_reaches_our_mesh_address_only() {
 fn allowed_destinations_open_more_of_our_addresses_to_an_anonymous_peer() {
     let lan: IpNet = "192.168.50.0/24".parse().unwrap();
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(Some(vec![lan]));
-    let to_lan = ipv4_udp(
-        Ipv4Addr::new(10, 10, 1, 1),
-        Ipv4Addr::new(192, 168, 50, 2),
-        20,
-        true,
-    );
+    let to_lan = lan_packet(true);
     let datagram = data_message_from_a(&mut m, &to_lan);
     assert!(matches!(
         m.node_b
             .handle_datagram(&a_dest, &datagram, &mut m.buf, Instant::now()),
         FromNetwork::ToTun(_)
     ));
-    let from_lan = ipv4_udp(
-        Ipv4Addr::new(192, 168, 50, 2),
-        Ipv4Addr::new(10, 10, 1, 1),
-        20,
-        true,
-    );
+    let from_lan = lan_packet(false);
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
         m.node_b.handle_tun_packet(&from_lan, limits, &mut out),

@@ -364,6 +364,19 @@ impl NodeFiles {
     }
 }
 
+/// `veilmesh reload` as root, sending `config` (the file named on the
+/// command line) to the daemon at `socket`.
+pub fn reload_config(config: &Path, socket: &Path) -> Output {
+    run(&[
+        BIN,
+        "reload",
+        "--config",
+        config.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+    ])
+}
+
 /// A running `veilmesh up`, killed on drop if still alive.
 pub struct Daemon {
     child: Child,
