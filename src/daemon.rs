@@ -184,6 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let now = Instant::now();
     let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
     node.set_punch_ttl(config.udp.punch_ttl);
+    node.set_tunnel_addresses(iface.addresses.iter().map(|net| net.addr()));
     let device = NetDevice::create(
         &iface.name,
         iface.mtu,

@@ -226,6 +226,8 @@ pub struct Node {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     mesh_address: Ipv6Addr,
+    /// Our addresses on the TUN: the mesh address and the interface's own.
+    tunnel_addresses: Vec<IpAddr>,
     /// Indexed by peer id. Ids are never reused: they live on in session
     /// indices of messages still in flight after a peer is removed.
     peers: Vec<Option<Peer>>,
@@ -288,8 +290,10 @@ impl Node {
         let private = private_key.to_x25519();
         let public = x25519::PublicKey::from(&private);
         let limiter = || Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+        let mesh_address = PublicKey(public.to_bytes()).mesh_address();
         let mut node = Node {
-            mesh_address: PublicKey(public.to_bytes()).mesh_address(),
+            mesh_address,
+            tunnel_addresses: vec![IpAddr::V6(mesh_address)],
             peers: Vec::with_capacity(peers.len()),
             by_key: HashMap::new(),
             by_identity: HashMap::new(),
@@ -478,7 +482,7 @@ impl Node {
             self.counters.no_route += 1;
             return FromTun::Done(DropReason::NoRoute);
         };
-        if !local_address_allowed(&peer.config, self.mesh_address, info.src) {
+        if !local_address_allowed(&peer.config, &self.tunnel_addresses, info.src) {
             peer.counters.refused_source += 1;
             tracing::trace!(peer = %peer.config.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
@@ -754,7 +758,8 @@ impl Node {
         }
         if needs_address_check(&peer.config) {
             let dst = packet::parse(packet).ok().map(|info| info.dst);
-            if !dst.is_some_and(|d| local_address_allowed(&peer.config, self.mesh_address, d)) {
+            if !dst.is_some_and(|d| local_address_allowed(&peer.config, &self.tunnel_addresses, d))
+            {
                 peer.counters.refused_destination += 1;
                 tracing::debug!(peer = %peer.config.name, ?dst, "packet to an address of ours the peer may not reach");
                 return FromNetwork::Dropped(DropReason::RefusedAddress);
@@ -962,6 +967,14 @@ impl Node {
             self.own.local = endpoints;
             self.announce_to_all(now);
         }
+    }
+
+    /// The TUN's own addresses besides the mesh address (`[interface]
+    /// addresses`): anonymous peers may reach them too.
+    pub fn set_tunnel_addresses(&mut self, addresses: impl IntoIterator<Item = IpAddr>) {
+        self.tunnel_addresses = std::iter::once(IpAddr::V6(self.mesh_address))
+            .chain(addresses)
+            .collect();
     }
 
     /// The TTL of the opening punch probe.
@@ -1346,12 +1359,14 @@ fn needs_address_check(config: &PeerConfig) -> bool {
     config.is_anonymous() || config.allowed_destinations.is_some()
 }
 
-/// May the peer reach (and see) this address of ours? Our mesh address
-/// always; besides it, its `allowed_destinations`, or, without that
-/// setting, anything unless the peer is anonymous: an I2P-only peer that
-/// could ping our LAN or public address would learn it from the answer.
-fn local_address_allowed(config: &PeerConfig, mesh_address: Ipv6Addr, addr: IpAddr) -> bool {
-    addr == IpAddr::V6(mesh_address)
+/// May the peer reach (and see) this address of ours? Our addresses on
+/// the TUN (the mesh address and the interface's own) always: they say
+/// nothing of where this node is. Besides them, its
+/// `allowed_destinations`, or, without that setting, anything unless the
+/// peer is anonymous: an I2P-only peer that could ping our LAN or public
+/// address would learn it from the answer.
+fn local_address_allowed(config: &PeerConfig, tunnel_addresses: &[IpAddr], addr: IpAddr) -> bool {
+    tunnel_addresses.contains(&addr)
         || match &config.allowed_destinations {
             Some(nets) => nets.iter().any(|net| net.contains(&addr)),
             None => !config.is_anonymous(),

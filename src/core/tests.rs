@@ -1130,6 +1130,27 @@ fn an_anonymous_peer_reaches_our_mesh_address_only() {
     );
 }
 
+/// The TUN's own addresses say nothing of where we are: an anonymous peer
+/// (a Tox-only peer of a toxvpn-style setup, say) reaches them.
+#[test]
+fn an_anonymous_peer_reaches_our_tunnel_addresses() {
+    let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
+    m.node_b
+        .set_tunnel_addresses(["192.168.50.2".parse::<IpAddr>().unwrap()]);
+    let datagram = data_message_from_a(&mut m, &lan_packet(true));
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&a_dest, &datagram, &mut m.buf, Instant::now()),
+        FromNetwork::ToTun(_)
+    ));
+    let mut out = vec![0u8; BUFFER_SIZE];
+    assert!(matches!(
+        m.node_b
+            .handle_tun_packet(&lan_packet(false), limits, &mut out),
+        FromTun::Send { .. }
+    ));
+}
+
 #[test]
 fn allowed_destinations_open_more_of_our_addresses_to_an_anonymous_peer() {
     let lan: IpNet = "192.168.50.0/24".parse().unwrap();
