@@ -129,6 +129,7 @@ struct RawI2p {
     inbound_quantity: Option<u8>,
     outbound_quantity: Option<u8>,
     encryption_types: Option<String>,
+    inbound_tags: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -198,6 +199,8 @@ pub const DEFAULT_SAM_BRIDGE: &str = "127.0.0.1:7656";
 /// I2P routers build tunnels of at most 7 hops.
 const MAX_I2P_TUNNEL_LENGTH: u8 = 7;
 const MAX_I2P_TUNNEL_QUANTITY: u8 = 16;
+/// Each tag the router keeps ahead costs it a few dozen bytes per session.
+const MAX_I2P_INBOUND_TAGS: u32 = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct I2pSettings {
@@ -761,6 +764,16 @@ impl Validator<'_> {
                     quantities,
                 )?,
                 encryption_types,
+                inbound_tags: match raw.inbound_tags {
+                    None => veilmesh_i2p::sam::DEFAULT_INBOUND_TAGS,
+                    Some(n) if (1..=MAX_I2P_INBOUND_TAGS).contains(&n) => n,
+                    Some(n) => {
+                        return Err(self.err(
+                            "i2p.inbound_tags",
+                            format!("{n} is outside 1..={MAX_I2P_INBOUND_TAGS}"),
+                        ))
+                    }
+                },
             },
         }))
     }
@@ -1322,6 +1335,7 @@ pub(crate) mod tests {
             (3, 3)
         );
         assert_eq!(i2p.options.encryption_types, "4");
+        assert_eq!(i2p.options.inbound_tags, 4096);
         assert_eq!(config.peers[0].transports, vec![TransportKind::I2p]);
         assert_eq!(config.peers[0].i2p.unwrap().to_string(), b32);
         // Unrestricted peers may use every transport this node runs.
@@ -1381,6 +1395,7 @@ pub(crate) mod tests {
             "i2p.outbound_quantity",
             "1..=16",
         );
+        expect_error(&i2p("inbound_tags = 0"), "i2p.inbound_tags", "1..=65536");
         expect_error(
             &i2p("encryption_types = \"x\""),
             "i2p.encryption_types",

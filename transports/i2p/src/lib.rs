@@ -952,6 +952,7 @@ mod tests {
                 inbound_quantity: 1,
                 outbound_quantity: 1,
                 encryption_types: "4".into(),
+                inbound_tags: sam::DEFAULT_INBOUND_TAGS,
             },
             label: "test".into(),
         }
