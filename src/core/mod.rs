@@ -554,7 +554,8 @@ impl Node {
     /// only to a peer that may use UDP (anyone who knows our public key
     /// could otherwise confirm a guessed IP address with a flood).
     fn identify_sender(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
-        if from.kind() != TransportKind::Udp && !self.by_identity.contains_key(from) {
+        let named = !matches!(from, PeerAddr::Unattributed(_));
+        if named && from.kind() != TransportKind::Udp && !self.by_identity.contains_key(from) {
             self.counters.unknown_sender += 1;
             tracing::trace!(%from, "datagram from an identity no peer has");
             return Err(DropReason::UnknownPeer);
@@ -674,6 +675,25 @@ impl Node {
         };
         let Some(peer) = self.peers[id].as_mut() else {
             return FromNetwork::Dropped(DropReason::UnknownPeer);
+        };
+        // A datagram whose transport names no sender belongs to the peer
+        // it names inside (session index, initiator's key), over that
+        // peer's own configured address there, or to nobody: whatever it
+        // claims, answers go only where the config says the peer is.
+        let attributed;
+        let from = match from {
+            PeerAddr::Unattributed(kind) => {
+                let own = configured_paths(&peer.config)
+                    .into_iter()
+                    .find(|p| p.kind() == *kind);
+                let Some(own) = own else {
+                    peer.counters.wrong_path += 1;
+                    return FromNetwork::Dropped(DropReason::WrongPath);
+                };
+                attributed = own;
+                &attributed
+            }
+            named => named,
         };
         if !path_allowed(&peer.config, from) {
             peer.counters.wrong_path += 1;
@@ -1445,6 +1465,7 @@ fn path_allowed(config: &PeerConfig, path: &PeerAddr) -> bool {
             PeerAddr::Udp(_) => true,
             PeerAddr::Tox(pk) => config.tox.map(|id| id.public_key()) == Some(*pk),
             PeerAddr::I2p(address) => config.i2p == Some(*address),
+            PeerAddr::Unattributed(_) => false,
         }
 }
 

@@ -1229,3 +1229,61 @@ fn a_udp_flood_neither_blocks_i2p_handshakes_nor_answers_anonymous_keys() {
     assert_eq!(message_type(&response.payload), Some(2));
     assert!(node_a.counters().rate_limited > 0);
 }
+
+/// I2P RAW datagrams name no sender. One that decrypts for a peer allowed
+/// I2P is that peer's, and is answered at its configured destination; one
+/// that decrypts for a peer not allowed I2P, or does not decrypt, is
+/// dropped and counted.
+#[test]
+fn unattributed_datagrams_belong_to_the_peer_they_decrypt_for() {
+    let raw = PeerAddr::Unattributed(TransportKind::I2p);
+    let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    let datagram = data_message_from_a(&mut m, &ping);
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&raw, &datagram, &mut m.buf, Instant::now()),
+        FromNetwork::ToTun(_)
+    ));
+    let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
+    let mut out = vec![0u8; BUFFER_SIZE];
+    match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+        FromTun::Send { to, .. } => assert_eq!(to, a_dest),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(m.node_b.status(Instant::now()).peers[0]
+        .paths
+        .iter()
+        .all(|p| !p.address.contains("not named")));
+    // Garbage over RAW: counted, nothing sent.
+    let before = m.node_b.counters().bad_packet
+        + m.node_b.status(Instant::now()).peers[0].counters.bad_packet;
+    let mut forged = datagram.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&raw, &forged, &mut m.buf, Instant::now()),
+        FromNetwork::Dropped(DropReason::BadPacket)
+    ));
+    let after = m.node_b.counters().bad_packet
+        + m.node_b.status(Instant::now()).peers[0].counters.bad_packet;
+    assert_eq!(after, before + 1);
+    assert!(m.node_b.poll_transmit().is_none());
+
+    // A peer that may not use I2P (it has no destination here) cannot
+    // arrive that way, however well its traffic decrypts.
+    let mut m = mesh();
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let datagram = data_message_from_a(&mut m, &ping);
+    assert!(matches!(
+        m.node_b
+            .handle_datagram(&raw, &datagram, &mut m.buf, Instant::now()),
+        FromNetwork::Dropped(DropReason::WrongPath)
+    ));
+    assert_eq!(
+        m.node_b.status(Instant::now()).peers[0].counters.wrong_path,
+        1
+    );
+}

@@ -7,8 +7,6 @@
 
 use std::fmt::{self, Write as _};
 
-use crate::dest::Destination;
-
 /// Versions we speak. 3.1 is the first with SIGNATURE_TYPE and datagram
 /// forwarding as used here; i2pd and Java I2P both offer up to 3.3.
 pub const MIN_VERSION: &str = "3.1";
@@ -212,8 +210,10 @@ pub struct SessionOptions {
 /// messages).
 pub const DEFAULT_INBOUND_TAGS: u32 = 4096;
 
-/// `SESSION CREATE` for a DATAGRAM session whose datagrams the bridge
-/// forwards to `forward_host:forward_port`.
+/// `SESSION CREATE` for a RAW session whose datagrams the bridge forwards
+/// to `forward_host:forward_port`. RAW: no signature per datagram (an
+/// Ed25519 sign and verify each in DATAGRAM style) and no 391-byte sender
+/// destination in it; the Noise session authenticates the sender instead.
 pub fn session_create(
     id: &str,
     private_keys_base64: &str,
@@ -222,7 +222,7 @@ pub fn session_create(
     options: &SessionOptions,
 ) -> String {
     format!(
-        "SESSION CREATE STYLE=DATAGRAM ID={id} DESTINATION={private_keys_base64} \
+        "SESSION CREATE STYLE=RAW ID={id} DESTINATION={private_keys_base64} \
          SIGNATURE_TYPE={SIGNATURE_TYPE} HOST={forward_host} PORT={forward_port} \
          inbound.length={} outbound.length={} inbound.quantity={} outbound.quantity={} \
          inbound.lengthVariance=0 outbound.lengthVariance=0 i2cp.leaseSetEncType={} \
@@ -241,28 +241,9 @@ pub fn datagram_header(session_id: &str, destination_base64: &str) -> String {
     format!("3.0 {session_id} {destination_base64}\n")
 }
 
-/// A repliable datagram as the bridge forwards it:
-/// `<base64 source>[ KEY=VALUE...]\n<payload>`. Returns the source and
-/// where the payload starts.
-pub fn parse_forwarded(datagram: &[u8]) -> Result<(Destination, usize), SamError> {
-    // A destination is under 1 KB of base64; SAM 3.2 options follow it.
-    let search = &datagram[..datagram.len().min(2048)];
-    let newline = search
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or_else(|| SamError::Malformed("forwarded datagram without a header line".into()))?;
-    let header = std::str::from_utf8(&datagram[..newline])
-        .map_err(|_| SamError::Malformed("forwarded datagram header is not text".into()))?;
-    let source = header.split(' ').next().unwrap_or_default();
-    let source = Destination::from_base64(source)
-        .map_err(|e| SamError::Malformed(format!("forwarded datagram source: {e}")))?;
-    Ok((source, newline + 1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dest::{tests::sample_destination, I2P_BASE64};
     use proptest::prelude::*;
 
     #[test]
@@ -323,7 +304,7 @@ mod tests {
         );
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         for part in [
-            "STYLE=DATAGRAM",
+            "STYLE=RAW",
             "ID=veil0-1",
             "DESTINATION=PRIV",
             "SIGNATURE_TYPE=7",
@@ -336,20 +317,6 @@ mod tests {
         ] {
             assert!(line.contains(part), "{part} missing from {line}");
         }
-    }
-
-    #[test]
-    fn forwarded_datagrams_split_into_source_and_payload() {
-        let source = I2P_BASE64.encode(&sample_destination(4));
-        for header in [source.clone(), format!("{source} FROM_PORT=0 TO_PORT=0")] {
-            let mut datagram = format!("{header}\n").into_bytes();
-            datagram.extend_from_slice(b"noise\nbytes");
-            let (dest, start) = parse_forwarded(&datagram).unwrap();
-            assert_eq!(dest.to_base64(), source);
-            assert_eq!(&datagram[start..], b"noise\nbytes");
-        }
-        assert!(parse_forwarded(b"no header line").is_err());
-        assert!(parse_forwarded(b"AAAA\npayload").is_err());
     }
 
     fn word() -> impl Strategy<Value = String> {
@@ -388,17 +355,6 @@ mod tests {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
             let _ = Reply::parse(&String::from_utf8_lossy(&bytes)).map(|r| r.expect_ok("HELLO REPLY"));
-            if let Ok((_, start)) = parse_forwarded(&bytes) {
-                prop_assert!(start <= bytes.len());
-            }
-        }
-
-        #[test]
-        fn forwarded_payloads_survive_any_content(payload in proptest::collection::vec(any::<u8>(), 0..2000)) {
-            let mut datagram = format!("{}\n", I2P_BASE64.encode(&sample_destination(8))).into_bytes();
-            let header_len = datagram.len();
-            datagram.extend_from_slice(&payload);
-            prop_assert_eq!(parse_forwarded(&datagram).map(|(_, s)| s), Ok(header_len));
         }
     }
 }

@@ -106,6 +106,10 @@ pub enum PeerAddr {
     Udp(SocketAddr),
     Tox(ToxPublicKey),
     I2p(I2pAddress),
+    /// Received over a transport that does not say who sent it (I2P RAW
+    /// datagrams). Never a path: the core attributes the datagram by what
+    /// it decrypts as, and answers the attributed peer's own address.
+    Unattributed(TransportKind),
 }
 
 impl PeerAddr {
@@ -114,6 +118,7 @@ impl PeerAddr {
             PeerAddr::Udp(_) => TransportKind::Udp,
             PeerAddr::Tox(_) => TransportKind::Tox,
             PeerAddr::I2p(_) => TransportKind::I2p,
+            PeerAddr::Unattributed(kind) => *kind,
         }
     }
 
@@ -122,7 +127,7 @@ impl PeerAddr {
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
             PeerAddr::Udp(sa) => Some(sa.ip()),
-            PeerAddr::Tox(_) | PeerAddr::I2p(_) => None,
+            PeerAddr::Tox(_) | PeerAddr::I2p(_) | PeerAddr::Unattributed(_) => None,
         }
     }
 }
@@ -133,6 +138,7 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Udp(sa) => write!(f, "udp {sa}"),
             PeerAddr::Tox(pk) => write!(f, "tox {pk:?}"),
             PeerAddr::I2p(d) => write!(f, "i2p {d}"),
+            PeerAddr::Unattributed(kind) => write!(f, "{kind} (sender not named)"),
         }
     }
 }
