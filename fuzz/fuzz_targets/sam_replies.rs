@@ -1,5 +1,5 @@
 //! What a SAM bridge sends: reply lines on the control connection, and
-//! forwarded datagrams on the UDP socket.
+//! forwarded RAW datagrams (bundles of Noise messages) on the UDP socket.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,8 +12,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = reply.require("VALUE");
         let _ = reply.expect_ok("NAMING REPLY");
     }
-    if let Ok((source, start)) = sam::parse_forwarded(data) {
-        assert!(start <= data.len());
-        let _ = source.address();
+    if let Ok(messages) = veilmesh_i2p::bundle::decode(data) {
+        assert!(messages.iter().all(|m| !m.is_empty()));
     }
 });
