@@ -59,6 +59,11 @@ const SEND_QUEUE: usize = 512;
 /// measured) and none at ~900/s.
 const DATAGRAMS_PER_SECOND: f64 = 2000.0;
 const BURST: f64 = 32.0;
+/// A message that waited this long for the pacer is dropped rather than
+/// sent: our queue stays short (so TCP inside sees the loss at once and
+/// backs off) and a flood can never build up inside i2pd, whose link queue
+/// drops a peer at 500 messages and whose ratchet then loses sync.
+const MAX_QUEUE_DELAY: Duration = Duration::from_millis(50);
 /// Datagrams held per destination while its lookup runs.
 const HELD_PER_LOOKUP: usize = 16;
 /// How long a NAMING LOOKUP may take (the router asks floodfills).
@@ -183,6 +188,7 @@ struct Outbound {
     /// with the same header may share a datagram.
     header: Arc<str>,
     message: Vec<u8>,
+    queued_at: tokio::time::Instant,
 }
 
 /// Everything the tasks and the transport share.
@@ -204,6 +210,7 @@ impl Inner {
             socket: live.socket.clone(),
             header: sam::datagram_header(&live.id, dest).into(),
             message: datagram.to_vec(),
+            queued_at: tokio::time::Instant::now(),
         };
         match self.outbound.try_send(outbound) {
             Ok(()) => true,
@@ -599,6 +606,15 @@ async fn pace(mut queue: mpsc::Receiver<Outbound>, inner: Arc<Inner>) {
                 Ok(next) => backlog.push_back(next),
                 Err(_) => break,
             }
+        }
+        let now = tokio::time::Instant::now();
+        let stale = backlog
+            .iter()
+            .take_while(|o| now.duration_since(o.queued_at) > MAX_QUEUE_DELAY)
+            .count();
+        if stale > 0 {
+            backlog.drain(..stale);
+            inner.lock().counters.queue_drops += stale as u64;
         }
         let Some(first) = backlog.pop_front() else {
             continue;
@@ -1075,6 +1091,7 @@ mod tests {
             socket: socket.clone(),
             header: sam::datagram_header("s", dest).into(),
             message: vec![4; len],
+            queued_at: tokio::time::Instant::now(),
         };
         let first = out("a", 1452);
         let mut backlog: VecDeque<Outbound> =
