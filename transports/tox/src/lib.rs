@@ -59,6 +59,9 @@ const TCP_BURST: f64 = 64.0;
 /// maximum; the first successful send resets it.
 const BACKOFF_MIN: Duration = Duration::from_millis(2);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
+/// Packets one receive call discards at most (from friends no longer
+/// allowed) before it lets the event loop run its timers.
+const MAX_DISCARDS_PER_CALL: usize = 64;
 
 /// Pacing and back-off for one friend.
 struct Pacer {
@@ -309,6 +312,9 @@ impl ToxInfo {
 #[derive(Default)]
 struct Shared {
     friends: HashMap<[u8; 32], FriendState>,
+    /// The keys of the configured peers allowed Tox, as the Tox thread
+    /// applies them: packets still on their way from another are dropped.
+    allowed: HashSet<[u8; 32]>,
     counters: ToxCounters,
     /// A new friend list for the Tox thread to apply (a reload).
     new_friends: Option<Vec<ToxId>>,
@@ -445,10 +451,10 @@ impl Transport for ToxTransport {
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        loop {
+        for _ in 0..MAX_DISCARDS_PER_CALL {
             match self.inbound.poll_recv(cx) {
                 Poll::Ready(Some((pk, data))) => {
-                    if let Some(received) = deliver(pk, &data, buf) {
+                    if let Some(received) = self.deliver(pk, &data, buf) {
                         return Poll::Ready(Ok(received));
                     }
                 }
@@ -456,11 +462,16 @@ impl Transport for ToxTransport {
                 Poll::Ready(None) | Poll::Pending => return Poll::Pending,
             }
         }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        while let Ok((pk, data)) = self.inbound.try_recv() {
-            if let Some(received) = deliver(pk, &data, buf) {
+        for _ in 0..MAX_DISCARDS_PER_CALL {
+            let Ok((pk, data)) = self.inbound.try_recv() else {
+                break;
+            };
+            if let Some(received) = self.deliver(pk, &data, buf) {
                 return Ok(Some(received));
             }
         }
@@ -496,13 +507,24 @@ impl Transport for ToxTransport {
     }
 }
 
-fn deliver(pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
-    let target = buf.get_mut(..data.len())?;
-    target.copy_from_slice(data);
-    Some(Received {
-        from: PeerAddr::Tox(ToxPublicKey(pk)),
-        len: data.len(),
-    })
+impl ToxTransport {
+    /// A received packet into `buf`, unless its friend is no longer
+    /// allowed (deleted while the packet waited in the channel).
+    fn deliver(&self, pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if !shared.allowed.contains(&pk) {
+                shared.counters.unallowed_packets += 1;
+                return None;
+            }
+        }
+        let target = buf.get_mut(..data.len())?;
+        target.copy_from_slice(data);
+        Some(Received {
+            from: PeerAddr::Tox(ToxPublicKey(pk)),
+            len: data.len(),
+        })
+    }
 }
 
 /// The saved state; never through a symbolic link (another instance's
@@ -642,8 +664,10 @@ fn run_tox(
             return;
         }
     };
+    let allowed: HashSet<[u8; 32]> = config.friends.iter().map(|id| id.public_key().0).collect();
+    shared.lock().unwrap_or_else(|p| p.into_inner()).allowed = allowed.clone();
     let mut ctx = CallbackContext {
-        allowed: config.friends.iter().map(|id| id.public_key().0).collect(),
+        allowed,
         inbound,
         shared,
         state_changed: true,
@@ -665,6 +689,7 @@ fn run_tox(
         let new_friends = ctx.shared().new_friends.take();
         if let Some(friends) = new_friends {
             ctx.allowed = friends.iter().map(|id| id.public_key().0).collect();
+            ctx.shared().allowed = ctx.allowed.clone();
             delete_unallowed_friends(tox, &mut ctx);
             // Friend numbers of deleted friends are reused.
             friend_numbers.clear();
