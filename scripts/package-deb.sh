@@ -2,10 +2,13 @@
 # Builds target/debian/veilmesh_VERSION_ARCH.deb with dpkg-deb: the binary,
 # the systemd unit, an example config, the man page and shell completions.
 # Installing it starts nothing: the admin enables an instance.
+# PACKAGE_PROFILE=dev packages the test build instead of a release build
+# (the test suite's package check: the files matter there, not the speed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked --quiet
-bin=target/release/veilmesh
+profile=${PACKAGE_PROFILE:-release}
+cargo build --profile "$profile" --locked --quiet
+case "$profile" in dev) bin=target/debug/veilmesh ;; *) bin=target/$profile/veilmesh ;; esac
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
 root=target/debian/root
