@@ -1,24 +1,38 @@
-//! Several Noise messages in one I2P datagram.
+//! The payload of a veilmesh I2P datagram: Noise messages, bundled, or a
+//! receipt that paces the sender.
 //!
-//! i2pd's cost is per datagram (a garlic message each, gzip, and for
-//! DATAGRAM style a signature), not per byte: carrying what is already
-//! queued for one destination in one datagram multiplies what the router
-//! moves. A datagram's payload is either one bare Noise message (its first
-//! byte is a WireGuard message type, 1 to 4) or a bundle:
+//! i2pd's cost is per datagram (a garlic message each, gzip), not per
+//! byte: carrying what is already queued for one destination in one
+//! datagram multiplies what the router moves. RAW datagrams name no
+//! sender, so a data datagram says who sent it (the hash of its
+//! destination, where receipts go) and numbers itself within the sender's
+//! flow to us; the receiver answers at most every 100 ms with a receipt of
+//! how many it got, from which the sender learns the loss and sets its
+//! rate (`pacer`).
 //!
 //! ```text
-//! 0xB1 (bundle, version 1) | count (u8, >= 1) | count x (length u16 BE >= 1, message)
+//! data:    0xB2 | flow (u64) | seq (u32) | from (32 bytes) | count (u8, >= 1)
+//!               | count x (length u16 >= 1, Noise message)
+//! receipt: 0xB3 | flow (u64) | highest seq seen (u32) | datagrams received (u32)
 //! ```
 //!
-//! The count makes a bundle cut at a record boundary an error, not a
-//! shorter bundle. Nothing may follow the last record.
+//! Integers are big-endian. The count makes a bundle cut at a record
+//! boundary an error, not a shorter bundle; nothing may follow the last
+//! record or a receipt. The flow is a random number the sender picks per
+//! destination (a receipt is only believed for a flow the sender knows);
+//! `received` counts modulo 2^32.
 
-/// First byte of a version 1 bundle: never a WireGuard message type.
-pub const BUNDLE_V1: u8 = 0xB1;
-/// Messages one bundle carries at most.
+/// First byte of a data datagram.
+pub const DATA: u8 = 0xB2;
+/// First byte of a receipt.
+pub const RECEIPT: u8 = 0xB3;
+/// Messages one datagram carries at most.
 pub const MAX_MESSAGES: usize = 255;
-const HEADER: usize = 2;
+/// Bytes of a data datagram before its records.
+pub const DATA_HEADER: usize = 1 + 8 + 4 + 32 + 1;
 const RECORD_HEADER: usize = 2;
+/// Bytes of a receipt.
+pub const RECEIPT_LEN: usize = 1 + 8 + 4 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BundleError {
@@ -26,37 +40,66 @@ pub enum BundleError {
     Empty,
     #[error("unknown datagram format {0:#04x}")]
     UnknownFormat(u8),
-    #[error("bundle with no messages")]
+    #[error("datagram with no messages")]
     NoMessages,
-    #[error("bundle cut short")]
+    #[error("datagram cut short")]
     Truncated,
-    #[error("empty message in a bundle")]
+    #[error("empty message in a datagram")]
     EmptyMessage,
-    #[error("bytes after the last message of a bundle")]
+    #[error("bytes after the end of a datagram")]
     Trailing,
 }
 
-/// The bytes a bundle of messages with these lengths takes.
+/// Who sent a data datagram and where it stands in the sender's flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataHeader {
+    pub flow: u64,
+    pub seq: u32,
+    /// The hash of the sender's destination (its `.b32.i2p` address).
+    pub from: [u8; 32],
+}
+
+/// What a receiver got of one flow so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    pub flow: u64,
+    pub highest: u32,
+    pub received: u32,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Payload<'a> {
+    Data {
+        header: DataHeader,
+        messages: Vec<&'a [u8]>,
+    },
+    Receipt(Receipt),
+}
+
+/// The bytes a data datagram with messages of these lengths takes.
 pub fn bundled_len(lengths: impl IntoIterator<Item = usize>) -> usize {
-    HEADER
+    DATA_HEADER
         + lengths
             .into_iter()
             .map(|len| RECORD_HEADER + len)
             .sum::<usize>()
 }
 
-/// Writes `messages` as one datagram payload into `out` (cleared first):
-/// bare if there is one, else a bundle. Each message must be 1 to 65535
-/// bytes and there may be at most `MAX_MESSAGES`; callers keep to that
-/// (the transport bundles Noise messages, at most a few KB each).
-pub fn encode(messages: &[&[u8]], out: &mut Vec<u8>) {
-    out.clear();
+/// The bytes one more message of `len` adds to a data datagram.
+pub fn record_len(len: usize) -> usize {
+    RECORD_HEADER + len
+}
+
+/// Writes a data datagram into `out` (cleared first). There must be 1 to
+/// `MAX_MESSAGES` messages of 1 to 65535 bytes each; callers keep to that
+/// (the transport bundles Noise messages of at most a few KB).
+pub fn encode_data(header: &DataHeader, messages: &[&[u8]], out: &mut Vec<u8>) {
     debug_assert!(!messages.is_empty() && messages.len() <= MAX_MESSAGES);
-    if let [single] = messages {
-        out.extend_from_slice(single);
-        return;
-    }
-    out.push(BUNDLE_V1);
+    out.clear();
+    out.push(DATA);
+    out.extend_from_slice(&header.flow.to_be_bytes());
+    out.extend_from_slice(&header.seq.to_be_bytes());
+    out.extend_from_slice(&header.from);
     out.push(messages.len() as u8);
     for message in messages {
         debug_assert!(!message.is_empty() && message.len() <= usize::from(u16::MAX));
@@ -65,15 +108,54 @@ pub fn encode(messages: &[&[u8]], out: &mut Vec<u8>) {
     }
 }
 
-/// The Noise messages in one datagram payload, checked whole before any is
-/// handed out: a damaged bundle yields nothing.
-pub fn decode(payload: &[u8]) -> Result<Vec<&[u8]>, BundleError> {
-    let (&first, rest) = payload.split_first().ok_or(BundleError::Empty)?;
-    match first {
-        1..=4 => return Ok(vec![payload]),
-        BUNDLE_V1 => {}
-        other => return Err(BundleError::UnknownFormat(other)),
+/// Writes a receipt into `out` (cleared first).
+pub fn encode_receipt(receipt: &Receipt, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(RECEIPT);
+    out.extend_from_slice(&receipt.flow.to_be_bytes());
+    out.extend_from_slice(&receipt.highest.to_be_bytes());
+    out.extend_from_slice(&receipt.received.to_be_bytes());
+}
+
+/// One datagram payload, checked whole before any message is handed out:
+/// a damaged datagram yields nothing.
+pub fn decode(payload: &[u8]) -> Result<Payload<'_>, BundleError> {
+    let (&kind, rest) = payload.split_first().ok_or(BundleError::Empty)?;
+    match kind {
+        DATA => decode_data(rest),
+        RECEIPT => {
+            let (flow, rest) = rest
+                .split_first_chunk::<8>()
+                .ok_or(BundleError::Truncated)?;
+            let (highest, rest) = rest
+                .split_first_chunk::<4>()
+                .ok_or(BundleError::Truncated)?;
+            let (received, rest) = rest
+                .split_first_chunk::<4>()
+                .ok_or(BundleError::Truncated)?;
+            if !rest.is_empty() {
+                return Err(BundleError::Trailing);
+            }
+            Ok(Payload::Receipt(Receipt {
+                flow: u64::from_be_bytes(*flow),
+                highest: u32::from_be_bytes(*highest),
+                received: u32::from_be_bytes(*received),
+            }))
+        }
+        other => Err(BundleError::UnknownFormat(other)),
     }
+}
+
+fn decode_data(rest: &[u8]) -> Result<Payload<'_>, BundleError> {
+    let (flow, rest) = rest
+        .split_first_chunk::<8>()
+        .ok_or(BundleError::Truncated)?;
+    let (seq, rest) = rest
+        .split_first_chunk::<4>()
+        .ok_or(BundleError::Truncated)?;
+    let (from, rest) = rest
+        .split_first_chunk::<32>()
+        .ok_or(BundleError::Truncated)?;
     let (&count, mut rest) = rest.split_first().ok_or(BundleError::Truncated)?;
     if count == 0 {
         return Err(BundleError::NoMessages);
@@ -97,7 +179,14 @@ pub fn decode(payload: &[u8]) -> Result<Vec<&[u8]>, BundleError> {
     if !rest.is_empty() {
         return Err(BundleError::Trailing);
     }
-    Ok(messages)
+    Ok(Payload::Data {
+        header: DataHeader {
+            flow: u64::from_be_bytes(*flow),
+            seq: u32::from_be_bytes(*seq),
+            from: *from,
+        },
+        messages,
+    })
 }
 
 #[cfg(test)]
@@ -105,43 +194,69 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Noise-like messages: a type byte 1-4, then anything.
     fn message() -> impl Strategy<Value = Vec<u8>> {
-        (1u8..=4, proptest::collection::vec(any::<u8>(), 0..1500)).prop_map(|(kind, mut body)| {
-            body.insert(0, kind);
-            body
+        proptest::collection::vec(any::<u8>(), 1..1500)
+    }
+
+    fn header() -> impl Strategy<Value = DataHeader> {
+        (any::<u64>(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(flow, seq, from)| DataHeader {
+            flow,
+            seq,
+            from,
         })
     }
 
     proptest! {
         #[test]
-        fn round_trip(messages in proptest::collection::vec(message(), 1..12)) {
+        fn data_round_trips(header in header(), messages in proptest::collection::vec(message(), 1..12)) {
             let slices: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
             let mut out = Vec::new();
-            encode(&slices, &mut out);
-            prop_assert_eq!(out.len(), if slices.len() == 1 {
-                slices[0].len()
-            } else {
-                bundled_len(slices.iter().map(|m| m.len()))
-            });
-            prop_assert_eq!(decode(&out), Ok(slices));
+            encode_data(&header, &slices, &mut out);
+            prop_assert_eq!(out.len(), bundled_len(slices.iter().map(|m| m.len())));
+            prop_assert_eq!(decode(&out), Ok(Payload::Data { header, messages: slices }));
         }
 
         #[test]
-        fn every_truncation_of_a_bundle_is_an_error(
-            messages in proptest::collection::vec(message(), 2..6),
+        fn receipts_round_trip(flow in any::<u64>(), highest in any::<u32>(), received in any::<u32>()) {
+            let receipt = Receipt { flow, highest, received };
+            let mut out = Vec::new();
+            encode_receipt(&receipt, &mut out);
+            prop_assert_eq!(out.len(), RECEIPT_LEN);
+            prop_assert_eq!(decode(&out), Ok(Payload::Receipt(receipt)));
+        }
+
+        #[test]
+        fn every_truncation_is_an_error(
+            header in header(),
+            messages in proptest::collection::vec(message(), 1..6),
             cut in 0usize..10_000,
         ) {
             let slices: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
             let mut out = Vec::new();
-            encode(&slices, &mut out);
-            let cut = cut % out.len();
-            prop_assert!(decode(&out[..cut]).is_err());
+            encode_data(&header, &slices, &mut out);
+            prop_assert!(decode(&out[..cut % out.len()]).is_err());
+            encode_receipt(&Receipt { flow: 1, highest: 2, received: 3 }, &mut out);
+            prop_assert!(decode(&out[..cut % out.len()]).is_err());
+        }
+
+        #[test]
+        fn anything_appended_is_an_error(
+            header in header(),
+            message in message(),
+            extra in proptest::collection::vec(any::<u8>(), 1..40),
+        ) {
+            let mut out = Vec::new();
+            encode_data(&header, &[&message], &mut out);
+            out.extend_from_slice(&extra);
+            prop_assert!(decode(&out).is_err());
+            encode_receipt(&Receipt { flow: 1, highest: 2, received: 3 }, &mut out);
+            out.extend_from_slice(&extra);
+            prop_assert_eq!(decode(&out), Err(BundleError::Trailing));
         }
 
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
-            if let Ok(messages) = decode(&bytes) {
+            if let Ok(Payload::Data { messages, .. }) = decode(&bytes) {
                 prop_assert!(messages.iter().all(|m| !m.is_empty()));
                 prop_assert!(messages.iter().map(|m| m.len()).sum::<usize>() <= bytes.len());
             }
@@ -149,23 +264,30 @@ mod tests {
     }
 
     #[test]
-    fn malformed_bundles_say_why() {
+    fn malformed_datagrams_say_why() {
+        let head = |count: u8| {
+            let mut d = vec![DATA];
+            d.extend_from_slice(&[0; 44]);
+            d.push(count);
+            d
+        };
         assert_eq!(decode(&[]), Err(BundleError::Empty));
         assert_eq!(decode(&[0x42, 1]), Err(BundleError::UnknownFormat(0x42)));
-        assert_eq!(decode(&[BUNDLE_V1, 0]), Err(BundleError::NoMessages));
+        // Bare Noise messages (the first I2P format) are not accepted.
+        assert_eq!(decode(&[4, 0, 0, 0, 7]), Err(BundleError::UnknownFormat(4)));
+        assert_eq!(decode(&head(0)), Err(BundleError::NoMessages));
         assert_eq!(
-            decode(&[BUNDLE_V1, 1, 0, 0]),
+            decode(&[head(1), vec![0, 0]].concat()),
             Err(BundleError::EmptyMessage)
         );
         assert_eq!(
-            decode(&[BUNDLE_V1, 1, 0, 1, 4, 9]),
+            decode(&[head(1), vec![0, 1, 4, 9]].concat()),
             Err(BundleError::Trailing)
         );
         assert_eq!(
-            decode(&[BUNDLE_V1, 2, 0, 1, 4]),
+            decode(&[head(2), vec![0, 1, 4]].concat()),
             Err(BundleError::Truncated)
         );
-        // A bare Noise message passes through whole.
-        assert_eq!(decode(&[4, 0, 0, 0, 7]), Ok(vec![&[4, 0, 0, 0, 7][..]]));
+        assert_eq!(decode(&[RECEIPT, 0, 0]), Err(BundleError::Truncated));
     }
 }

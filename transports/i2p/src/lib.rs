@@ -11,8 +11,9 @@
 //!   dies, and resolves peers' `.b32.i2p` addresses with NAMING LOOKUP on
 //!   the session's own connection, so the router has a peer's LeaseSet
 //!   before the first datagram goes (otherwise that datagram is lost);
-//! * the pacer sends datagrams to the bridge's UDP port at a bounded rate,
-//!   because bursts overflow the bridge's socket;
+//! * the pacer task sends datagrams to the bridge's UDP port at the rate
+//!   `pacer::Pacer` allows each destination (receipts from the receiver
+//!   set it) and bundles what waits;
 //! * receiving needs no task: the bridge forwards datagrams to our UDP
 //!   socket, read by `poll_recv`.
 //!
@@ -23,6 +24,7 @@
 
 pub mod bundle;
 pub mod dest;
+pub mod pacer;
 pub mod sam;
 
 use std::collections::{HashMap, VecDeque};
@@ -43,27 +45,13 @@ use veilmesh_transport::{
 };
 
 pub use dest::{parse_peer_address, Destination, PrivateKeys};
+use pacer::{Pacer, Receipts};
 pub use sam::{SamError, SessionOptions};
 
 /// Largest Noise datagram sent over I2P. I2P carries up to ~31 KB, but
 /// loss grows with every 1 KB tunnel message a datagram spans; the TUN MTU
 /// keeps real packets far below this.
 pub const MAX_DATAGRAM: usize = 8 * 1024;
-/// Largest bundle of Noise messages in one I2P datagram: i2pd's cost is
-/// per datagram, loss grows with its size (one lost 1 KB tunnel message
-/// loses all of it); 8 KB moved the most on the test network.
-const MAX_BUNDLE: usize = 8 * 1024;
-/// Datagrams queued for the pacer before senders see backpressure.
-const SEND_QUEUE: usize = 512;
-/// Pacing: i2pd's SAM socket loses datagrams in unpaced bursts (54-81 %
-/// measured) and none at ~900/s.
-const DATAGRAMS_PER_SECOND: f64 = 2000.0;
-const BURST: f64 = 32.0;
-/// A message that waited this long for the pacer is dropped rather than
-/// sent: our queue stays short (so TCP inside sees the loss at once and
-/// backs off) and a flood can never build up inside i2pd, whose link queue
-/// drops a peer at 500 messages and whose ratchet then loses sync.
-const MAX_QUEUE_DELAY: Duration = Duration::from_millis(50);
 /// Datagrams held per destination while its lookup runs.
 const HELD_PER_LOOKUP: usize = 16;
 /// How long a NAMING LOOKUP may take (the router asks floodfills).
@@ -121,6 +109,8 @@ pub enum I2pError {
         path.display()
     )]
     KeyFileMode { path: PathBuf, mode: u32 },
+    #[error("no randomness from the system: {0}")]
+    Random(io::Error),
 }
 
 /// Counters of the transport; monotonic.
@@ -180,21 +170,35 @@ struct Shared {
     receiver: Option<std::task::Waker>,
 }
 
-/// A Noise message for the pacer: to which destination, through which
-/// session's socket.
-struct Outbound {
+/// Where a datagram goes: the SAM header naming the session and the
+/// destination, and that session's socket. One pacer flow per route.
+#[derive(Clone)]
+struct Route {
     socket: Arc<UdpSocket>,
-    /// The SAM header naming the session and the destination: messages
-    /// with the same header may share a datagram.
     header: Arc<str>,
-    message: Vec<u8>,
-    queued_at: tokio::time::Instant,
 }
 
-/// Everything the tasks and the transport share.
+impl PartialEq for Route {
+    fn eq(&self, other: &Route) -> bool {
+        Arc::ptr_eq(&self.socket, &other.socket) && self.header == other.header
+    }
+}
+
+impl Eq for Route {}
+
+impl std::hash::Hash for Route {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.header.hash(state);
+    }
+}
+
+/// Everything the tasks and the transport share. Lock order: `shared`,
+/// then `pacer`.
 struct Inner {
     shared: Mutex<Shared>,
-    outbound: mpsc::Sender<Outbound>,
+    pacer: Mutex<Pacer<Route>>,
+    /// Wakes the pacer task: something was queued.
+    pacer_wake: tokio::sync::Notify,
     lookup_requests: mpsc::UnboundedSender<I2pAddress>,
     renew_requests: mpsc::UnboundedSender<()>,
 }
@@ -204,21 +208,44 @@ impl Inner {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn pacer(&self) -> MutexGuard<'_, Pacer<Route>> {
+        self.pacer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Queues a datagram for a resolved destination of the live session.
     fn queue(&self, shared: &mut Shared, live: &Live, dest: &str, datagram: &[u8]) -> bool {
-        let outbound = Outbound {
-            socket: live.socket.clone(),
-            header: sam::datagram_header(&live.id, dest).into(),
-            message: datagram.to_vec(),
-            queued_at: tokio::time::Instant::now(),
+        let Some(from) = shared.address else {
+            return false;
         };
-        match self.outbound.try_send(outbound) {
-            Ok(()) => true,
-            Err(_) => {
-                shared.counters.queue_drops += 1;
-                false
-            }
+        let queued =
+            self.pacer()
+                .push(route(live, dest), from.0, datagram.to_vec(), Instant::now());
+        if queued {
+            self.pacer_wake.notify_one();
+        } else {
+            shared.counters.queue_drops += 1;
         }
+        queued
+    }
+
+    /// Answers a flow from `from` with `receipt`, if `from` is a
+    /// destination we send to (never one a datagram merely claims).
+    fn send_receipt(&self, shared: &Shared, from: I2pAddress, receipt: &bundle::Receipt) {
+        let (Some(live), Some(Lookup::Resolved(dest))) = (&shared.live, shared.lookups.get(&from))
+        else {
+            return;
+        };
+        let mut payload = Vec::with_capacity(bundle::RECEIPT_LEN);
+        bundle::encode_receipt(receipt, &mut payload);
+        self.pacer().push_control(route(live, dest), payload);
+        self.pacer_wake.notify_one();
+    }
+}
+
+fn route(live: &Live, dest: &str) -> Route {
+    Route {
+        socket: live.socket.clone(),
+        header: sam::datagram_header(&live.id, dest).into(),
     }
 }
 
@@ -227,6 +254,7 @@ pub struct I2pTransport {
     tasks: Vec<JoinHandle<()>>,
     /// Messages of a bundle not handed out yet.
     unbundled: VecDeque<Vec<u8>>,
+    receipts: Receipts,
 }
 
 /// Where every received datagram comes from, as far as RAW tells.
@@ -238,7 +266,9 @@ impl I2pTransport {
     /// comes up in the background, and comes back after failures.
     pub fn start(config: I2pConfig) -> Result<I2pTransport, I2pError> {
         let keys = load_keys(&config.key_file)?;
-        let (outbound, outbound_rx) = mpsc::channel(SEND_QUEUE);
+        let mut id_key = [0; 8];
+        getrandom::fill(&mut id_key)
+            .map_err(|e| I2pError::Random(io::Error::other(e.to_string())))?;
         let (lookup_requests, lookup_rx) = mpsc::unbounded_channel();
         let (renew_requests, renew_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -247,7 +277,8 @@ impl I2pTransport {
                 state: "starting".into(),
                 ..Shared::default()
             }),
-            outbound,
+            pacer: Mutex::new(Pacer::new(u64::from_ne_bytes(id_key), Instant::now())),
+            pacer_wake: tokio::sync::Notify::new(),
             lookup_requests,
             renew_requests,
         });
@@ -263,12 +294,13 @@ impl I2pTransport {
         };
         let tasks = vec![
             tokio::spawn(supervisor.run(lookup_rx, renew_rx)),
-            tokio::spawn(pace(outbound_rx, inner.clone())),
+            tokio::spawn(pace(inner.clone())),
         ];
         Ok(I2pTransport {
             inner,
             tasks,
             unbundled: VecDeque::new(),
+            receipts: Receipts::default(),
         })
     }
 
@@ -290,12 +322,24 @@ impl I2pTransport {
 
     /// Turns one forwarded RAW datagram (the socket takes them from the
     /// bridge only) into the first of its Noise messages at the start of
-    /// `buf` (the others of a bundle wait in `unbundled`), or None
-    /// (counted) if it is not a well-formed datagram.
+    /// `buf` (the others of a bundle wait in `unbundled`), or None: a
+    /// receipt (handed to the pacer) or not a well-formed datagram
+    /// (counted).
     fn accept(&mut self, len: usize, buf: &mut [u8]) -> Option<Received> {
         let mut shared = self.inner.lock();
+        let now = Instant::now();
         let messages = match bundle::decode(&buf[..len]) {
-            Ok(messages) => messages,
+            Ok(bundle::Payload::Data { header, messages }) => {
+                if let Some(receipt) = self.receipts.record(&header, now) {
+                    self.inner
+                        .send_receipt(&shared, I2pAddress(header.from), &receipt);
+                }
+                messages
+            }
+            Ok(bundle::Payload::Receipt(receipt)) => {
+                self.inner.pacer().on_receipt(&receipt, now);
+                return None;
+            }
             Err(error) => {
                 shared.counters.bad_datagrams += 1;
                 tracing::debug!(%error, "bad datagram from the SAM bridge");
@@ -467,9 +511,17 @@ impl Transport for I2pTransport {
     fn describe(&self) -> String {
         let shared = self.inner.lock();
         let c = &shared.counters;
+        let (pacer, rates) = {
+            let pacer = self.inner.pacer();
+            (pacer.counters, pacer.rates())
+        };
+        let rates: Vec<String> = rates
+            .iter()
+            .map(|(bytes, datagrams)| format!("{:.1} Mbit/s {datagrams:.0}/s", bytes * 8.0 / 1e6))
+            .collect();
         format!(
             "i2p {} ({}), {} sent ({} messages), {} received ({} messages), {} sessions, \
-             {} lookups ({} failed), {} queue drops, {} bad datagrams",
+             {} lookups ({} failed), {} queue drops, {} bad datagrams, {} receipts, {} rate cuts, pacing [{}]",
             shared
                 .address
                 .map_or("(no destination yet)".into(), |a| a.to_string()),
@@ -481,8 +533,11 @@ impl Transport for I2pTransport {
             c.sessions,
             c.lookups,
             c.lookup_failures,
-            c.queue_drops,
-            c.bad_datagrams
+            c.queue_drops + pacer.stale_drops,
+            c.bad_datagrams,
+            pacer.receipts,
+            pacer.cuts,
+            rates.join(", ")
         )
     }
 
@@ -571,91 +626,45 @@ fn load_keys(path: &Path) -> Result<Option<PrivateKeys>, I2pError> {
         })
 }
 
-/// Sends queued messages to the bridge at a bounded rate of datagrams.
-/// When messages wait (the rate is the limit), those for one destination
-/// go together in one datagram, up to `MAX_BUNDLE`: never waiting to fill
-/// one, so nothing is delayed at low load.
-async fn pace(mut queue: mpsc::Receiver<Outbound>, inner: Arc<Inner>) {
-    let mut tokens = BURST;
-    let mut refilled = tokio::time::Instant::now();
-    // Messages taken off the queue, in order, not sent yet.
-    let mut backlog: VecDeque<Outbound> = VecDeque::new();
-    let mut datagram = Vec::new();
+/// Sends what the pacer hands out to the bridge, and sleeps until it has
+/// more or something is queued.
+async fn pace(inner: Arc<Inner>) {
     let mut payload = Vec::new();
+    let mut datagram = Vec::new();
     loop {
-        if backlog.is_empty() {
-            match queue.recv().await {
-                Some(first) => backlog.push_back(first),
-                None => return,
+        // Created before asking, so a push meanwhile is not missed.
+        let woken = inner.pacer_wake.notified();
+        let (transmit, timeout) = {
+            let mut pacer = inner.pacer();
+            match pacer.poll_transmit(Instant::now(), &mut payload) {
+                Some(transmit) => (Some(transmit), None),
+                None => (None, pacer.poll_timeout()),
             }
-        }
-        loop {
-            let now = tokio::time::Instant::now();
-            tokens = (tokens + now.duration_since(refilled).as_secs_f64() * DATAGRAMS_PER_SECOND)
-                .min(BURST);
-            refilled = now;
-            if tokens >= 1.0 {
-                tokens -= 1.0;
-                break;
+        };
+        let Some(transmit) = transmit else {
+            match timeout {
+                Some(at) => {
+                    tokio::select! {
+                        _ = woken => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => woken.await,
             }
-            let wait = (1.0 - tokens) / DATAGRAMS_PER_SECOND;
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-        }
-        while backlog.len() < SEND_QUEUE {
-            match queue.try_recv() {
-                Ok(next) => backlog.push_back(next),
-                Err(_) => break,
-            }
-        }
-        let now = tokio::time::Instant::now();
-        let stale = backlog
-            .iter()
-            .take_while(|o| now.duration_since(o.queued_at) > MAX_QUEUE_DELAY)
-            .count();
-        if stale > 0 {
-            backlog.drain(..stale);
-            inner.lock().counters.queue_drops += stale as u64;
-        }
-        let Some(first) = backlog.pop_front() else {
             continue;
         };
-        let together = take_bundle(&first, &mut backlog);
-        let mut messages: Vec<&[u8]> = vec![&first.message];
-        messages.extend(together.iter().map(|o| o.message.as_slice()));
-        bundle::encode(&messages, &mut payload);
         datagram.clear();
-        datagram.extend_from_slice(first.header.as_bytes());
+        datagram.extend_from_slice(transmit.route.header.as_bytes());
         datagram.extend_from_slice(&payload);
-        match first.socket.send(&datagram).await {
+        match transmit.route.socket.send(&datagram).await {
             Ok(_) => {
                 let mut shared = inner.lock();
                 shared.counters.sent += 1;
-                shared.counters.messages_sent += messages.len() as u64;
+                shared.counters.messages_sent += transmit.messages as u64;
             }
             Err(error) => tracing::debug!(%error, "datagram to the SAM bridge failed"),
         }
     }
-}
-
-/// The messages in `backlog` that go in one datagram with `first`: the
-/// next ones for the same destination and session, in order, while the
-/// bundle stays within `MAX_BUNDLE`.
-fn take_bundle(first: &Outbound, backlog: &mut VecDeque<Outbound>) -> Vec<Outbound> {
-    let mut size = bundle::bundled_len([first.message.len()]);
-    let mut taken = Vec::new();
-    let mut i = 0;
-    while i < backlog.len() && taken.len() + 1 < bundle::MAX_MESSAGES {
-        let next = &backlog[i];
-        let same = next.header == first.header && Arc::ptr_eq(&next.socket, &first.socket);
-        let grown = size + bundle::bundled_len([next.message.len()]) - 2;
-        if same && grown <= MAX_BUNDLE {
-            size = grown;
-            taken.extend(backlog.remove(i));
-        } else {
-            i += 1;
-        }
-    }
-    taken
 }
 
 /// Why a session attempt or a running session ended.
@@ -1080,36 +1089,6 @@ mod tests {
             },
             label: "test".into(),
         }
-    }
-
-    /// What waits for one destination goes in one datagram, up to the
-    /// bundle size, in order; messages for others keep their place.
-    #[tokio::test]
-    async fn queued_messages_for_one_destination_share_a_datagram() {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        let out = |dest: &str, len: usize| Outbound {
-            socket: socket.clone(),
-            header: sam::datagram_header("s", dest).into(),
-            message: vec![4; len],
-            queued_at: tokio::time::Instant::now(),
-        };
-        let first = out("a", 1452);
-        let mut backlog: VecDeque<Outbound> =
-            [out("b", 100), out("a", 1452), out("a", 1452), out("b", 100)]
-                .into_iter()
-                .chain((0..10).map(|_| out("a", 1452)))
-                .collect();
-        let together = take_bundle(&first, &mut backlog);
-        let size = bundle::bundled_len(
-            std::iter::once(1452).chain(together.iter().map(|o| o.message.len())),
-        );
-        assert_eq!(together.len(), 4, "five 1452-byte messages fit in 8 KB");
-        assert!(size <= MAX_BUNDLE);
-        assert!(together.iter().all(|o| &*o.header == &*first.header));
-        // The two for b stay first, in order, then the rest for a.
-        assert_eq!(&*backlog[0].header, &*sam::datagram_header("s", "b"));
-        assert_eq!(&*backlog[1].header, &*sam::datagram_header("s", "b"));
-        assert_eq!(backlog.len(), 2 + 12 - 4);
     }
 
     #[test]
