@@ -86,6 +86,10 @@ impl Router {
         self.child = Some(child);
     }
 
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGTERM (i2pd stops at once), SIGKILL if it lingers.
     fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -448,6 +452,7 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     let mbit = iperf_mbit(&a, &b, &b_mesh, 10);
     println!("I2P: iperf3 TCP 10 s: {mbit:.2} Mbit/s");
     assert!(mbit > 0.0);
+    tcp_recovers_after_overload(&a, &b, &b_mesh, mbit);
     let (_, got, out) = a.ping6(&b_mesh, 5);
     assert!(got >= 4, "ping after iperf: {got}/5\n{out}");
     println!(
@@ -519,6 +524,62 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
 }
 
 /// Packets b has decrypted from a: proof that a's traffic gets through.
+/// 10 s of UDP far above what the I2P path carries, then TCP: it must
+/// move again within 15 s (an overloaded router link used to be dropped
+/// and the receiver's ratchet lost sync: 30 s of total loss).
+fn tcp_recovers_after_overload(a: &Netns, b: &Netns, b_mesh: &str, clean_mbit: f64) {
+    let flood = iperf_json(
+        a,
+        b,
+        b_mesh,
+        &["-u", "-b", "400M", "-l", "1200", "-t", "10"],
+    );
+    let flood_end = unix_seconds();
+    match flood {
+        Ok(report) => {
+            println!(
+            "I2P: overload: UDP 400 Mbit/s offered for 10 s, {:.1} Mbit/s received, {:.0} % lost",
+            report["end"]["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+            report["end"]["sum"]["lost_percent"].as_f64().unwrap_or(100.0)
+        )
+        }
+        // The flood may starve iperf3's own control connection; what
+        // counts is what comes after.
+        Err(_) => println!("I2P: overload: UDP 400 Mbit/s for 10 s (iperf3's report was lost)"),
+    }
+    let report = iperf_json(a, b, b_mesh, &["-t", "15", "--connect-timeout", "15000"])
+        .unwrap_or_else(|e| panic!("TCP after the overload failed:\n{e}"));
+    let began = report["start"]["timestamp"]["timesecs"]
+        .as_f64()
+        .expect("iperf3 JSON has start.timestamp.timesecs")
+        - flood_end;
+    let intervals = iperf_intervals(&report);
+    // When (seconds after the flood) an interval first carried `mbit`.
+    let first = |mbit: f64| {
+        intervals
+            .iter()
+            .position(|&m| m >= mbit)
+            .map(|i| began + i as f64 + 1.0)
+    };
+    let moving = first(1.0);
+    println!(
+        "I2P: after the overload TCP moves {} s later, at half the clean rate {} s later ({:.1?} Mbit/s per second)",
+        moving.map_or("never".into(), |t| format!("{t:.0}")),
+        first(clean_mbit / 2.0).map_or("never".into(), |t| format!("{t:.0}")),
+        intervals
+    );
+    assert!(
+        moving.is_some_and(|t| t <= 15.0),
+        "TCP did not move within 15 s of the overload: {intervals:.1?}"
+    );
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn received_from(daemon: &Daemon, peer: &str) -> u64 {
     daemon.peer(peer).counters.rx_packets
 }
@@ -713,6 +774,42 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     }
 }
 
+/// The I2P transport's line of `veilmesh show`.
+fn i2p_line(daemon: &Daemon) -> String {
+    daemon
+        .show()
+        .transports
+        .into_iter()
+        .find(|t| t.starts_with("i2p "))
+        .unwrap_or_default()
+}
+
+/// User and system CPU seconds of these processes so far.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    // Clock ticks: 100 per second on Linux (USER_HZ).
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name, which may hold spaces.
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Median RTT in ms of ping's reply lines.
+fn rtt_median_ms(ping_output: &str) -> f64 {
+    let mut rtts: Vec<f64> = ping_output
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Average RTT in ms from ping's summary line.
 fn rtt_avg_ms(ping_output: &str) -> f64 {
     ping_output
@@ -780,9 +877,33 @@ fn bench_i2p_against_direct_udp() {
             "{path:?}"
         );
         let (_, _, ping) = a.ping6(&b_mesh, 50);
+        let daemons = [da.pid().as_raw() as u32, db.pid().as_raw() as u32];
+        let routers: Vec<u32> = net.routers.iter().filter_map(|r| r.pid()).collect();
+        let before = (cpu_seconds(&daemons), cpu_seconds(&routers));
         let mbit = iperf_mbit(&a, &b, &b_mesh, seconds);
+        let (daemon_cpu, router_cpu) = (
+            cpu_seconds(&daemons) - before.0,
+            cpu_seconds(&routers) - before.1,
+        );
         let rtt = rtt_avg_ms(&ping);
-        println!("bench: {transport:<4} {mbit:10.2} Mbit/s {rtt:8.3} ms avg RTT");
+        let median = rtt_median_ms(&ping);
+        println!(
+            "bench: {transport:<4} {mbit:10.2} Mbit/s {rtt:8.3} ms avg RTT {median:8.3} ms median RTT"
+        );
+        // CPU time per Mbit moved, the two daemons together.
+        let moved = mbit * f64::from(seconds);
+        println!(
+            "bench: {transport:<4} cpu: veilmesh {:.2} ms/Mbit ({:.0} % of a core), routers {:.2} ms/Mbit ({:.0} %)",
+            daemon_cpu * 1e3 / moved,
+            daemon_cpu * 100.0 / f64::from(seconds),
+            router_cpu * 1e3 / moved,
+            router_cpu * 100.0 / f64::from(seconds)
+        );
+        if transport == "i2p" {
+            println!("bench: i2p  a: {}", i2p_line(&da));
+            tcp_recovers_after_overload(&a, &b, &b_mesh, mbit);
+            println!("bench: i2p  a after the overload: {}", i2p_line(&da));
+        }
         results.push((mbit, rtt));
     }
     let ((i2p_mbit, i2p_rtt), (udp_mbit, udp_rtt)) = (results[0], results[1]);

@@ -502,24 +502,51 @@ pub fn first_reply(
     }
 }
 
+/// iperf3 from `client` to a one-off server in `server` on `address`,
+/// with `args` for the client; its JSON report, or the client's output
+/// when it failed.
+pub fn iperf_json(
+    client: &Netns,
+    server: &Netns,
+    address: &str,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let mut listener = ChildGuard(server.spawn(&["iperf3", "-s", "-1", "-B", address]));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut full = vec!["iperf3", "-c", address, "-J"];
+    full.extend_from_slice(args);
+    let out = client.exec(&full);
+    let _ = listener.0.kill();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(text);
+    }
+    serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))
+}
+
 /// iperf3 TCP from `client` to a server in `server` on `address`; returns
 /// the received Mbit/s.
 pub fn iperf_mbit(client: &Netns, server: &Netns, address: &str, seconds: u32) -> f64 {
-    let mut listener = server.spawn(&["iperf3", "-s", "-1", "-B", address]);
-    std::thread::sleep(Duration::from_millis(500));
-    let out = client.exec(&["iperf3", "-c", address, "-t", &seconds.to_string(), "-J"]);
-    let _ = listener.kill();
-    let _ = listener.wait();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "iperf3 to {address} failed:\n{text}");
-    let bits = text
-        .split("\"sum_received\"")
-        .nth(1)
-        .and_then(|rest| rest.split("\"bits_per_second\":").nth(1))
-        .and_then(|v| v.split([',', '}']).next())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .expect("iperf3 JSON has sum_received.bits_per_second");
-    bits / 1e6
+    let report = iperf_json(client, server, address, &["-t", &seconds.to_string()])
+        .unwrap_or_else(|e| panic!("iperf3 to {address} failed:\n{e}"));
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 JSON has end.sum_received.bits_per_second")
+        / 1e6
+}
+
+/// The Mbit/s of each one-second interval of an iperf3 report.
+pub fn iperf_intervals(report: &serde_json::Value) -> Vec<f64> {
+    report["intervals"]
+        .as_array()
+        .map(|intervals| {
+            intervals
+                .iter()
+                .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+                .map(|bits| bits / 1e6)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// tox-bootstrapd in `ns`: a DHT node on 33445/udp and a TCP relay on
