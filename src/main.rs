@@ -424,13 +424,18 @@ fn read_stdin() -> anyhow::Result<String> {
 }
 
 /// Under systemd (JOURNAL_STREAM set) journald adds timestamps itself.
+/// Colours only on a terminal (and not with NO_COLOR): a log redirected to
+/// a file stays plain text.
 fn init_logging(level: &str) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().with_ansi(false).init();
+        builder.without_time().init();
     } else {
         builder.init();
     }

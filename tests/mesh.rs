@@ -228,6 +228,13 @@ fn mesh_of_three_with_site_to_site_and_cryptokey_routing() {
         let routes = ns.ip(&["-4", "route", "show"]) + &ns.ip(&["-6", "route", "show"]);
         assert!(!routes.contains("veil0"), "{name} kept routes:\n{routes}");
         assert!(!daemon.socket.exists(), "{name} left its control socket");
+        // Its stderr went to a file: plain text, no terminal colour codes.
+        let log = daemon.log_text();
+        assert!(log.contains("INFO"), "{name} logged nothing:\n{log}");
+        assert!(
+            !log.contains('\u{1b}'),
+            "{name}'s log has escape codes:\n{log}"
+        );
     }
     std::thread::sleep(Duration::from_millis(10));
 }
