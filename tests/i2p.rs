@@ -607,7 +607,7 @@ fn delivery_within(
 fn wait_session(da: &Daemon, bridge: &str, nth: u32) -> Duration {
     let since = Instant::now();
     loop {
-        let state = session_bridge(da);
+        let state = i2p_line(da);
         if state.contains(&format!("session up on SAM bridge {bridge}"))
             && state.contains(&format!(" {nth} sessions"))
         {
@@ -645,14 +645,14 @@ fn assert_recovery(what: &str, a: &Netns, b_mesh: &str, da: &Daemon, db: &Daemon
     if reply_within(a, b_mesh, Duration::from_secs(120)).is_none() {
         panic!(
             "I2P {what}: no reply within 120 s\nb: {}\n{}",
-            session_bridge(db),
+            i2p_line(db),
             db.log_text()
         );
     }
     println!(
         "I2P {what}: replies resume {:.1} s after the new session (b: {})",
         since.elapsed().as_secs_f64(),
-        session_bridge(db)
+        i2p_line(db)
     );
 }
 
@@ -667,7 +667,9 @@ fn reply_within(ns: &Netns, target: &str, limit: Duration) -> Option<Duration> {
     None
 }
 
-fn session_bridge(daemon: &Daemon) -> String {
+/// The I2P transport's line of `veilmesh show`: session state, counters,
+/// pacing.
+fn i2p_line(daemon: &Daemon) -> String {
     daemon
         .show()
         .transports
@@ -742,7 +744,7 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     // The only router left for a dies and comes back: so does the session.
     net.router(3).stop();
     std::thread::sleep(Duration::from_secs(2));
-    let state = session_bridge(&da);
+    let state = i2p_line(&da);
     assert!(
         [
             "no SAM bridge reachable",
@@ -763,7 +765,7 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     assert_eq!(i2p_address(&da), addr_a);
     assert_recovery("restart", &a, &b_mesh, &da, &db, before);
     assert!(da.is_running(), "veilmesh exited:\n{}", da.log_text());
-    println!("I2P: a: {}", session_bridge(&da));
+    println!("I2P: a: {}", i2p_line(&da));
     for (name, daemon) in [("a", &da), ("b", &db)] {
         for line in daemon.log_text().lines() {
             let events = ["presence", "session created", "session lost", "re-creating"];
@@ -772,16 +774,6 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
             }
         }
     }
-}
-
-/// The I2P transport's line of `veilmesh show`.
-fn i2p_line(daemon: &Daemon) -> String {
-    daemon
-        .show()
-        .transports
-        .into_iter()
-        .find(|t| t.starts_with("i2p "))
-        .unwrap_or_default()
 }
 
 /// User and system CPU seconds of these processes so far.

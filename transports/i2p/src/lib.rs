@@ -213,17 +213,16 @@ impl Inner {
     }
 
     /// Queues a datagram for a resolved destination of the live session.
-    fn queue(&self, shared: &mut Shared, live: &Live, dest: &str, datagram: &[u8]) -> bool {
+    fn queue(&self, shared: &Shared, live: &Live, dest: &str, datagram: &[u8]) -> bool {
         let Some(from) = shared.address else {
             return false;
         };
         let queued =
             self.pacer()
                 .push(route(live, dest), from.0, datagram.to_vec(), Instant::now());
+        // A refusal is counted by the pacer (`full_drops`).
         if queued {
             self.pacer_wake.notify_one();
-        } else {
-            shared.counters.queue_drops += 1;
         }
         queued
     }
@@ -533,7 +532,7 @@ impl Transport for I2pTransport {
             c.sessions,
             c.lookups,
             c.lookup_failures,
-            c.queue_drops + pacer.stale_drops,
+            c.queue_drops + pacer.stale_drops + pacer.full_drops,
             c.bad_datagrams,
             pacer.receipts,
             pacer.cuts,

@@ -484,21 +484,18 @@ impl Receipts {
                 self.senders.remove(&oldest);
             }
         }
+        let fresh = || Receipt {
+            flow: header.flow,
+            highest: header.seq,
+            received: 0,
+        };
         let track = self.senders.entry(header.from).or_insert(Track {
-            receipt: Receipt {
-                flow: header.flow,
-                highest: header.seq,
-                received: 0,
-            },
+            receipt: fresh(),
             reported_at: None,
             seen_at: now,
         });
         if track.receipt.flow != header.flow {
-            track.receipt = Receipt {
-                flow: header.flow,
-                highest: header.seq,
-                received: 0,
-            };
+            track.receipt = fresh();
             track.reported_at = None;
         }
         let receipt = &mut track.receipt;

@@ -563,6 +563,13 @@ impl CallbackContext {
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Makes `friends` the allowed keys, here and for the event loop.
+    fn allow(&mut self, friends: &[ToxId]) {
+        self.allowed = friends.iter().map(|id| id.public_key().0).collect();
+        let allowed = self.allowed.clone();
+        self.shared().allowed = allowed;
+    }
 }
 
 fn friend_key(tox: *const ffi::Tox, friend: u32) -> Option<[u8; 32]> {
@@ -664,15 +671,14 @@ fn run_tox(
             return;
         }
     };
-    let allowed: HashSet<[u8; 32]> = config.friends.iter().map(|id| id.public_key().0).collect();
-    shared.lock().unwrap_or_else(|p| p.into_inner()).allowed = allowed.clone();
     let mut ctx = CallbackContext {
-        allowed,
+        allowed: HashSet::new(),
         inbound,
         shared,
         state_changed: true,
         last_traffic: Instant::now() - BUSY_FOR,
     };
+    ctx.allow(&config.friends);
     // SAFETY: `tox` stays valid until tox_kill below, and is only used on
     // this thread.
     unsafe {
@@ -688,8 +694,7 @@ fn run_tox(
     loop {
         let new_friends = ctx.shared().new_friends.take();
         if let Some(friends) = new_friends {
-            ctx.allowed = friends.iter().map(|id| id.public_key().0).collect();
-            ctx.shared().allowed = ctx.allowed.clone();
+            ctx.allow(&friends);
             delete_unallowed_friends(tox, &mut ctx);
             // Friend numbers of deleted friends are reused.
             friend_numbers.clear();
