@@ -677,6 +677,11 @@ enum SessionError {
     Timeout(&'static str),
     #[error("the bridge closed the connection")]
     Closed,
+    #[error(
+        "the bridge closed the connection instead of answering SESSION CREATE: it may refuse \
+         the session options (emissary, for one, builds no tunnels of length 0)"
+    )]
+    ClosedOnCreate,
     #[error("cannot resolve `{0}`")]
     Resolve(String),
     #[error("the bridge created a session for another destination")]
@@ -885,7 +890,11 @@ impl Supervisor {
         let started = Instant::now();
         let reply = control
             .ask(&command, SESSION_CREATE_TIMEOUT, "SESSION STATUS")
-            .await?;
+            .await
+            .map_err(|error| match error {
+                SessionError::Closed => SessionError::ClosedOnCreate,
+                other => other,
+            })?;
         // i2pd echoes the private keys back: they must be ours.
         if let Some(echo) = reply.get("DESTINATION") {
             let same = PrivateKeys::from_base64(echo)
@@ -1155,11 +1164,14 @@ mod tests {
     /// A scripted SAM bridge on loopback: it answers HELLO and SESSION
     /// CREATE, DEST GENERATE with `private_keys`, and NAMING LOOKUP with
     /// `lookup_reply` written in two pieces `pause` apart. It reports the
-    /// SESSION CREATE line it got.
+    /// SESSION CREATE line it got, and closes the connection instead of
+    /// answering it if `refuse_sessions` (as emissary does with options it
+    /// does not support).
     async fn scripted_bridge(
         private_keys: String,
         lookup_reply: String,
         pause: Duration,
+        refuse_sessions: bool,
     ) -> (String, mpsc::UnboundedReceiver<String>) {
         use tokio::io::{AsyncBufReadExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1178,6 +1190,9 @@ mod tests {
                     format!("DEST REPLY PUB=x PRIV={private_keys}\n")
                 } else if line.starts_with("SESSION CREATE") {
                     let _ = created.send(line.clone());
+                    if refuse_sessions {
+                        return;
+                    }
                     format!("SESSION STATUS RESULT=OK DESTINATION={private_keys}\n")
                 } else if line.starts_with("NAMING LOOKUP") {
                     let (first, second) = lookup_reply.split_at(lookup_reply.len() / 2);
@@ -1216,7 +1231,7 @@ mod tests {
             peer.to_base64()
         );
         let (bridge, mut created) =
-            scripted_bridge(sample_keys(), reply, Duration::from_millis(1500)).await;
+            scripted_bridge(sample_keys(), reply, Duration::from_millis(1500), false).await;
         let mut transport = I2pTransport::start(test_config(&bridge, dir.path())).unwrap();
         let create = tokio::time::timeout(Duration::from_secs(5), created.recv())
             .await
@@ -1248,7 +1263,7 @@ mod tests {
     async fn a_destination_that_cannot_be_saved_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let (bridge, _created) =
-            scripted_bridge(sample_keys(), String::new(), Duration::ZERO).await;
+            scripted_bridge(sample_keys(), String::new(), Duration::ZERO, false).await;
         let mut config = test_config(&bridge, dir.path());
         // Absent, so there is nothing to read, and impossible to create.
         config.key_file = "/proc/veilmesh-no-such-directory/veil0.i2p".into();
@@ -1263,6 +1278,25 @@ mod tests {
         }
         assert!(transport.address().is_none());
         assert_eq!(transport.generation(), 0, "a session was created anyway");
+    }
+
+    /// A bridge that hangs up on SESSION CREATE: the error names the
+    /// command and the likely cause, not just a closed connection.
+    #[tokio::test]
+    async fn a_session_refused_by_hanging_up_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bridge, _created) =
+            scripted_bridge(sample_keys(), String::new(), Duration::ZERO, true).await;
+        let transport = I2pTransport::start(test_config(&bridge, dir.path())).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !transport
+            .describe()
+            .contains("closed the connection instead of answering SESSION CREATE")
+        {
+            assert!(Instant::now() < deadline, "{}", transport.describe());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(transport.generation(), 0);
     }
 
     /// A fake bridge that answers garbage: a clear error, no panic, and the
