@@ -108,9 +108,7 @@ impl Router {
     }
 
     fn log_tail(&self) -> String {
-        let text = fs::read_to_string(self.dir.join("i2pd.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        file_tail(&self.dir.join("i2pd.log"), 20)
     }
 }
 
@@ -213,6 +211,14 @@ impl I2pNet {
         ns
     }
 
+    /// Every router's identity, as a new router would reseed from.
+    fn router_infos(&self) -> Vec<PathBuf> {
+        self.routers
+            .iter()
+            .map(|r| r.dir.join("data/router.info"))
+            .collect()
+    }
+
     fn logs(&self) -> String {
         self.routers
             .iter()
@@ -222,16 +228,76 @@ impl I2pNet {
     }
 }
 
-/// `[i2p]` for tests: short tunnels (see the module comment).
-fn i2p_section(files: &NodeFiles, bridges: &[String]) -> String {
-    i2p_section_with(files, bridges, 1)
+/// emissary 0.4.0, a Rust I2P router (scripts/install-emissary.sh), joined
+/// to the i2pd routers' network: the second SAM implementation veilmesh is
+/// tested against. It forwards datagrams only to 127.0.0.1, so its SAM
+/// bridge listens on its namespace's loopback.
+struct Emissary {
+    dir: PathBuf,
+    _child: ChildGuard,
 }
 
-fn i2p_section_with(files: &NodeFiles, bridges: &[String], inbound_length: u8) -> String {
+impl Emissary {
+    fn start(ns: &Netns, ip: &str, dir: PathBuf, known_routers: &[PathBuf]) -> Emissary {
+        for (i, info) in known_routers.iter().enumerate() {
+            let bucket = dir.join(format!("netDb/r{i}"));
+            fs::create_dir_all(&bucket).unwrap();
+            fs::copy(info, bucket.join("routerInfo.dat")).unwrap();
+        }
+        // No [reseed], [address-book], [port-forwarding] or [metrics]: it
+        // fetches nothing and maps no port. --insecure-tunnels: every
+        // router here is in one /16.
+        let config = format!(
+            "net_id = 77\nallow_local = true\ninsecure_tunnels = true\nfloodfill = false\n\
+             [exploratory]\ninbound_len = 1\ninbound_count = 2\noutbound_len = 1\noutbound_count = 2\n\
+             [ntcp2]\nport = 12345\nhost = \"{ip}\"\npublish = true\n\
+             [sam]\ntcp_port = 7656\nudp_port = 7655\nhost = \"127.0.0.1\"\n\
+             [transit]\nmax_tunnels = 1000\n"
+        );
+        fs::write(dir.join("router.toml"), config).unwrap();
+        let log = fs::File::create(dir.join("emissary.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "emissary-cli", "--base-path"])
+            .arg(&dir)
+            .args(["--disable-reseed", "--disable-upnp", "--disable-nat-pmp"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("emissary-cli is installed by scripts/install-emissary.sh");
+        Emissary {
+            dir,
+            _child: ChildGuard(child),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        file_tail(&self.dir.join("emissary.log"), 30)
+    }
+}
+
+/// The last `count` lines of a log file (empty if there is none).
+fn file_tail(path: &Path, count: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+/// `[i2p]` for tests: short tunnels (see the module comment).
+fn i2p_section(files: &NodeFiles, bridges: &[String]) -> String {
+    i2p_section_with(files, bridges, 1, 0)
+}
+
+fn i2p_section_with(
+    files: &NodeFiles,
+    bridges: &[String],
+    inbound_length: u8,
+    outbound_length: u8,
+) -> String {
     let list: Vec<String> = bridges.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         "[i2p]\nenabled = true\nsam = [{}]\nkey_file = \"{}\"\ninbound_length = {inbound_length}\n\
-         outbound_length = 0\ninbound_quantity = 2\noutbound_quantity = 2\n",
+         outbound_length = {outbound_length}\ninbound_quantity = 2\noutbound_quantity = 2\n",
         list.join(", "),
         files.dir.join("veil0.i2p").display()
     )
@@ -695,7 +761,7 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
     // tunnel through a's dying router is likely, and would take b's own
     // reachability down with it for ~10 minutes (until its LeaseSet
     // expires), which is not what this test is about.
-    let section_b = |files: &NodeFiles| i2p_section_with(files, &sam_b, 0);
+    let section_b = |files: &NodeFiles| i2p_section_with(files, &sam_b, 0, 0);
     fa.write_config("", &i2p_section(&fa, &two_bridges));
     fb.write_config("", &section_b(&fb));
     let mut da = Daemon::start(&a, &fa);
@@ -777,6 +843,94 @@ fn sessions_fail_over_to_the_next_bridge_and_come_back_after_a_router_restart() 
 }
 
 /// User and system CPU seconds of these processes so far.
+/// veilmesh against a second SAM implementation: a uses emissary's bridge,
+/// b an i2pd one. DEST GENERATE, RAW sessions, NAMING LOOKUP of the other's
+/// .b32.i2p and bundled datagrams both ways, between the two routers.
+/// emissary's datagram path is slow (a few Mbit/s): this is about framing,
+/// not speed.
+#[test]
+fn interop_emissary_sam_bridge_carries_pings_both_ways() {
+    let tag = "em";
+    let mut net = I2pNet::new(tag, 3);
+    let started = Instant::now();
+    let e = net.host(tag, "e", "198.18.0.10");
+    // emissary binds its UDP sockets only once it has a default route; this
+    // one leads to the bridge namespace and no further.
+    e.ip(&["route", "add", "default", "dev", "eth0"]);
+    let emissary_dir = net.dir.path().join("emissary");
+    let emissary = Emissary::start(&e, "198.18.0.10", emissary_dir, &net.router_infos());
+    let b = net.host(tag, "b", "198.18.0.12");
+    let (fa, fb) = (
+        NodeFiles::new(net.dir.path(), "a"),
+        NodeFiles::new(net.dir.path(), "b"),
+    );
+    let (sam_a, sam_b) = ("127.0.0.1:7656".to_owned(), net.sam(1));
+    // emissary builds no 0-hop tunnels (i2pd's shortcut for a fast first
+    // LeaseSet publish).
+    let section_a = |files: &NodeFiles| i2p_section_with(files, std::slice::from_ref(&sam_a), 1, 1);
+    fa.write_config("", &section_a(&fa));
+    fb.write_config("", &i2p_section(&fb, std::slice::from_ref(&sam_b)));
+    let da = Daemon::start(&e, &fa);
+    let db = Daemon::start(&b, &fb);
+    let (addr_a, addr_b) = (i2p_address(&da), i2p_address(&db));
+    let peer = |files: &NodeFiles, address: &str| {
+        format!(
+            "{}i2p = \"{address}\"\ntransports = [\"i2p\"]\n",
+            files.peer_block("peer", None, &[])
+        )
+    };
+    fa.write_config("", &format!("{}{}", section_a(&fa), peer(&fb, &addr_b)));
+    fb.write_config(
+        "",
+        &format!("{}{}", i2p_section(&fb, &[sam_b]), peer(&fa, &addr_a)),
+    );
+    reload(&fa);
+    reload(&fb);
+    let b_mesh = fb.mesh().to_string();
+    let a_mesh = fa.mesh().to_string();
+    let failure = |what: &str| {
+        format!(
+            "{what}\n--- a ---\n{}\n--- emissary ---\n{}\n{}",
+            da.log_text(),
+            emissary.log_tail(),
+            net.logs()
+        )
+    };
+    let deadline = started + Duration::from_secs(240);
+    while reply_within(&e, &b_mesh, Duration::from_secs(2)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            failure("a never reached b")
+        );
+    }
+    println!(
+        "emissary: first reply a -> b {:.1} s after the routers started",
+        started.elapsed().as_secs_f64()
+    );
+    let (sent, got, out) = e.ping6(&b_mesh, 5);
+    assert!(
+        got >= 4,
+        "{}",
+        failure(&format!("a -> b {got}/{sent}\n{out}"))
+    );
+    let (sent, got, out) = b.ping6(&a_mesh, 5);
+    assert!(
+        got >= 4,
+        "{}",
+        failure(&format!("b -> a {got}/{sent}\n{out}"))
+    );
+    println!(
+        "emissary: b -> a {got}/{sent}, {}",
+        out.lines().last().unwrap_or("")
+    );
+    // Each side resolved the other by name through its own router and
+    // carries it over I2P.
+    assert_eq!(path_to(&da, "peer").0, Some(format!("i2p {addr_b}")));
+    assert_eq!(path_to(&db, "peer").0, Some(format!("i2p {addr_a}")));
+    println!("emissary: a: {}", i2p_line(&da));
+}
+
 fn cpu_seconds(pids: &[u32]) -> f64 {
     // Clock ticks: 100 per second on Linux (USER_HZ).
     let ticks: u64 = pids
