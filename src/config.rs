@@ -4,6 +4,7 @@
 //! fields), then `validate` turns strings into typed values and checks what
 //! only makes sense across fields. Every error names the file and the field.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -428,6 +429,10 @@ impl Validator<'_> {
         }
         let own_key = interface.private_key.public_key();
         let mut peers: Vec<PeerConfig> = Vec::with_capacity(raw.peers.len());
+        // Hash lookups, not pairwise checks: 10,000 peers must not cost 10^8
+        // comparisons (start and every reload validate the whole file).
+        let mut by_key: HashMap<[u8; 32], usize> = HashMap::with_capacity(raw.peers.len());
+        let mut by_name: HashMap<String, usize> = HashMap::with_capacity(raw.peers.len());
         for (index, raw_peer) in raw.peers.into_iter().enumerate() {
             let peer = self.peer(index, raw_peer, &enabled)?;
             let label = peer_label(index, &peer.name);
@@ -437,31 +442,38 @@ impl Validator<'_> {
                     "is this node's own public key; a node cannot be its own peer",
                 ));
             }
-            for (other_index, other) in peers.iter().enumerate() {
-                let other_label = peer_label(other_index, &other.name);
-                if other.public_key == peer.public_key {
-                    return Err(self.err(
-                        format!("{label}.public_key"),
-                        format!("duplicate: the same key is already used by {other_label}"),
-                    ));
-                }
-                if other.name == peer.name {
-                    return Err(self.err(
-                        format!("{label}.name"),
-                        format!("duplicate: {other_label} has the same name"),
-                    ));
-                }
-                if let Some((mine, theirs)) = first_overlap(&peer, other) {
-                    return Err(self.err(
-                        format!("{label}.allowed_ips"),
-                        format!(
-                            "{mine} overlaps {theirs} of {other_label}; \
-                             every address must route to exactly one peer"
-                        ),
-                    ));
-                }
+            if let Some(&other) = by_key.get(&peer.public_key.0) {
+                return Err(self.err(
+                    format!("{label}.public_key"),
+                    format!(
+                        "duplicate: the same key is already used by {}",
+                        peer_label(other, &peers[other].name)
+                    ),
+                ));
             }
+            if let Some(&other) = by_name.get(&peer.name) {
+                return Err(self.err(
+                    format!("{label}.name"),
+                    format!(
+                        "duplicate: {} has the same name",
+                        peer_label(other, &peers[other].name)
+                    ),
+                ));
+            }
+            by_key.insert(peer.public_key.0, index);
+            by_name.insert(peer.name.clone(), index);
             peers.push(peer);
+        }
+        if let Some(overlap) = first_overlap(peers.iter().map(PeerConfig::all_allowed_ips)) {
+            let label = peer_label(overlap.later.peer, &peers[overlap.later.peer].name);
+            let other_label = peer_label(overlap.earlier.peer, &peers[overlap.earlier.peer].name);
+            return Err(self.err(
+                format!("{label}.allowed_ips"),
+                format!(
+                    "{} overlaps {} of {other_label}; every address must route to exactly one peer",
+                    overlap.later.net, overlap.earlier.net
+                ),
+            ));
         }
         Ok(Config {
             file: self.file.to_owned(),
@@ -1002,14 +1014,78 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("`{text}` is not an IP network like 192.168.50.0/24"))
 }
 
-fn nets_overlap(a: &IpNet, b: &IpNet) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
+/// One prefix of one peer: `position` in its `all_allowed_ips()`.
+#[derive(Debug, Clone, Copy)]
+struct PeerPrefix {
+    net: IpNet,
+    peer: usize,
+    position: usize,
 }
 
-fn first_overlap(a: &PeerConfig, b: &PeerConfig) -> Option<(IpNet, IpNet)> {
-    a.all_allowed_ips()
-        .flat_map(|x| b.all_allowed_ips().map(move |y| (x, y)))
-        .find(|(x, y)| nets_overlap(x, y))
+#[derive(Debug)]
+struct Overlap {
+    later: PeerPrefix,
+    earlier: PeerPrefix,
+}
+
+/// The overlap of two peers' prefixes that a pairwise check in file order
+/// would report first (the later peer as early as possible, then the
+/// earlier one, then their prefixes in order), in O(P log P) for P
+/// prefixes: sorted by network address and then length, a prefix overlaps
+/// exactly the still-open prefixes that contain it, and those form one
+/// nested chain (at most 129 deep, unless the same prefix repeats).
+fn first_overlap<P: IntoIterator<Item = IpNet>>(
+    peers: impl IntoIterator<Item = P>,
+) -> Option<Overlap> {
+    let mut prefixes: Vec<PeerPrefix> = peers
+        .into_iter()
+        .enumerate()
+        .flat_map(|(peer, nets)| {
+            nets.into_iter()
+                .enumerate()
+                .map(move |(position, net)| PeerPrefix {
+                    net: net.trunc(),
+                    peer,
+                    position,
+                })
+        })
+        .collect();
+    let sort_key = |p: &PeerPrefix| match p.net {
+        IpNet::V4(n) => (false, u128::from(u32::from(n.network())), n.prefix_len()),
+        IpNet::V6(n) => (true, u128::from(n.network()), n.prefix_len()),
+    };
+    prefixes.sort_unstable_by_key(sort_key);
+    let order = |o: &Overlap| {
+        (
+            o.later.peer,
+            o.earlier.peer,
+            o.later.position,
+            o.earlier.position,
+        )
+    };
+    let mut open: Vec<PeerPrefix> = Vec::new();
+    let mut first: Option<Overlap> = None;
+    for prefix in prefixes {
+        while open
+            .last()
+            .is_some_and(|top| !top.net.contains(&prefix.net.network()))
+        {
+            open.pop();
+        }
+        for container in open.iter().filter(|c| c.peer != prefix.peer) {
+            let (later, earlier) = if prefix.peer > container.peer {
+                (prefix, *container)
+            } else {
+                (*container, prefix)
+            };
+            let found = Overlap { later, earlier };
+            if first.as_ref().is_none_or(|f| order(&found) < order(f)) {
+                first = Some(found);
+            }
+        }
+        open.push(prefix);
+    }
+    first
 }
 
 #[cfg(test)]
@@ -1099,13 +1175,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn duplicate_peer_key_is_named() {
+    fn duplicate_peer_key_or_name_is_named() {
         expect_error(
             &with_peers(&format!(
                 "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n[[peer]]\nname = \"c\"\npublic_key = \"{PUB_B}\"\n"
             )),
             "peer[1] \"c\".public_key",
             "already used by peer[0] \"b\"",
+        );
+        expect_error(
+            &with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n[[peer]]\nname = \"b\"\npublic_key = \"{PUB_C}\"\n"
+            )),
+            "peer[1] \"b\".name",
+            "duplicate: peer[0] \"b\" has the same name",
         );
     }
 
@@ -1119,6 +1202,49 @@ pub(crate) mod tests {
             "peer[0] \"me\".public_key",
             "own public key",
         );
+    }
+
+    proptest::proptest! {
+        /// The sweep finds the same overlap as checking every pair of
+        /// peers in file order (prefixes drawn from a small space so that
+        /// most configs have several).
+        #[test]
+        fn overlap_sweep_agrees_with_pairwise(
+            peers in proptest::collection::vec(
+                proptest::collection::vec((0u32..16, 28u8..=32, proptest::bool::ANY), 0..4),
+                0..8,
+            )
+        ) {
+            let peers: Vec<Vec<IpNet>> = peers
+                .iter()
+                .map(|nets| {
+                    nets.iter()
+                        .map(|&(host, len, v6)| {
+                            if v6 {
+                                IpNet::new(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, host as u16]), len + 96)
+                            } else {
+                                IpNet::new(IpAddr::from([10, 0, 0, host as u8]), len)
+                            }
+                            .unwrap()
+                            .trunc()
+                        })
+                        .collect()
+                })
+                .collect();
+            let pairwise = (0..peers.len()).find_map(|later| {
+                (0..later).find_map(|earlier| {
+                    peers[later].iter().find_map(|mine| {
+                        peers[earlier]
+                            .iter()
+                            .find(|theirs| mine.contains(&theirs.network()) || theirs.contains(&mine.network()))
+                            .map(|theirs| (later, earlier, *mine, *theirs))
+                    })
+                })
+            });
+            let swept = first_overlap(peers.iter().cloned())
+                .map(|o| (o.later.peer, o.earlier.peer, o.later.net, o.earlier.net));
+            proptest::prop_assert_eq!(swept, pairwise);
+        }
     }
 
     #[test]
