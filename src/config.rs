@@ -9,13 +9,14 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 
-use ipnet::{IpNet, Ipv6Net};
+use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::core::PeerSpec;
 use crate::identity::{PrivateKey, PublicKey};
 use veilmesh_i2p::SessionOptions;
 use veilmesh_tox::{ToxId, ToxNode};
-use veilmesh_transport::{I2pAddress, TransportKind};
+use veilmesh_transport::{I2pAddress, PeerAddr, TransportKind};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -274,7 +275,7 @@ pub struct PeerConfig {
 
 impl PeerConfig {
     pub fn mesh_net(&self) -> IpNet {
-        IpNet::V6(Ipv6Net::new(self.public_key.mesh_address(), 128).expect("128 is a valid prefix"))
+        crate::core::spec::mesh_net(&self.public_key)
     }
 
     /// Everything this peer may use as a source address: its mesh /128 and
@@ -287,11 +288,26 @@ impl PeerConfig {
         self.transports.contains(&kind)
     }
 
-    /// A peer that may not use UDP must never learn our IP address: it
-    /// gets no UDP answer, no endpoint, no Tox friendship, and reaches our
-    /// mesh address only (plus `allowed_destinations`).
+    /// See `core::spec::is_anonymous`.
     pub fn is_anonymous(&self) -> bool {
-        !self.allows(TransportKind::Udp)
+        crate::core::spec::is_anonymous(&self.transports)
+    }
+
+    /// What the core needs of this peer: its paths as typed addresses.
+    pub fn spec(&self) -> PeerSpec {
+        let paths = self.endpoint.map(PeerAddr::Udp).into_iter();
+        let paths = paths
+            .chain(self.tox.map(|id| PeerAddr::Tox(id.public_key())))
+            .chain(self.i2p.map(PeerAddr::I2p));
+        PeerSpec {
+            name: self.name.clone(),
+            public_key: self.public_key,
+            allowed_ips: self.allowed_ips.clone(),
+            paths: paths.collect(),
+            transports: self.transports.clone(),
+            persistent_keepalive: self.persistent_keepalive,
+            allowed_destinations: self.allowed_destinations.clone(),
+        }
     }
 }
 
@@ -304,6 +320,11 @@ pub fn default_control_socket(interface: &str) -> PathBuf {
 }
 
 impl Config {
+    /// The peers, as the core takes them.
+    pub fn peer_specs(&self) -> Vec<PeerSpec> {
+        self.peers.iter().map(PeerConfig::spec).collect()
+    }
+
     /// Subnets routed into the TUN: every peer's allowed IPs.
     pub fn peer_subnets(&self) -> impl Iterator<Item = IpNet> + '_ {
         self.peers

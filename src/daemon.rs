@@ -182,7 +182,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let now = Instant::now();
-    let mut node = Node::new(&iface.private_key, config.peers.clone(), now)?;
+    let mut node = Node::new(&iface.private_key, config.peer_specs(), now)?;
     node.set_punch_ttl(config.udp.punch_ttl);
     node.set_tunnel_addresses(iface.addresses.iter().map(|net| net.addr()));
     let device = NetDevice::create(
@@ -600,7 +600,7 @@ impl DataPath {
             _ => None,
         };
         self.device.sync_routes(new.peer_subnets())?;
-        let report = self.node.reconfigure(new.peers.clone(), Instant::now())?;
+        let report = self.node.reconfigure(new.peer_specs(), Instant::now())?;
         if let Some(udp) = udp {
             self.transports.add(Box::new(udp));
         } else if !udp_wanted(&new) && self.transports.remove(TransportKind::Udp) {

@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use boringtun::noise::{Tunn, TunnResult};
 use libfuzzer_sys::fuzz_target;
-use veilmesh::config::PeerConfig;
-use veilmesh::core::{Node, BUFFER_SIZE};
+use veilmesh::core::{Node, PeerSpec, BUFFER_SIZE};
 use veilmesh::identity::PrivateKey;
 use veilmesh_transport::{I2pAddress, PeerAddr, ToxPublicKey, TransportKind};
 
@@ -37,14 +36,12 @@ impl Harness {
     fn new() -> Harness {
         let peer_key = PrivateKey::parse(PEER_KEY).unwrap();
         let node_key = PrivateKey::parse(NODE_KEY).unwrap();
-        let config = PeerConfig {
+        let config = PeerSpec {
             name: "fuzzer".into(),
             public_key: peer_key.public_key(),
-            endpoint: None,
+            paths: vec![],
             allowed_ips: vec!["10.1.0.0/16".parse().unwrap()],
             persistent_keepalive: None,
-            tox: None,
-            i2p: None,
             transports: TransportKind::ALL.to_vec(),
             allowed_destinations: None,
         };

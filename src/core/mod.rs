@@ -10,6 +10,9 @@ pub mod packet;
 pub mod paths;
 pub mod peer_messages;
 pub mod routing;
+pub mod spec;
+
+pub use spec::PeerSpec;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -25,7 +28,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 
-use crate::config::PeerConfig;
 use crate::identity::{PrivateKey, PublicKey};
 use packet::{IpInfo, Unreachable};
 use paths::{PathSet, PathStatus};
@@ -36,6 +38,10 @@ use routing::RoutingTable;
 pub const NOISE_OVERHEAD: usize = 32;
 /// How often boringtun's timers are driven (as its own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
+/// A peer whose WireGuard state was not used for this long needs no
+/// timers: boringtun gave up any handshake after 90 s (REKEY_ATTEMPT_TIME)
+/// and erased the session keys 540 s after the last handshake.
+const QUIET_AFTER: Duration = Duration::from_secs(600);
 /// Handshake messages accepted per second and transport before the load
 /// rules apply (cookies over UDP, drops elsewhere). Per transport, so a
 /// flood of spoofed UDP initiations cannot block handshakes over Tox or
@@ -192,7 +198,7 @@ impl Transmit {
 }
 
 struct Peer {
-    config: PeerConfig,
+    spec: PeerSpec,
     tunn: Tunn,
     /// Candidate paths and the one in use.
     paths: PathSet,
@@ -203,6 +209,8 @@ struct Peer {
     /// Handshake initiations answered since the peer last sent data: how
     /// many, since when.
     initiations: Option<(u32, Instant)>,
+    /// When its WireGuard state was last used (see `QUIET_AFTER`).
+    last_active: Option<Instant>,
     counters: PeerCounters,
 }
 
@@ -215,9 +223,35 @@ impl Peer {
         self.tunn.time_since_last_handshake().is_some()
     }
 
+    /// Whether its WireGuard timers can still do anything: not for a peer
+    /// that is quiet (never used, or unused for `QUIET_AFTER`) and has no
+    /// keepalive. Skipping those makes 10,000 idle peers cost nothing.
+    fn needs_timers(&self, now: Instant) -> bool {
+        self.spec.persistent_keepalive.is_some()
+            || self
+                .last_active
+                .is_some_and(|t| now.saturating_duration_since(t) < QUIET_AFTER)
+    }
+
+    /// Marks its WireGuard state used now. A peer that was quiet first gets
+    /// its paths brought up to date: nothing judged them meanwhile.
+    fn wake(&mut self, now: Instant) {
+        if !self.needs_timers(now) {
+            self.paths.prune(now);
+            self.select_path(now);
+        }
+        self.last_active = Some(now);
+    }
+
+    /// The WireGuard state, to be used now.
+    fn active_tunn(&mut self, now: Instant) -> &mut Tunn {
+        self.wake(now);
+        &mut self.tunn
+    }
+
     fn select_path(&mut self, now: Instant) {
-        if let Some(path) = self.paths.select(now, &self.config.transports) {
-            tracing::info!(peer = %self.config.name, %path, "path in use changed");
+        if let Some(path) = self.paths.select(now, &self.spec.transports) {
+            tracing::info!(peer = %self.spec.name, %path, "path in use changed");
         }
     }
 }
@@ -281,7 +315,7 @@ pub enum NodeError {
 impl Node {
     pub fn new(
         private_key: &PrivateKey,
-        peers: Vec<PeerConfig>,
+        peers: Vec<PeerSpec>,
         now: Instant,
     ) -> Result<Node, NodeError> {
         if peers.len() >= MAX_PEERS {
@@ -323,22 +357,23 @@ impl Node {
         Ok(node)
     }
 
-    fn new_peer(&self, id: PeerId, config: PeerConfig, now: Instant) -> Peer {
+    fn new_peer(&self, id: PeerId, spec: PeerSpec, now: Instant) -> Peer {
         let tunn = Tunn::new(
             self.private.clone(),
-            config.public_key.to_x25519(),
+            spec.public_key.to_x25519(),
             None,
-            config.persistent_keepalive,
+            spec.persistent_keepalive,
             id as u32,
             Some(self.session_limiter.clone()),
         );
         Peer {
-            paths: PathSet::new(configured_paths(&config), now),
+            paths: PathSet::new(configured_paths(&spec), now),
             announce_at: None,
             last_punch_handshake: None,
             initiations: None,
+            last_active: None,
             tunn,
-            config,
+            spec,
             counters: PeerCounters::default(),
         }
     }
@@ -349,33 +384,31 @@ impl Node {
     /// that at creation). Removed peers are forgotten.
     pub fn reconfigure(
         &mut self,
-        peers: Vec<PeerConfig>,
+        peers: Vec<PeerSpec>,
         now: Instant,
     ) -> Result<ReconfigureReport, NodeError> {
         let mut report = ReconfigureReport::default();
-        let mut wanted: HashMap<[u8; 32], PeerConfig> =
+        let mut wanted: HashMap<[u8; 32], PeerSpec> =
             peers.into_iter().map(|p| (p.public_key.0, p)).collect();
         for slot in &mut self.peers {
             let Some(peer) = slot else { continue };
-            match wanted.remove(&peer.config.public_key.0) {
+            match wanted.remove(&peer.spec.public_key.0) {
                 None => {
-                    report.removed.push(peer.config.name.clone());
+                    report.removed.push(peer.spec.name.clone());
                     *slot = None;
                 }
-                Some(config) if config == peer.config => report.unchanged.push(config.name),
-                Some(config) => {
-                    report.changed.push(config.name.clone());
-                    let paths_changed = config.endpoint != peer.config.endpoint
-                        || config.tox != peer.config.tox
-                        || config.i2p != peer.config.i2p
-                        || config.transports != peer.config.transports;
+                Some(spec) if spec == peer.spec => report.unchanged.push(spec.name),
+                Some(spec) => {
+                    report.changed.push(spec.name.clone());
+                    let paths_changed =
+                        spec.paths != peer.spec.paths || spec.transports != peer.spec.transports;
                     if paths_changed {
                         peer.paths
-                            .set_configured(configured_paths(&config), now, |p| {
-                                path_allowed(&config, p)
+                            .set_configured(configured_paths(&spec), now, |p| {
+                                path_allowed(&spec, p)
                             });
                     }
-                    peer.config = config;
+                    peer.spec = spec;
                     peer.select_path(now);
                 }
             }
@@ -386,26 +419,26 @@ impl Node {
             .enumerate()
             .filter_map(|(id, p)| {
                 let p = p.as_ref()?;
-                (p.tunn.persistent_keepalive() != p.config.persistent_keepalive).then_some(id)
+                (p.tunn.persistent_keepalive() != p.spec.persistent_keepalive).then_some(id)
             })
             .collect();
         for id in keepalive_changed {
             if let Some(old) = self.peers[id].take() {
-                let mut fresh = self.new_peer(id, old.config, now);
+                let mut fresh = self.new_peer(id, old.spec, now);
                 fresh.paths = old.paths;
                 fresh.counters = old.counters;
                 self.peers[id] = Some(fresh);
             }
         }
-        let mut added: Vec<PeerConfig> = wanted.into_values().collect();
+        let mut added: Vec<PeerSpec> = wanted.into_values().collect();
         added.sort_by(|a, b| a.name.cmp(&b.name));
         if self.peers.len() + added.len() >= MAX_PEERS {
             return Err(NodeError::TooManyPeers(self.peers.len() + added.len()));
         }
-        for config in added {
-            report.added.push(config.name.clone());
+        for spec in added {
+            report.added.push(spec.name.clone());
             let id = self.peers.len();
-            let mut peer = self.new_peer(id, config, now);
+            let mut peer = self.new_peer(id, spec, now);
             peer.select_path(now);
             self.peers.push(Some(peer));
         }
@@ -419,11 +452,11 @@ impl Node {
         self.by_identity.clear();
         for (id, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
-            for net in peer.config.all_allowed_ips() {
+            for net in peer.spec.all_allowed_ips() {
                 self.routes.insert(net, id);
             }
-            self.by_key.insert(peer.config.public_key.0, id);
-            for path in configured_paths(&peer.config) {
+            self.by_key.insert(peer.spec.public_key.0, id);
+            for path in configured_paths(&peer.spec) {
                 if path.kind() != TransportKind::Udp {
                     self.by_identity.insert(path, id);
                 }
@@ -482,14 +515,15 @@ impl Node {
             self.counters.no_route += 1;
             return FromTun::Done(DropReason::NoRoute);
         };
-        if !local_address_allowed(&peer.config, &self.tunnel_addresses, info.src) {
+        if !local_address_allowed(&peer.spec, &self.tunnel_addresses, info.src) {
             peer.counters.refused_source += 1;
-            tracing::trace!(peer = %peer.config.name, src = %info.src, "source the peer may not see");
+            tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
         }
+        peer.wake(self.last_now);
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
-            tracing::trace!(peer = %peer.config.name, "no path to peer");
+            tracing::trace!(peer = %peer.spec.name, "no path to peer");
             return self.unreachable(packet, &info, Unreachable::NoPath, out);
         };
         let limits = limits(&path);
@@ -502,7 +536,7 @@ impl Node {
         if packet.len() + NOISE_OVERHEAD > carried {
             peer.counters.oversize += 1;
             let mtu = limits.unfragmented.saturating_sub(NOISE_OVERHEAD);
-            tracing::trace!(peer = %peer.config.name, len = packet.len(), mtu, "packet too big for path");
+            tracing::trace!(peer = %peer.spec.name, len = packet.len(), mtu, "packet too big for path");
             return match packet::packet_too_big(packet, &info, mtu, self.mesh_address, out) {
                 Some(n) => FromTun::Reply(&out[..n]),
                 None => FromTun::Done(DropReason::Oversize),
@@ -525,7 +559,7 @@ impl Node {
             }
             TunnResult::Done => FromTun::Done(DropReason::Queued),
             TunnResult::Err(error) => {
-                tracing::debug!(peer = %peer.config.name, ?error, "encapsulate failed");
+                tracing::debug!(peer = %peer.spec.name, ?error, "encapsulate failed");
                 FromTun::Done(DropReason::BadPacket)
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
@@ -587,7 +621,7 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return Err(DropReason::UnknownPeer);
         };
-        if path_allowed(&peer.config, from) {
+        if path_allowed(&peer.spec, from) {
             self.counters.cookies_sent += 1;
             self.transmits
                 .push_back(Transmit::new(from.clone(), &cookie));
@@ -683,7 +717,7 @@ impl Node {
         let attributed;
         let from = match from {
             PeerAddr::Unattributed(kind) => {
-                let own = configured_paths(&peer.config)
+                let own = configured_paths(&peer.spec)
                     .into_iter()
                     .find(|p| p.kind() == *kind);
                 let Some(own) = own else {
@@ -695,12 +729,18 @@ impl Node {
             }
             named => named,
         };
-        if !path_allowed(&peer.config, from) {
+        if !path_allowed(&peer.spec, from) {
             peer.counters.wrong_path += 1;
-            tracing::debug!(peer = %peer.config.name, %from, "datagram over a path this peer may not use");
+            tracing::debug!(peer = %peer.spec.name, %from, "datagram over a path this peer may not use");
             return FromNetwork::Dropped(DropReason::WrongPath);
         }
-        let (packet, src) = match peer.tunn.decapsulate(from.ip(), datagram, out) {
+        let result = peer.tunn.decapsulate(from.ip(), datagram, out);
+        // Only what authenticates wakes a quiet peer: forged datagrams
+        // must not make idle peers cost timers again.
+        if !matches!(result, TunnResult::Err(_)) {
+            peer.wake(now);
+        }
+        let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
             TunnResult::WriteToTunnelV6(packet, src) => (packet, IpAddr::V6(src)),
             TunnResult::WriteToNetwork(reply) => {
@@ -724,7 +764,7 @@ impl Node {
                 }
                 peer.select_path(now);
                 if not_heard {
-                    let name = peer.config.name.clone();
+                    let name = peer.spec.name.clone();
                     self.request_renewal(
                         from.kind(),
                         now,
@@ -746,7 +786,7 @@ impl Node {
             }
             TunnResult::Err(error) => {
                 peer.counters.bad_packet += 1;
-                log_decapsulate_error(&peer.config.name, from, &error);
+                log_decapsulate_error(&peer.spec.name, from, &error);
                 return FromNetwork::Dropped(DropReason::BadPacket);
             }
         };
@@ -755,13 +795,13 @@ impl Node {
         Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
         if self.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
-            tracing::debug!(peer = %peer.config.name, %src, "dropped packet with a source outside the peer's allowed IPs");
+            tracing::debug!(peer = %peer.spec.name, %src, "dropped packet with a source outside the peer's allowed IPs");
             return FromNetwork::Dropped(DropReason::Spoofed);
         }
         if peer_messages::is_peer_message(packet) {
             let message = peer_messages::parse_packet(packet);
             let from_mesh =
-                peer_messages::source(packet) == Some(peer.config.public_key.mesh_address());
+                peer_messages::source(packet) == Some(peer.spec.public_key.mesh_address());
             match message {
                 Ok(message) if from_mesh => self.handle_peer_message(id, from, message, now),
                 Ok(_) => {
@@ -770,18 +810,17 @@ impl Node {
                 }
                 Err(error) => {
                     peer.counters.bad_packet += 1;
-                    tracing::debug!(peer = %peer.config.name, %error, "bad peer message");
+                    tracing::debug!(peer = %peer.spec.name, %error, "bad peer message");
                     return FromNetwork::Dropped(DropReason::BadPacket);
                 }
             }
             return FromNetwork::Consumed;
         }
-        if needs_address_check(&peer.config) {
+        if needs_address_check(&peer.spec) {
             let dst = packet::parse(packet).ok().map(|info| info.dst);
-            if !dst.is_some_and(|d| local_address_allowed(&peer.config, &self.tunnel_addresses, d))
-            {
+            if !dst.is_some_and(|d| local_address_allowed(&peer.spec, &self.tunnel_addresses, d)) {
                 peer.counters.refused_destination += 1;
-                tracing::debug!(peer = %peer.config.name, ?dst, "packet to an address of ours the peer may not reach");
+                tracing::debug!(peer = %peer.spec.name, ?dst, "packet to an address of ours the peer may not reach");
                 return FromNetwork::Dropped(DropReason::RefusedAddress);
             }
         }
@@ -843,7 +882,7 @@ impl Node {
                 observed,
             } => {
                 if !peer.paths.pong(probe, from, now) {
-                    tracing::trace!(peer = %peer.config.name, probe, "stale probe reply");
+                    tracing::trace!(peer = %peer.spec.name, probe, "stale probe reply");
                     return;
                 }
                 peer.select_path(now);
@@ -852,13 +891,13 @@ impl Node {
                 }
             }
             PeerMessage::Candidates { endpoints, reply } => {
-                if !peer.config.allows(TransportKind::Udp) {
+                if !peer.spec.allows(TransportKind::Udp) {
                     // Its config may allow us UDP; ours does not allow it.
-                    tracing::debug!(peer = %peer.config.name, "ignored endpoints of a peer not allowed UDP");
+                    tracing::debug!(peer = %peer.spec.name, "ignored endpoints of a peer not allowed UDP");
                     return;
                 }
                 let usable = self.own.usable_peer_endpoints(&self.routes, &endpoints);
-                tracing::debug!(peer = %peer.config.name, ?usable, reply, "peer announced endpoints");
+                tracing::debug!(peer = %peer.spec.name, ?usable, reply, "peer announced endpoints");
                 // An answer to our announcement comes after the peer's
                 // short-TTL probes: its NAT is open to us.
                 peer.paths.announced(&usable, now, !reply);
@@ -909,7 +948,7 @@ impl Node {
                 continue;
             }
             if let TunnResult::WriteToNetwork(init) = peer
-                .tunn
+                .active_tunn(now)
                 .format_handshake_initiation(&mut self.scratch, false)
             {
                 for to in peer.paths.of_kind(kind) {
@@ -952,7 +991,8 @@ impl Node {
             .peers
             .iter()
             .flatten()
-            .filter_map(|p| Some((p.paths.one_way(now)?, p.config.name.clone())))
+            .filter(|p| p.needs_timers(now))
+            .filter_map(|p| Some((p.paths.one_way(now)?, p.spec.name.clone())))
             .collect();
         for (kind, name) in one_way {
             self.request_renewal(kind, now, &name, "the peer is heard but does not hear us");
@@ -1015,8 +1055,8 @@ impl Node {
         self.peers
             .iter()
             .flatten()
-            .filter(|p| p.config.allows(TransportKind::Udp))
-            .map(|p| (p.config.public_key, p.has_session()))
+            .filter(|p| p.spec.allows(TransportKind::Udp))
+            .map(|p| (p.spec.public_key, p.has_session()))
     }
 
     /// Our UDP endpoints as announced to peers.
@@ -1039,14 +1079,14 @@ impl Node {
             return;
         };
         peer.announce_at = None;
-        if !peer.config.allows(TransportKind::Udp) || endpoints.is_empty() {
+        if !peer.spec.allows(TransportKind::Udp) || endpoints.is_empty() {
             return;
         }
         let Some(path) = peer.path() else { return };
         if !peer.paths.has_live(TransportKind::Udp, now) {
             peer.announce_at = Some(now + REPUNCH_INTERVAL);
         }
-        tracing::debug!(peer = %peer.config.name, %path, count = endpoints.len(), "announcing endpoints");
+        tracing::debug!(peer = %peer.spec.name, %path, count = endpoints.len(), "announcing endpoints");
         self.send_peer_message(
             id,
             path,
@@ -1067,10 +1107,11 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return;
         };
-        let peer_mesh = peer.config.public_key.mesh_address();
+        let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
-        if let TunnResult::WriteToNetwork(datagram) =
-            peer.tunn.encapsulate(&self.message_buf, &mut self.scratch)
+        if let TunnResult::WriteToNetwork(datagram) = peer
+            .active_tunn(self.last_now)
+            .encapsulate(&self.message_buf, &mut self.scratch)
         {
             let mut transmit = Transmit::new(to, datagram);
             transmit.ttl = ttl;
@@ -1119,6 +1160,9 @@ impl Node {
 
     fn drive_session_timers(&mut self, now: Instant) {
         for peer in self.peers.iter_mut().flatten() {
+            if !peer.needs_timers(now) {
+                continue;
+            }
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => {
                     let targets = if message_type(datagram) == Some(HANDSHAKE_INIT) {
@@ -1135,7 +1179,7 @@ impl Node {
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(error) => {
-                    tracing::debug!(peer = %peer.config.name, ?error, "timer error");
+                    tracing::debug!(peer = %peer.spec.name, ?error, "timer error");
                 }
                 _ => {}
             }
@@ -1171,7 +1215,7 @@ impl Node {
             return;
         }
         let TunnResult::WriteToNetwork(init) = peer
-            .tunn
+            .active_tunn(now)
             .format_handshake_initiation(&mut self.scratch, true)
         else {
             return;
@@ -1194,11 +1238,11 @@ impl Node {
         let Some(peer) = self.peers[id].as_mut() else {
             return;
         };
-        if !peer.config.allows(TransportKind::Udp) || peer.has_session() {
+        if !peer.spec.allows(TransportKind::Udp) || peer.has_session() {
             return;
         }
         let usable = self.own.usable_peer_endpoints(&self.routes, endpoints);
-        tracing::info!(peer = %peer.config.name, ?usable, "endpoints found in the DHT");
+        tracing::info!(peer = %peer.spec.name, ?usable, "endpoints found in the DHT");
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
     }
@@ -1269,10 +1313,10 @@ impl Node {
                 .map(|p| {
                     let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p.tunn.stats();
                     PeerStatus {
-                        name: p.config.name.clone(),
-                        public_key: p.config.public_key.to_base64(),
-                        mesh_address: p.config.public_key.mesh_address(),
-                        allowed_ips: p.config.all_allowed_ips().collect(),
+                        name: p.spec.name.clone(),
+                        public_key: p.spec.public_key.to_base64(),
+                        mesh_address: p.spec.public_key.mesh_address(),
+                        allowed_ips: p.spec.all_allowed_ips().collect(),
                         path: p.paths.in_use().map(|a| a.to_string()),
                         path_state: p.paths.in_use().and_then(&path_state),
                         paths: p.paths.status(now),
@@ -1304,15 +1348,10 @@ fn initiation_repeated(initiations: &mut Option<(u32, Instant)>, now: Instant) -
 
 /// The paths the config gives a peer, in its transports' order: only
 /// transports it allows, only where it has an address.
-fn configured_paths(config: &PeerConfig) -> Vec<PeerAddr> {
-    config
-        .transports
+fn configured_paths(spec: &PeerSpec) -> Vec<PeerAddr> {
+    spec.transports
         .iter()
-        .filter_map(|kind| match kind {
-            TransportKind::Udp => config.endpoint.map(PeerAddr::Udp),
-            TransportKind::Tox => config.tox.map(|id| PeerAddr::Tox(id.public_key())),
-            TransportKind::I2p => config.i2p.map(PeerAddr::I2p),
-        })
+        .filter_map(|kind| spec.paths.iter().find(|p| p.kind() == *kind).cloned())
         .collect()
 }
 
@@ -1375,8 +1414,8 @@ fn usable_endpoint(sa: &SocketAddr) -> bool {
 /// Does this peer's traffic need its addresses checked (see
 /// `local_address_allowed`)? Most peers' does not, which keeps the check
 /// off their per-packet path.
-fn needs_address_check(config: &PeerConfig) -> bool {
-    config.is_anonymous() || config.allowed_destinations.is_some()
+fn needs_address_check(spec: &PeerSpec) -> bool {
+    spec.is_anonymous() || spec.allowed_destinations.is_some()
 }
 
 /// May the peer reach (and see) this address of ours? Our addresses on
@@ -1385,11 +1424,11 @@ fn needs_address_check(config: &PeerConfig) -> bool {
 /// `allowed_destinations`, or, without that setting, anything unless the
 /// peer is anonymous: an I2P-only peer that could ping our LAN or public
 /// address would learn it from the answer.
-fn local_address_allowed(config: &PeerConfig, tunnel_addresses: &[IpAddr], addr: IpAddr) -> bool {
+fn local_address_allowed(spec: &PeerSpec, tunnel_addresses: &[IpAddr], addr: IpAddr) -> bool {
     tunnel_addresses.contains(&addr)
-        || match &config.allowed_destinations {
+        || match &spec.allowed_destinations {
             Some(nets) => nets.iter().any(|net| net.contains(&addr)),
-            None => !config.is_anonymous(),
+            None => !spec.is_anonymous(),
         }
 }
 
@@ -1459,12 +1498,11 @@ impl RenewalBackoff {
 /// I2P only from its own configured identity there: a Tox friendship or an
 /// I2P datagram grants nothing by itself. UDP endpoints roam freely, as in
 /// WireGuard.
-fn path_allowed(config: &PeerConfig, path: &PeerAddr) -> bool {
-    config.allows(path.kind())
+fn path_allowed(spec: &PeerSpec, path: &PeerAddr) -> bool {
+    spec.allows(path.kind())
         && match path {
             PeerAddr::Udp(_) => true,
-            PeerAddr::Tox(pk) => config.tox.map(|id| id.public_key()) == Some(*pk),
-            PeerAddr::I2p(address) => config.i2p == Some(*address),
+            PeerAddr::Tox(_) | PeerAddr::I2p(_) => spec.paths.contains(path),
             PeerAddr::Unattributed(_) => false,
         }
 }

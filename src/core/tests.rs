@@ -36,18 +36,13 @@ impl Side {
     fn mesh(&self) -> Ipv6Addr {
         self.key.public_key().mesh_address()
     }
-    fn as_peer(&self, name: &str, endpoint: bool, allowed: &[&str]) -> PeerConfig {
-        PeerConfig {
+    fn as_peer(&self, name: &str, endpoint: bool, allowed: &[&str]) -> PeerSpec {
+        PeerSpec {
             name: name.into(),
             public_key: self.key.public_key(),
-            endpoint: match (&self.addr, endpoint) {
-                (PeerAddr::Udp(sa), true) => Some(*sa),
-                _ => None,
-            },
+            paths: endpoint.then(|| self.addr.clone()).into_iter().collect(),
             allowed_ips: allowed.iter().map(|s| s.parse().unwrap()).collect(),
             persistent_keepalive: None,
-            tox: None,
-            i2p: None,
             transports: veilmesh_transport::TransportKind::ALL.to_vec(),
             allowed_destinations: None,
         }
@@ -366,6 +361,26 @@ fn kernel_multicast_is_ignored_and_counted() {
     assert_eq!(m.node_a.counters().multicast_ignored, 1);
 }
 
+/// A peer left unused for longer than `QUIET_AFTER` gets no WireGuard
+/// timers driven; its first packet wakes it: the handshake and the packet
+/// go through, over its path brought up to date.
+#[test]
+fn a_quiet_peer_wakes_with_its_first_packet() {
+    let mut m = mesh();
+    let later = Instant::now() + QUIET_AFTER + Duration::from_secs(60);
+    m.node_a.handle_timeout(later);
+    assert!(m.node_a.poll_transmit().is_none());
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 56);
+    let (_, at_b) = send_from_a(&mut m, &ping);
+    assert_eq!(at_b, vec![ping]);
+    let status = m.node_a.status(later);
+    assert_eq!(status.peers[0].counters.handshakes, 1);
+    assert_eq!(
+        status.peers[0].path.as_deref(),
+        Some("udp 198.18.0.2:51820")
+    );
+}
+
 #[test]
 fn timers_start_a_handshake_for_keepalive_peers() {
     let a = Side::new("198.18.0.1:51820");
@@ -530,7 +545,7 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
     // b now allows a only over I2P, though it knows a UDP endpoint too.
     let a_dest = I2pAddress([5; 32]);
     let mut restricted = m.a.as_peer("a", true, &["10.10.1.1/32"]);
-    restricted.i2p = Some(a_dest);
+    restricted.paths.push(PeerAddr::I2p(a_dest));
     restricted.transports = vec![TransportKind::I2p];
     m.node_b
         .reconfigure(vec![restricted], Instant::now())
@@ -590,7 +605,7 @@ fn transports_order_chooses_the_first_path() {
     use veilmesh_transport::I2pAddress;
     let side = Side::new("198.18.0.1:51820");
     let mut peer = side.as_peer("p", true, &[]);
-    peer.i2p = Some(I2pAddress([1; 32]));
+    peer.paths.push(PeerAddr::I2p(I2pAddress([1; 32])));
     let i2p = PeerAddr::I2p(I2pAddress([1; 32]));
     assert_eq!(configured_paths(&peer), [side.addr.clone(), i2p.clone()]);
     peer.transports = vec![TransportKind::I2p, TransportKind::Udp];
@@ -624,14 +639,12 @@ impl PathSim {
             "192.0.2.1:40000".parse().unwrap(),
             "198.51.100.1:40000".parse().unwrap(),
         ];
-        let peer_config = |i: usize| PeerConfig {
+        let peer_config = |i: usize| PeerSpec {
             name: format!("n{i}"),
             public_key: keys[i].public_key(),
-            endpoint: None,
+            paths: vec![PeerAddr::Tox(tox_ids[i].public_key())],
             allowed_ips: vec![],
             persistent_keepalive: None,
-            tox: Some(tox_ids[i]),
-            i2p: None,
             transports: vec![TransportKind::Udp, TransportKind::Tox],
             allowed_destinations: None,
         };
@@ -774,7 +787,7 @@ fn a_peer_first_reached_over_tox_is_moved_to_direct_udp_and_back() {
 fn endpoints_are_never_announced_to_a_peer_restricted_from_udp() {
     let mut sim = PathSim::new();
     // Node 0 allows node 1 only over Tox.
-    let mut restricted = sim.nodes[0].peers[0].as_ref().unwrap().config.clone();
+    let mut restricted = sim.nodes[0].peers[0].as_ref().unwrap().spec.clone();
     restricted.transports = vec![TransportKind::Tox];
     let now = sim.now;
     sim.nodes[0].reconfigure(vec![restricted], now).unwrap();
@@ -1071,7 +1084,7 @@ fn mesh_with_a_anonymous_to_b(allowed_destinations: Option<Vec<IpNet>>) -> (Mesh
     let mut m = mesh();
     let a_dest = PeerAddr::I2p(I2pAddress([5; 32]));
     let mut restricted = m.a.as_peer("a", false, &["10.10.1.1/32"]);
-    restricted.i2p = Some(I2pAddress([5; 32]));
+    restricted.paths.push(a_dest.clone());
     restricted.transports = vec![TransportKind::I2p];
     restricted.allowed_destinations = allowed_destinations;
     m.node_b
@@ -1192,7 +1205,7 @@ fn a_udp_flood_neither_blocks_i2p_handshakes_nor_answers_anonymous_keys() {
     let hidden = Side::new("198.18.0.3:51820");
     let hidden_dest = I2pAddress([7; 32]);
     let mut hidden_peer = hidden.as_peer("hidden", false, &[]);
-    hidden_peer.i2p = Some(hidden_dest);
+    hidden_peer.paths.push(PeerAddr::I2p(hidden_dest));
     hidden_peer.transports = vec![TransportKind::I2p];
     let b_peer = m.b.as_peer("b", true, &["192.168.50.0/24"]);
     let now = Instant::now();
