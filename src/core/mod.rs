@@ -211,6 +211,8 @@ struct Peer {
     initiations: Option<(u32, Instant)>,
     /// When its WireGuard state was last used (see `QUIET_AFTER`).
     last_active: Option<Instant>,
+    /// In `Node::awake`.
+    listed: bool,
     counters: PeerCounters,
 }
 
@@ -234,19 +236,16 @@ impl Peer {
     }
 
     /// Marks its WireGuard state used now. A peer that was quiet first gets
-    /// its paths brought up to date: nothing judged them meanwhile.
-    fn wake(&mut self, now: Instant) {
+    /// its paths brought up to date: nothing judged them meanwhile. True
+    /// when the caller must add it to `Node::awake`.
+    #[must_use]
+    fn wake(&mut self, now: Instant) -> bool {
         if !self.needs_timers(now) {
             self.paths.prune(now);
             self.select_path(now);
         }
         self.last_active = Some(now);
-    }
-
-    /// The WireGuard state, to be used now.
-    fn active_tunn(&mut self, now: Instant) -> &mut Tunn {
-        self.wake(now);
-        &mut self.tunn
+        !std::mem::replace(&mut self.listed, true)
     }
 
     fn select_path(&mut self, now: Instant) {
@@ -265,6 +264,9 @@ pub struct Node {
     /// Indexed by peer id. Ids are never reused: they live on in session
     /// indices of messages still in flight after a peer is removed.
     peers: Vec<Option<Peer>>,
+    /// The peers whose timers, probes and punches are driven: those not
+    /// quiet (`Peer::needs_timers`). The others cost nothing per tick.
+    awake: Vec<PeerId>,
     by_key: HashMap<[u8; 32], PeerId>,
     /// The Tox keys and I2P destinations of the peers allowed them: over
     /// those transports nobody else gets any work done for them.
@@ -331,6 +333,7 @@ impl Node {
             peers: Vec::with_capacity(peers.len()),
             by_key: HashMap::new(),
             by_identity: HashMap::new(),
+            awake: Vec::new(),
             routes: RoutingTable::default(),
             limiters: [limiter(), limiter(), limiter()],
             identified_under_load: 0,
@@ -372,6 +375,7 @@ impl Node {
             last_punch_handshake: None,
             initiations: None,
             last_active: None,
+            listed: false,
             tunn,
             spec,
             counters: PeerCounters::default(),
@@ -450,8 +454,14 @@ impl Node {
         self.routes = RoutingTable::default();
         self.by_key.clear();
         self.by_identity.clear();
-        for (id, peer) in self.peers.iter().enumerate() {
+        self.awake.clear();
+        let now = self.last_now;
+        for (id, peer) in self.peers.iter_mut().enumerate() {
             let Some(peer) = peer else { continue };
+            peer.listed = peer.needs_timers(now);
+            if peer.listed {
+                self.awake.push(id);
+            }
             for net in peer.spec.all_allowed_ips() {
                 self.routes.insert(net, id);
             }
@@ -520,7 +530,9 @@ impl Node {
             tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
         }
-        peer.wake(self.last_now);
+        if peer.wake(self.last_now) {
+            self.awake.push(id);
+        }
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
@@ -737,8 +749,8 @@ impl Node {
         let result = peer.tunn.decapsulate(from.ip(), datagram, out);
         // Only what authenticates wakes a quiet peer: forged datagrams
         // must not make idle peers cost timers again.
-        if !matches!(result, TunnResult::Err(_)) {
-            peer.wake(now);
+        if !matches!(result, TunnResult::Err(_)) && peer.wake(now) {
+            self.awake.push(id);
         }
         let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
@@ -939,7 +951,8 @@ impl Node {
         let renewal = self.renewal_expected.take_if(|k| *k == kind).is_some();
         tracing::info!(transport = %kind, renewal, "our presence was re-created: contacting peers");
         let mut has_peers = false;
-        for peer in self.peers.iter_mut().flatten() {
+        for (id, peer) in self.peers.iter_mut().enumerate() {
+            let Some(peer) = peer else { continue };
             if !peer.paths.rehomed(kind, now) {
                 continue;
             }
@@ -947,8 +960,11 @@ impl Node {
             if peer.has_session() {
                 continue;
             }
+            if peer.wake(now) {
+                self.awake.push(id);
+            }
             if let TunnResult::WriteToNetwork(init) = peer
-                .active_tunn(now)
+                .tunn
                 .format_handshake_initiation(&mut self.scratch, false)
             {
                 for to in peer.paths.of_kind(kind) {
@@ -988,11 +1004,12 @@ impl Node {
     /// Peers heard over a path that does not carry our answers back.
     fn check_one_way(&mut self, now: Instant) {
         let one_way: Vec<(TransportKind, String)> = self
-            .peers
+            .awake
             .iter()
-            .flatten()
-            .filter(|p| p.needs_timers(now))
-            .filter_map(|p| Some((p.paths.one_way(now)?, p.spec.name.clone())))
+            .filter_map(|&id| {
+                let p = self.peers[id].as_ref()?;
+                Some((p.paths.one_way(now)?, p.spec.name.clone()))
+            })
             .collect();
         for (kind, name) in one_way {
             self.request_renewal(kind, now, &name, "the peer is heard but does not hear us");
@@ -1109,9 +1126,11 @@ impl Node {
         };
         let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
-        if let TunnResult::WriteToNetwork(datagram) = peer
-            .active_tunn(self.last_now)
-            .encapsulate(&self.message_buf, &mut self.scratch)
+        if peer.wake(self.last_now) {
+            self.awake.push(id);
+        }
+        if let TunnResult::WriteToNetwork(datagram) =
+            peer.tunn.encapsulate(&self.message_buf, &mut self.scratch)
         {
             let mut transmit = Transmit::new(to, datagram);
             transmit.ttl = ttl;
@@ -1158,11 +1177,28 @@ impl Node {
         }
     }
 
-    fn drive_session_timers(&mut self, now: Instant) {
-        for peer in self.peers.iter_mut().flatten() {
-            if !peer.needs_timers(now) {
-                continue;
+    /// Drops the peers that went quiet (or were removed) from `awake`,
+    /// which stays in id order.
+    fn refresh_awake(&mut self, now: Instant) {
+        let peers = &mut self.peers;
+        self.awake.sort_unstable();
+        self.awake.dedup();
+        self.awake.retain(|&id| match peers[id].as_mut() {
+            Some(peer) if peer.needs_timers(now) => true,
+            Some(peer) => {
+                peer.listed = false;
+                false
             }
+            None => false,
+        });
+    }
+
+    fn drive_session_timers(&mut self, now: Instant) {
+        self.refresh_awake(now);
+        for &id in &self.awake {
+            let Some(peer) = self.peers[id].as_mut() else {
+                continue;
+            };
             match peer.tunn.update_timers(&mut self.scratch) {
                 TunnResult::WriteToNetwork(datagram) => {
                     let targets = if message_type(datagram) == Some(HANDSHAKE_INIT) {
@@ -1214,8 +1250,11 @@ impl Node {
         if due.is_empty() || !(spaced || due.iter().any(|(_, short_ttl)| *short_ttl)) {
             return;
         }
+        if peer.wake(now) {
+            self.awake.push(id);
+        }
         let TunnResult::WriteToNetwork(init) = peer
-            .active_tunn(now)
+            .tunn
             .format_handshake_initiation(&mut self.scratch, true)
         else {
             return;
@@ -1243,6 +1282,10 @@ impl Node {
         }
         let usable = self.own.usable_peer_endpoints(&self.routes, endpoints);
         tracing::info!(peer = %peer.spec.name, ?usable, "endpoints found in the DHT");
+        // Punching is driven like timers: a quiet peer would never start.
+        if peer.wake(now) {
+            self.awake.push(id);
+        }
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
     }
@@ -1251,7 +1294,10 @@ impl Node {
     /// works out when the next are due.
     fn drive_paths(&mut self, now: Instant) {
         let mut next = now + TIMER_TICK;
-        for id in 0..self.peers.len() {
+        // Only awake peers: a quiet one has no session (its keys are gone)
+        // and nothing to punch.
+        let awake = std::mem::take(&mut self.awake);
+        for &id in &awake {
             let Some(peer) = self.peers[id].as_mut() else {
                 continue;
             };
@@ -1277,6 +1323,9 @@ impl Node {
                 next = next.min(due.max(now + Duration::from_millis(1)));
             }
         }
+        // Peers woken meanwhile joined the (taken) list.
+        let woken = std::mem::replace(&mut self.awake, awake);
+        self.awake.extend(woken);
         self.next_probe_due = next;
     }
 
