@@ -274,14 +274,10 @@ pub struct PeerConfig {
 }
 
 impl PeerConfig {
-    pub fn mesh_net(&self) -> IpNet {
-        crate::core::spec::mesh_net(&self.public_key)
-    }
-
     /// Everything this peer may use as a source address: its mesh /128 and
     /// its configured subnets.
     pub fn all_allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
-        std::iter::once(self.mesh_net()).chain(self.allowed_ips.iter().copied())
+        crate::core::spec::all_allowed_ips(&self.public_key, &self.allowed_ips)
     }
 
     pub fn allows(&self, kind: TransportKind) -> bool {

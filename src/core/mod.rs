@@ -235,17 +235,18 @@ impl Peer {
                 .is_some_and(|t| now.saturating_duration_since(t) < QUIET_AFTER)
     }
 
-    /// Marks its WireGuard state used now. A peer that was quiet first gets
-    /// its paths brought up to date: nothing judged them meanwhile. True
-    /// when the caller must add it to `Node::awake`.
-    #[must_use]
-    fn wake(&mut self, now: Instant) -> bool {
+    /// Marks its WireGuard state used now, and lists peer `id` in `awake`
+    /// (`Node::awake`) unless it is there. A peer that was quiet first gets
+    /// its paths brought up to date: nothing judged them meanwhile.
+    fn wake(&mut self, id: PeerId, awake: &mut Vec<PeerId>, now: Instant) {
         if !self.needs_timers(now) {
             self.paths.prune(now);
             self.select_path(now);
         }
         self.last_active = Some(now);
-        !std::mem::replace(&mut self.listed, true)
+        if !std::mem::replace(&mut self.listed, true) {
+            awake.push(id);
+        }
     }
 
     fn select_path(&mut self, now: Instant) {
@@ -530,9 +531,7 @@ impl Node {
             tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
         }
-        if peer.wake(self.last_now) {
-            self.awake.push(id);
-        }
+        peer.wake(id, &mut self.awake, self.last_now);
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
@@ -729,10 +728,8 @@ impl Node {
         let attributed;
         let from = match from {
             PeerAddr::Unattributed(kind) => {
-                let own = configured_paths(&peer.spec)
-                    .into_iter()
-                    .find(|p| p.kind() == *kind);
-                let Some(own) = own else {
+                // No allocation: this runs for every RAW I2P datagram.
+                let Some(own) = peer.spec.path(*kind).cloned() else {
                     peer.counters.wrong_path += 1;
                     return FromNetwork::Dropped(DropReason::WrongPath);
                 };
@@ -749,8 +746,8 @@ impl Node {
         let result = peer.tunn.decapsulate(from.ip(), datagram, out);
         // Only what authenticates wakes a quiet peer: forged datagrams
         // must not make idle peers cost timers again.
-        if !matches!(result, TunnResult::Err(_)) && peer.wake(now) {
-            self.awake.push(id);
+        if !matches!(result, TunnResult::Err(_)) {
+            peer.wake(id, &mut self.awake, now);
         }
         let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
@@ -960,9 +957,7 @@ impl Node {
             if peer.has_session() {
                 continue;
             }
-            if peer.wake(now) {
-                self.awake.push(id);
-            }
+            peer.wake(id, &mut self.awake, now);
             if let TunnResult::WriteToNetwork(init) = peer
                 .tunn
                 .format_handshake_initiation(&mut self.scratch, false)
@@ -1126,9 +1121,7 @@ impl Node {
         };
         let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
-        if peer.wake(self.last_now) {
-            self.awake.push(id);
-        }
+        peer.wake(id, &mut self.awake, self.last_now);
         if let TunnResult::WriteToNetwork(datagram) =
             peer.tunn.encapsulate(&self.message_buf, &mut self.scratch)
         {
@@ -1178,11 +1171,10 @@ impl Node {
     }
 
     /// Drops the peers that went quiet (or were removed) from `awake`,
-    /// which stays in id order.
+    /// which stays in id order (`Peer::listed` keeps it free of repeats).
     fn refresh_awake(&mut self, now: Instant) {
         let peers = &mut self.peers;
         self.awake.sort_unstable();
-        self.awake.dedup();
         self.awake.retain(|&id| match peers[id].as_mut() {
             Some(peer) if peer.needs_timers(now) => true,
             Some(peer) => {
@@ -1250,9 +1242,7 @@ impl Node {
         if due.is_empty() || !(spaced || due.iter().any(|(_, short_ttl)| *short_ttl)) {
             return;
         }
-        if peer.wake(now) {
-            self.awake.push(id);
-        }
+        peer.wake(id, &mut self.awake, now);
         let TunnResult::WriteToNetwork(init) = peer
             .tunn
             .format_handshake_initiation(&mut self.scratch, true)
@@ -1283,9 +1273,7 @@ impl Node {
         let usable = self.own.usable_peer_endpoints(&self.routes, endpoints);
         tracing::info!(peer = %peer.spec.name, ?usable, "endpoints found in the DHT");
         // Punching is driven like timers: a quiet peer would never start.
-        if peer.wake(now) {
-            self.awake.push(id);
-        }
+        peer.wake(id, &mut self.awake, now);
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
     }
@@ -1400,7 +1388,7 @@ fn initiation_repeated(initiations: &mut Option<(u32, Instant)>, now: Instant) -
 fn configured_paths(spec: &PeerSpec) -> Vec<PeerAddr> {
     spec.transports
         .iter()
-        .filter_map(|kind| spec.paths.iter().find(|p| p.kind() == *kind).cloned())
+        .filter_map(|kind| spec.path(*kind).cloned())
         .collect()
 }
 

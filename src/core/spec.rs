@@ -33,11 +33,18 @@ impl PeerSpec {
     /// Everything this peer may use as a source address: its mesh /128 and
     /// its configured subnets.
     pub fn all_allowed_ips(&self) -> impl Iterator<Item = IpNet> + '_ {
-        std::iter::once(mesh_net(&self.public_key)).chain(self.allowed_ips.iter().copied())
+        all_allowed_ips(&self.public_key, &self.allowed_ips)
     }
 
     pub fn allows(&self, kind: TransportKind) -> bool {
         self.transports.contains(&kind)
+    }
+
+    /// Its path over `kind`, if it has one and may use that transport.
+    pub fn path(&self, kind: TransportKind) -> Option<&PeerAddr> {
+        self.allows(kind)
+            .then(|| self.paths.iter().find(|p| p.kind() == kind))
+            .flatten()
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -45,9 +52,13 @@ impl PeerSpec {
     }
 }
 
-/// The /128 of a key's mesh address.
-pub fn mesh_net(key: &PublicKey) -> IpNet {
-    IpNet::V6(Ipv6Net::from(key.mesh_address()))
+/// A peer's mesh /128, then the subnets routed through it.
+pub fn all_allowed_ips<'a>(
+    key: &PublicKey,
+    subnets: &'a [IpNet],
+) -> impl Iterator<Item = IpNet> + 'a {
+    let mesh = IpNet::V6(Ipv6Net::from(key.mesh_address()));
+    std::iter::once(mesh).chain(subnets.iter().copied())
 }
 
 /// A peer that may not use UDP must never learn our IP address: it gets
