@@ -199,7 +199,13 @@ impl Transmit {
 
 struct Peer {
     spec: PeerSpec,
-    tunn: Tunn,
+    /// Its WireGuard state, made on first use (`Peer::tunn_mut`): 11 KB
+    /// that most of 10,000 configured peers never need. Once made it stays:
+    /// a new one would forget the newest initiation seen, and a replayed
+    /// old one could then move the peer's endpoint.
+    tunn: Option<Box<Tunn>>,
+    /// The base of its session indices: its id.
+    index: u32,
     /// Candidate paths and the one in use.
     paths: PathSet,
     /// When to announce our UDP endpoints to the peer next.
@@ -222,7 +228,16 @@ impl Peer {
     }
 
     fn has_session(&self) -> bool {
-        self.tunn.time_since_last_handshake().is_some()
+        self.tunn
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some())
+    }
+
+    /// Its WireGuard state, made now if it has none yet.
+    fn tunn_mut(&mut self, keys: &SessionKeys) -> &mut Tunn {
+        let (spec, index) = (&self.spec, self.index);
+        self.tunn
+            .get_or_insert_with(|| Box::new(keys.tunn(spec, index)))
     }
 
     /// Whether its WireGuard timers can still do anything: not for a peer
@@ -256,8 +271,29 @@ impl Peer {
     }
 }
 
-pub struct Node {
+/// What every peer's WireGuard state is made with.
+struct SessionKeys {
     private: x25519::StaticSecret,
+    /// Given to every session: it checks MACs but never limits, as each
+    /// handshake was already counted once by the transport's limiter.
+    limiter: Arc<RateLimiter>,
+}
+
+impl SessionKeys {
+    fn tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
+        Tunn::new(
+            self.private.clone(),
+            spec.public_key.to_x25519(),
+            None,
+            spec.persistent_keepalive,
+            index,
+            Some(self.limiter.clone()),
+        )
+    }
+}
+
+pub struct Node {
+    keys: SessionKeys,
     public: x25519::PublicKey,
     mesh_address: Ipv6Addr,
     /// Our addresses on the TUN: the mesh address and the interface's own.
@@ -277,9 +313,6 @@ pub struct Node {
     limiters: [Arc<RateLimiter>; 3],
     /// Under-load identifications this second.
     identified_under_load: u32,
-    /// Given to every session: it checks MACs but never limits, as each
-    /// handshake was already counted once by the transport's limiter.
-    session_limiter: Arc<RateLimiter>,
     probe_ids: ProbeIds,
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
@@ -338,9 +371,11 @@ impl Node {
             routes: RoutingTable::default(),
             limiters: [limiter(), limiter(), limiter()],
             identified_under_load: 0,
-            session_limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
             probe_ids: ProbeIds::new(),
-            private,
+            keys: SessionKeys {
+                limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
+                private,
+            },
             public,
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
@@ -361,15 +396,7 @@ impl Node {
         Ok(node)
     }
 
-    fn new_peer(&self, id: PeerId, spec: PeerSpec, now: Instant) -> Peer {
-        let tunn = Tunn::new(
-            self.private.clone(),
-            spec.public_key.to_x25519(),
-            None,
-            spec.persistent_keepalive,
-            id as u32,
-            Some(self.session_limiter.clone()),
-        );
+    fn new_peer(id: PeerId, spec: PeerSpec, now: Instant) -> Peer {
         Peer {
             paths: PathSet::new(configured_paths(&spec), now),
             announce_at: None,
@@ -377,7 +404,8 @@ impl Node {
             initiations: None,
             last_active: None,
             listed: false,
-            tunn,
+            tunn: None,
+            index: id as u32,
             spec,
             counters: PeerCounters::default(),
         }
@@ -418,21 +446,10 @@ impl Node {
                 }
             }
         }
-        let keepalive_changed: Vec<PeerId> = self
-            .peers
-            .iter()
-            .enumerate()
-            .filter_map(|(id, p)| {
-                let p = p.as_ref()?;
-                (p.tunn.persistent_keepalive() != p.spec.persistent_keepalive).then_some(id)
-            })
-            .collect();
-        for id in keepalive_changed {
-            if let Some(old) = self.peers[id].take() {
-                let mut fresh = self.new_peer(id, old.spec, now);
-                fresh.paths = old.paths;
-                fresh.counters = old.counters;
-                self.peers[id] = Some(fresh);
+        for peer in self.peers.iter_mut().flatten() {
+            let keepalive = peer.tunn.as_ref().map(|t| t.persistent_keepalive());
+            if keepalive.is_some_and(|k| k != peer.spec.persistent_keepalive) {
+                peer.tunn = None;
             }
         }
         let mut added: Vec<PeerSpec> = wanted.into_values().collect();
@@ -443,7 +460,7 @@ impl Node {
         for spec in added {
             report.added.push(spec.name.clone());
             let id = self.peers.len();
-            let mut peer = self.new_peer(id, spec, now);
+            let mut peer = Self::new_peer(id, spec, now);
             peer.select_path(now);
             self.peers.push(Some(peer));
         }
@@ -553,7 +570,7 @@ impl Node {
                 None => FromTun::Done(DropReason::Oversize),
             };
         }
-        match peer.tunn.encapsulate(packet, out) {
+        match peer.tunn_mut(&self.keys).encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 if message_type(datagram) == Some(HANDSHAKE_INIT) {
                     // No session yet: the packet waits in boringtun, and the
@@ -643,9 +660,11 @@ impl Node {
         Err(DropReason::RateLimited)
     }
 
+    /// The peer a session index belongs to: one that has a session state
+    /// (no other can have handed the index out).
     fn peer_of_index(&mut self, receiver_idx: u32) -> Result<PeerId, DropReason> {
         let id = (receiver_idx >> 8) as usize;
-        if matches!(self.peers.get(id), Some(Some(_))) {
+        if matches!(self.peers.get(id), Some(Some(peer)) if peer.tunn.is_some()) {
             Ok(id)
         } else {
             self.counters.bad_packet += 1;
@@ -691,7 +710,7 @@ impl Node {
             }
             self.identified_under_load += 1;
         }
-        let half = parse_handshake_anon(&self.private, &self.public, init).map_err(|_| {
+        let half = parse_handshake_anon(&self.keys.private, &self.public, init).map_err(|_| {
             self.counters.bad_packet += 1;
             DropReason::BadPacket
         })?;
@@ -743,7 +762,9 @@ impl Node {
             tracing::debug!(peer = %peer.spec.name, %from, "datagram over a path this peer may not use");
             return FromNetwork::Dropped(DropReason::WrongPath);
         }
-        let result = peer.tunn.decapsulate(from.ip(), datagram, out);
+        let result = peer
+            .tunn_mut(&self.keys)
+            .decapsulate(from.ip(), datagram, out);
         // Only what authenticates wakes a quiet peer: forged datagrams
         // must not make idle peers cost timers again.
         if !matches!(result, TunnResult::Err(_)) {
@@ -959,7 +980,7 @@ impl Node {
             }
             peer.wake(id, &mut self.awake, now);
             if let TunnResult::WriteToNetwork(init) = peer
-                .tunn
+                .tunn_mut(&self.keys)
                 .format_handshake_initiation(&mut self.scratch, false)
             {
                 for to in peer.paths.of_kind(kind) {
@@ -1122,8 +1143,9 @@ impl Node {
         let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
         peer.wake(id, &mut self.awake, self.last_now);
-        if let TunnResult::WriteToNetwork(datagram) =
-            peer.tunn.encapsulate(&self.message_buf, &mut self.scratch)
+        if let TunnResult::WriteToNetwork(datagram) = peer
+            .tunn_mut(&self.keys)
+            .encapsulate(&self.message_buf, &mut self.scratch)
         {
             let mut transmit = Transmit::new(to, datagram);
             transmit.ttl = ttl;
@@ -1139,8 +1161,11 @@ impl Node {
         let Some(path) = peer.path() else {
             return;
         };
+        let Some(tunn) = peer.tunn.as_mut() else {
+            return;
+        };
         while let TunnResult::WriteToNetwork(datagram) =
-            peer.tunn.decapsulate(None, &[], &mut self.scratch)
+            tunn.decapsulate(None, &[], &mut self.scratch)
         {
             peer.counters.tx_packets += 1;
             self.transmits
@@ -1191,7 +1216,18 @@ impl Node {
             let Some(peer) = self.peers[id].as_mut() else {
                 continue;
             };
-            match peer.tunn.update_timers(&mut self.scratch) {
+            let result = if peer.tunn.is_some() {
+                peer.tunn_mut(&self.keys).update_timers(&mut self.scratch)
+            } else if peer.spec.persistent_keepalive.is_some() {
+                // As WireGuard does when a keepalive is configured: a
+                // session at once, kept up from then on.
+                peer.tunn_mut(&self.keys)
+                    .format_handshake_initiation(&mut self.scratch, false)
+            } else {
+                // A state never made has no timers to run.
+                TunnResult::Done
+            };
+            match result {
                 TunnResult::WriteToNetwork(datagram) => {
                     let targets = if message_type(datagram) == Some(HANDSHAKE_INIT) {
                         peer.paths.handshake_targets(now)
@@ -1244,7 +1280,7 @@ impl Node {
         }
         peer.wake(id, &mut self.awake, now);
         let TunnResult::WriteToNetwork(init) = peer
-            .tunn
+            .tunn_mut(&self.keys)
             .format_handshake_initiation(&mut self.scratch, true)
         else {
             return;
@@ -1348,7 +1384,10 @@ impl Node {
                 .iter()
                 .flatten()
                 .map(|p| {
-                    let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p.tunn.stats();
+                    let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p
+                        .tunn
+                        .as_ref()
+                        .map_or((None, 0, 0, 0.0, None), |t| t.stats());
                     PeerStatus {
                         name: p.spec.name.clone(),
                         public_key: p.spec.public_key.to_base64(),
