@@ -3,10 +3,11 @@
 
 pub mod config;
 pub mod control;
-pub mod core;
+/// The sans-IO core, its own crate (`crates/core`): no runtime, no sockets.
+pub use veilmesh_core as core;
 pub mod daemon;
 pub mod hosts;
-pub mod identity;
+pub use veilmesh_core::identity;
 pub mod invite;
 pub mod metrics;
 pub mod netdev;

@@ -652,13 +652,13 @@ struct PathSim {
 
 impl PathSim {
     fn new() -> PathSim {
-        use veilmesh_tox::ToxId;
+        use veilmesh_transport::ToxPublicKey;
         let now = Instant::now();
         let keys = [
             PrivateKey::generate().unwrap(),
             PrivateKey::generate().unwrap(),
         ];
-        let tox_ids = [ToxId([1; 38]), ToxId([2; 38])];
+        let tox_keys = [ToxPublicKey([1; 32]), ToxPublicKey([2; 32])];
         let udp: [SocketAddr; 2] = [
             "192.0.2.1:40000".parse().unwrap(),
             "198.51.100.1:40000".parse().unwrap(),
@@ -666,7 +666,7 @@ impl PathSim {
         let peer_config = |i: usize| PeerSpec {
             name: format!("n{i}"),
             public_key: keys[i].public_key(),
-            paths: vec![PeerAddr::Tox(tox_ids[i].public_key())],
+            paths: vec![PeerAddr::Tox(tox_keys[i])],
             allowed_ips: vec![],
             persistent_keepalive: None,
             transports: vec![TransportKind::Udp, TransportKind::Tox],
@@ -681,10 +681,7 @@ impl PathSim {
         }
         PathSim {
             nodes,
-            tox: [
-                PeerAddr::Tox(tox_ids[0].public_key()),
-                PeerAddr::Tox(tox_ids[1].public_key()),
-            ],
+            tox: [PeerAddr::Tox(tox_keys[0]), PeerAddr::Tox(tox_keys[1])],
             udp,
             udp_blocked: false,
             now,

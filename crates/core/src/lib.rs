@@ -6,6 +6,7 @@
 //! everything veilmesh decides itself (timer ticks, roaming, statistics)
 //! runs on the `now` passed in.
 
+pub mod identity;
 pub mod packet;
 pub mod paths;
 pub mod peer_messages;
