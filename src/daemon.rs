@@ -630,6 +630,7 @@ impl DataPath {
 
     /// Reads and handles up to `BATCH` packets from the TUN; returns how many.
     async fn drain_tun(&mut self) -> anyhow::Result<usize> {
+        let now = Instant::now();
         for handled in 0..BATCH {
             let Some(n) = self.read_tun().context("reading from the TUN device")? else {
                 return Ok(handled);
@@ -639,6 +640,7 @@ impl DataPath {
                 &self.tun_buf[..n],
                 |to| transports.limits(to),
                 &mut self.out,
+                now,
             ) {
                 FromTun::Send { to, datagram } => {
                     if let Err(error) = self.transports.send(&to, datagram, None) {

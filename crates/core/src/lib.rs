@@ -293,6 +293,26 @@ impl SessionKeys {
     }
 }
 
+/// One node's side of the mesh: the state machine the daemon's event loop
+/// drives. It reads no clock and touches no socket.
+///
+/// Inputs, each with `now` (monotonic, never earlier than the last one):
+/// - [`Node::handle_tun_packet`]: an IP packet read from the TUN;
+/// - [`Node::handle_datagram`]: a datagram a transport received, with its
+///   typed sender (or none, for I2P RAW);
+/// - [`Node::handle_timeout`]: the instant [`Node::poll_timeout`] named;
+/// - news: [`Node::reconfigure`] (the config), [`Node::set_local_candidates`]
+///   (our UDP endpoints), [`Node::rendezvous`] (a peer's endpoints from the
+///   DHT), [`Node::transport_rehomed`] (our presence on a transport moved).
+///
+/// Outputs: the two per-packet inputs answer for that packet at once
+/// ([`FromTun`], [`FromNetwork`]: send this, write this to the TUN, or why
+/// it was dropped), in the caller's `out` buffer, so the data path does
+/// not allocate. The rest waits in queues, drained after every input in
+/// this order: [`Node::poll_transmit`] until `None` (handshakes, keepalives,
+/// probes, cookies, packets released by a handshake), then
+/// [`Node::poll_renewal`] until `None` (transports whose presence should be
+/// re-created), then [`Node::poll_timeout`] to re-arm the one timer.
 pub struct Node {
     keys: SessionKeys,
     public: x25519::PublicKey,
@@ -516,7 +536,9 @@ impl Node {
         packet: &[u8],
         limits: impl Fn(&PeerAddr) -> DatagramLimits,
         out: &'a mut [u8],
+        now: Instant,
     ) -> FromTun<'a> {
+        self.last_now = now;
         let info = match packet::parse(packet) {
             Ok(info) => info,
             Err(error) => {
@@ -549,7 +571,7 @@ impl Node {
             tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
         }
-        peer.wake(id, &mut self.awake, self.last_now);
+        peer.wake(id, &mut self.awake, now);
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
@@ -576,7 +598,7 @@ impl Node {
                 if message_type(datagram) == Some(HANDSHAKE_INIT) {
                     // No session yet: the packet waits in boringtun, and the
                     // initiation tries every path that may carry it.
-                    for to in peer.paths.handshake_targets(self.last_now) {
+                    for to in peer.paths.handshake_targets(now) {
                         if to != path {
                             self.transmits.push_back(Transmit::new(to, datagram));
                         }

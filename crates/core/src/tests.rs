@@ -112,7 +112,10 @@ fn pump(m: &mut Mesh, first: Option<(bool, Vec<u8>)>) -> (Vec<Vec<u8>>, Vec<Vec<
 
 fn send_from_a(m: &mut Mesh, packet: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let mut out = vec![0u8; BUFFER_SIZE];
-    let first = match m.node_a.handle_tun_packet(packet, limits, &mut out) {
+    let first = match m
+        .node_a
+        .handle_tun_packet(packet, limits, &mut out, Instant::now())
+    {
         FromTun::Send { to, datagram } => {
             assert_eq!(to, m.b.addr);
             Some((true, datagram.to_vec()))
@@ -132,7 +135,10 @@ fn first_packet_survives_the_handshake_and_arrives_intact() {
     // B learned A's address from the authenticated handshake and can answer.
     let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 56);
     let mut out = vec![0u8; BUFFER_SIZE];
-    let datagram = match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+    let datagram = match m
+        .node_b
+        .handle_tun_packet(&reply, limits, &mut out, Instant::now())
+    {
         FromTun::Send { to, datagram } => {
             assert_eq!(to, m.a.addr);
             datagram.to_vec()
@@ -207,6 +213,7 @@ fn handshake_from_unknown_key_is_dropped_and_counted() {
         &ipv6_echo(stranger.mesh(), m.b.mesh(), 8),
         limits,
         &mut out,
+        Instant::now(),
     ) {
         FromTun::Send { datagram, .. } => datagram.to_vec(),
         other => panic!("unexpected {other:?}"),
@@ -228,7 +235,10 @@ fn unowned_mesh_address_gets_icmpv6_unreachable() {
     let nobody: Ipv6Addr = "fd60:db4d:ddb5::1234".parse().unwrap();
     let ping = ipv6_echo(m.a.mesh(), nobody, 8);
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m.node_a.handle_tun_packet(&ping, limits, &mut out) {
+    match m
+        .node_a
+        .handle_tun_packet(&ping, limits, &mut out, Instant::now())
+    {
         FromTun::Reply(icmp) => {
             let info = packet::parse(icmp).unwrap();
             assert_eq!(info.dst, IpAddr::V6(m.a.mesh()));
@@ -249,7 +259,9 @@ fn ipv4_with_total_length_zero_is_refused_not_a_panic() {
         0x01, 0x0a, 0x00, 0x00, 0x02,
     ];
     let mut out = vec![0u8; BUFFER_SIZE];
-    let got = m.node_a.handle_tun_packet(&crafted, limits, &mut out);
+    let got = m
+        .node_a
+        .handle_tun_packet(&crafted, limits, &mut out, Instant::now());
     assert!(
         matches!(got, FromTun::Done(DropReason::BadPacket)),
         "{got:?}"
@@ -263,7 +275,10 @@ fn peer_without_path_gets_address_unreachable() {
     // B has never heard from A, and has no endpoint for it.
     let ping = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m.node_b.handle_tun_packet(&ping, limits, &mut out) {
+    match m
+        .node_b
+        .handle_tun_packet(&ping, limits, &mut out, Instant::now())
+    {
         FromTun::Reply(icmp) => assert_eq!((icmp[40], icmp[41]), (1, 3)),
         other => panic!("unexpected {other:?}"),
     }
@@ -278,7 +293,10 @@ fn oversize_packets_get_packet_too_big_with_the_path_mtu() {
     let mut m = mesh();
     let mut out = vec![0u8; BUFFER_SIZE];
     let big6 = ipv6_echo(m.a.mesh(), m.b.mesh(), 1500);
-    match m.node_a.handle_tun_packet(&big6, limits, &mut out) {
+    match m
+        .node_a
+        .handle_tun_packet(&big6, limits, &mut out, Instant::now())
+    {
         FromTun::Reply(icmp) => {
             assert_eq!(icmp[40], 2);
             assert_eq!(
@@ -294,7 +312,10 @@ fn oversize_packets_get_packet_too_big_with_the_path_mtu() {
         1500,
         true,
     );
-    match m.node_a.handle_tun_packet(&big4, limits, &mut out) {
+    match m
+        .node_a
+        .handle_tun_packet(&big4, limits, &mut out, Instant::now())
+    {
         FromTun::Reply(icmp) => assert_eq!((icmp[20], icmp[21]), (3, 4)),
         other => panic!("unexpected {other:?}"),
     }
@@ -319,14 +340,15 @@ fn authenticated_traffic_from_a_new_address_moves_the_path() {
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
     let mut out = vec![0u8; BUFFER_SIZE];
-    let datagram =
-        match m
-            .node_a
-            .handle_tun_packet(&ipv6_echo(m.a.mesh(), m.b.mesh(), 8), limits, &mut out)
-        {
-            FromTun::Send { datagram, .. } => datagram.to_vec(),
-            other => panic!("unexpected {other:?}"),
-        };
+    let datagram = match m.node_a.handle_tun_packet(
+        &ipv6_echo(m.a.mesh(), m.b.mesh(), 8),
+        limits,
+        &mut out,
+        Instant::now(),
+    ) {
+        FromTun::Send { datagram, .. } => datagram.to_vec(),
+        other => panic!("unexpected {other:?}"),
+    };
     let moved = udp("198.18.0.77:40000");
     // Garbage from the new address must not move the path...
     let _ = m
@@ -355,7 +377,8 @@ fn kernel_multicast_is_ignored_and_counted() {
     rs[40] = 133;
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
-        m.node_a.handle_tun_packet(&rs, limits, &mut out),
+        m.node_a
+            .handle_tun_packet(&rs, limits, &mut out, Instant::now()),
         FromTun::Done(DropReason::Multicast)
     ));
     assert_eq!(m.node_a.counters().multicast_ignored, 1);
@@ -448,13 +471,16 @@ proptest! {
     fn garbage_tun_packets_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let mut m = mesh();
         let mut out = vec![0u8; BUFFER_SIZE];
-        let _ = m.node_a.handle_tun_packet(&bytes, limits, &mut out);
+        let _ = m.node_a.handle_tun_packet(&bytes, limits, &mut out, Instant::now());
     }
 }
 
 fn data_message_from_a(m: &mut Mesh, packet: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m.node_a.handle_tun_packet(packet, limits, &mut out) {
+    match m
+        .node_a
+        .handle_tun_packet(packet, limits, &mut out, Instant::now())
+    {
         FromTun::Send { datagram, .. } => datagram.to_vec(),
         other => panic!("unexpected {other:?}"),
     }
@@ -524,7 +550,8 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
         true,
     );
     assert!(matches!(
-        m.node_a.handle_tun_packet(&old, limits, &mut out),
+        m.node_a
+            .handle_tun_packet(&old, limits, &mut out, Instant::now()),
         FromTun::Reply(_)
     ));
     let new = ipv4_udp(
@@ -534,7 +561,8 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
         true,
     );
     assert!(matches!(
-        m.node_a.handle_tun_packet(&new, limits, &mut out),
+        m.node_a
+            .handle_tun_packet(&new, limits, &mut out, Instant::now()),
         FromTun::Send { .. }
     ));
 }
@@ -612,7 +640,10 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
     ));
     let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+    match m
+        .node_b
+        .handle_tun_packet(&reply, limits, &mut out, Instant::now())
+    {
         FromTun::Send { to, .. } => assert_eq!(to, PeerAddr::I2p(a_dest)),
         other => panic!("unexpected {other:?}"),
     }
@@ -744,11 +775,15 @@ impl PathSim {
         let src = self.nodes[0].mesh_address();
         let dst = self.nodes[1].mesh_address();
         let mut out = vec![0u8; BUFFER_SIZE];
-        let (to, datagram) =
-            match self.nodes[0].handle_tun_packet(&ipv6_echo(src, dst, 8), limits, &mut out) {
-                FromTun::Send { to, datagram } => (to, datagram.to_vec()),
-                _ => return None,
-            };
+        let (to, datagram) = match self.nodes[0].handle_tun_packet(
+            &ipv6_echo(src, dst, 8),
+            limits,
+            &mut out,
+            self.now,
+        ) {
+            FromTun::Send { to, datagram } => (to, datagram.to_vec()),
+            _ => return None,
+        };
         self.deliver(0, &to, &datagram);
         Some(to)
     }
@@ -840,7 +875,8 @@ fn peer_messages_from_the_tun_are_refused() {
     );
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
-        m.node_a.handle_tun_packet(&packet, limits, &mut out),
+        m.node_a
+            .handle_tun_packet(&packet, limits, &mut out, Instant::now()),
         FromTun::Done(DropReason::BadPacket)
     ));
 }
@@ -946,7 +982,8 @@ fn b_answers_a_new_initiation(m: &mut Mesh, at: Instant) {
     let mut out = vec![0u8; BUFFER_SIZE];
     let b_config = m.b.as_peer("b", true, &["192.168.50.0/24"]);
     m.node_a = Node::new(&m.a.key, vec![b_config], at).unwrap();
-    let FromTun::Send { datagram, .. } = m.node_a.handle_tun_packet(&ping, limits, &mut out) else {
+    let FromTun::Send { datagram, .. } = m.node_a.handle_tun_packet(&ping, limits, &mut out, at)
+    else {
         panic!("no initiation");
     };
     let got = m
@@ -1155,7 +1192,8 @@ fn an_anonymous_peer_reaches_our_mesh_address_only() {
     let from_lan = lan_packet(false);
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
-        m.node_b.handle_tun_packet(&from_lan, limits, &mut out),
+        m.node_b
+            .handle_tun_packet(&from_lan, limits, &mut out, Instant::now()),
         FromTun::Done(DropReason::RefusedAddress)
     ));
     let counters = m.node_b.status(now).peers[0].counters.clone();
@@ -1181,7 +1219,7 @@ fn an_anonymous_peer_reaches_our_tunnel_addresses() {
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
         m.node_b
-            .handle_tun_packet(&lan_packet(false), limits, &mut out),
+            .handle_tun_packet(&lan_packet(false), limits, &mut out, Instant::now()),
         FromTun::Send { .. }
     ));
 }
@@ -1200,7 +1238,8 @@ fn allowed_destinations_open_more_of_our_addresses_to_an_anonymous_peer() {
     let from_lan = lan_packet(false);
     let mut out = vec![0u8; BUFFER_SIZE];
     assert!(matches!(
-        m.node_b.handle_tun_packet(&from_lan, limits, &mut out),
+        m.node_b
+            .handle_tun_packet(&from_lan, limits, &mut out, Instant::now()),
         FromTun::Send { .. }
     ));
 }
@@ -1282,7 +1321,10 @@ fn unattributed_datagrams_belong_to_the_peer_they_decrypt_for() {
     ));
     let reply = ipv6_echo(m.b.mesh(), m.a.mesh(), 8);
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m.node_b.handle_tun_packet(&reply, limits, &mut out) {
+    match m
+        .node_b
+        .handle_tun_packet(&reply, limits, &mut out, Instant::now())
+    {
         FromTun::Send { to, .. } => assert_eq!(to, a_dest),
         other => panic!("unexpected {other:?}"),
     }
