@@ -1200,15 +1200,16 @@ impl Node {
     /// and endpoint announcements.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        if now >= self.next_rate_limit_reset {
-            for limiter in &self.limiters {
-                limiter.reset_count();
-            }
-            self.identified_under_load = 0;
-            self.next_rate_limit_reset = now + Duration::from_secs(1);
-        }
         if now >= self.next_tick {
             self.next_tick = now + TIMER_TICK;
+            // On a tick, not a wake-up of its own: a second of 1 to 1.25 s.
+            if now >= self.next_rate_limit_reset {
+                for limiter in &self.limiters {
+                    limiter.reset_count();
+                }
+                self.identified_under_load = 0;
+                self.next_rate_limit_reset = now + Duration::from_secs(1);
+            }
             self.drive_session_timers(now);
             self.check_moved(now);
             self.check_one_way(now);
@@ -1378,9 +1379,7 @@ impl Node {
 
     /// When `handle_timeout` wants to run next.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick
-            .min(self.next_rate_limit_reset)
-            .min(self.next_probe_due)
+        self.next_tick.min(self.next_probe_due)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
