@@ -1364,3 +1364,197 @@ fn unattributed_datagrams_belong_to_the_peer_they_decrypt_for() {
         1
     );
 }
+
+/// The core in virtual time: boringtun's clock (mock_instant's, one per
+/// thread) and the `now` handed in move together, from one timeout to the
+/// next; an hour takes milliseconds. `cargo test -p veilmesh-core
+/// --features test-clock`.
+#[cfg(feature = "test-clock")]
+mod virtual_time {
+    use super::*;
+    use mock_instant::MockClock;
+
+    struct Sim {
+        m: Mesh,
+        start: Instant,
+        elapsed: Duration,
+        /// Datagrams on the wire, delivered at once: (towards B, bytes).
+        in_flight: VecDeque<(bool, Vec<u8>)>,
+        /// How many of the next datagrams towards A are lost.
+        lose_to_a: usize,
+        /// Packets written to B's TUN, with when.
+        at_b: Vec<(Duration, Vec<u8>)>,
+        steps: usize,
+    }
+
+    impl Sim {
+        fn new(m: Mesh) -> Sim {
+            Sim {
+                m,
+                start: Instant::now(),
+                elapsed: Duration::ZERO,
+                in_flight: VecDeque::new(),
+                lose_to_a: 0,
+                at_b: Vec::new(),
+                steps: 0,
+            }
+        }
+
+        fn now(&self) -> Instant {
+            self.start + self.elapsed
+        }
+
+        fn advance_to(&mut self, at: Instant) {
+            let step = at.saturating_duration_since(self.now());
+            MockClock::advance(step);
+            self.elapsed += step;
+        }
+
+        fn send_from_a(&mut self, packet: &[u8]) {
+            let mut out = vec![0u8; BUFFER_SIZE];
+            let now = self.now();
+            if let FromTun::Send { datagram, .. } = self
+                .m
+                .node_a
+                .handle_tun_packet(packet, limits, &mut out, now)
+            {
+                self.in_flight.push_back((true, datagram.to_vec()));
+            }
+        }
+
+        fn deliver_all(&mut self) {
+            loop {
+                while let Some(t) = self.m.node_a.poll_transmit() {
+                    self.in_flight.push_back((true, t.payload));
+                }
+                while let Some(t) = self.m.node_b.poll_transmit() {
+                    self.in_flight.push_back((false, t.payload));
+                }
+                let Some((to_b, datagram)) = self.in_flight.pop_front() else {
+                    return;
+                };
+                let now = self.now();
+                if to_b {
+                    let got = self.m.node_b.handle_datagram(
+                        &self.m.a.addr,
+                        &datagram,
+                        &mut self.m.buf,
+                        now,
+                    );
+                    if let FromNetwork::ToTun(packet) = got {
+                        self.at_b.push((self.elapsed, packet.to_vec()));
+                    }
+                } else if self.lose_to_a > 0 {
+                    self.lose_to_a -= 1;
+                } else {
+                    let _ = self.m.node_a.handle_datagram(
+                        &self.m.b.addr,
+                        &datagram,
+                        &mut self.m.buf,
+                        now,
+                    );
+                }
+            }
+        }
+
+        /// Delivers, then jumps from timeout to timeout until `for_` has
+        /// passed.
+        fn run(&mut self, for_: Duration) {
+            let until = self.now() + for_;
+            loop {
+                self.deliver_all();
+                let next = self
+                    .m
+                    .node_a
+                    .poll_timeout()
+                    .min(self.m.node_b.poll_timeout());
+                if next > until {
+                    self.advance_to(until);
+                    return;
+                }
+                self.advance_to(next);
+                let now = self.now();
+                for node in [&mut self.m.node_a, &mut self.m.node_b] {
+                    if node.poll_timeout() <= now {
+                        node.handle_timeout(now);
+                    }
+                }
+                self.steps += 1;
+                assert!(self.steps < 100_000, "timers spin at {:?}", self.elapsed);
+            }
+        }
+
+        fn handshakes(&self) -> u64 {
+            self.m.node_a.status(self.now()).peers[0]
+                .counters
+                .handshakes
+        }
+    }
+
+    #[test]
+    fn a_lost_handshake_response_is_retried_and_the_first_packet_arrives() {
+        let mut sim = Sim::new(mesh());
+        let ping = ipv6_echo(sim.m.a.mesh(), sim.m.b.mesh(), 56);
+        sim.lose_to_a = 1;
+        sim.send_from_a(&ping);
+        sim.run(Duration::from_secs(10));
+        let [(at, packet)] = &sim.at_b[..] else {
+            panic!("{} packets at b", sim.at_b.len());
+        };
+        assert_eq!(packet, &ping);
+        // REKEY_TIMEOUT (5 s, plus up to 1/3 s of jitter), seen at a tick.
+        assert!(
+            *at >= Duration::from_secs(5) && *at < Duration::from_secs(7),
+            "{at:?}"
+        );
+        assert_eq!(sim.handshakes(), 1);
+    }
+
+    #[test]
+    fn a_session_unused_past_its_lifetime_is_made_again_by_the_next_packet() {
+        let mut sim = Sim::new(mesh());
+        let ping = ipv6_echo(sim.m.a.mesh(), sim.m.b.mesh(), 56);
+        sim.send_from_a(&ping);
+        sim.run(Duration::from_secs(1));
+        assert_eq!((sim.at_b.len(), sim.handshakes()), (1, 1));
+        // REJECT_AFTER_TIME is 180 s: the keys may no longer be used.
+        sim.run(Duration::from_secs(200));
+        sim.send_from_a(&ping);
+        sim.run(Duration::from_secs(1));
+        assert_eq!((sim.at_b.len(), sim.handshakes()), (2, 2));
+    }
+
+    #[test]
+    fn a_keepalive_peer_keeps_its_session_for_an_hour() {
+        let a = Side::new("198.18.0.1:51820");
+        let b = Side::new("198.18.0.2:51820");
+        let mut to_b = b.as_peer("b", true, &[]);
+        to_b.persistent_keepalive = Some(25);
+        let now = Instant::now();
+        let node_a = Node::new(&a.key, vec![to_b], now).unwrap();
+        let node_b = Node::new(&b.key, vec![a.as_peer("a", false, &[])], now).unwrap();
+        let mut sim = Sim::new(Mesh {
+            a,
+            b,
+            node_a,
+            node_b,
+            buf: vec![0u8; BUFFER_SIZE],
+        });
+        for _ in 0..60 {
+            sim.run(Duration::from_secs(60));
+            let b_sees_a = &sim.m.node_b.status(sim.now()).peers[0];
+            let since = b_sees_a.seconds_since_handshake.expect("a session");
+            // Rekeyed every REKEY_AFTER_TIME (120 s) while keepalives flow.
+            assert!(
+                since <= 150,
+                "{since} s since the handshake at {:?}",
+                sim.elapsed
+            );
+        }
+        let handshakes = sim.handshakes();
+        assert!((25..=35).contains(&handshakes), "{handshakes}");
+        // The nodes tick together at 4 Hz: about one step per tick, and a
+        // few for probes, not a busy loop.
+        assert!(sim.steps <= 4 * 3600 + 400, "{} steps", sim.steps);
+    }
+}
