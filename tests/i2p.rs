@@ -310,11 +310,10 @@ impl Emissary {
             .filter(|l| ["WARN", "ERROR", "panicked"].iter().any(|w| l.contains(w)))
             .take(40)
             .collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
         format!(
             "warnings and errors:\n{}\nlast lines:\n{}",
             alarming.join("\n"),
-            tail.join("\n")
+            file_tail_of(&lines.join("\n"), 40)
         )
     }
 }

@@ -201,12 +201,11 @@ impl Transmit {
 struct Peer {
     spec: PeerSpec,
     /// Its WireGuard state, made on first use (`Peer::tunn_mut`): 11 KB
-    /// that most of 10,000 configured peers never need. Once made it stays:
-    /// a new one would forget the newest initiation seen, and a replayed
-    /// old one could then move the peer's endpoint.
+    /// that most of 10,000 configured peers never need. Once made it stays
+    /// (but for a keepalive change, which boringtun fixes at creation): a
+    /// new one would forget the newest initiation seen, and a replayed old
+    /// one could then move the peer's endpoint.
     tunn: Option<Box<Tunn>>,
-    /// The base of its session indices: its id.
-    index: u32,
     /// Candidate paths and the one in use.
     paths: PathSet,
     /// When to announce our UDP endpoints to the peer next.
@@ -234,11 +233,11 @@ impl Peer {
             .is_some_and(|t| t.time_since_last_handshake().is_some())
     }
 
-    /// Its WireGuard state, made now if it has none yet.
-    fn tunn_mut(&mut self, keys: &SessionKeys) -> &mut Tunn {
-        let (spec, index) = (&self.spec, self.index);
+    /// Its WireGuard state, made now if it has none yet; `id` is its own.
+    fn tunn_mut(&mut self, id: PeerId, keys: &SessionKeys) -> &mut Tunn {
+        let spec = &self.spec;
         self.tunn
-            .get_or_insert_with(|| Box::new(keys.tunn(spec, index)))
+            .get_or_insert_with(|| Box::new(keys.tunn(spec, id)))
     }
 
     /// Whether its WireGuard timers can still do anything: not for a peer
@@ -281,13 +280,14 @@ struct SessionKeys {
 }
 
 impl SessionKeys {
-    fn tunn(&self, spec: &PeerSpec, index: u32) -> Tunn {
+    /// Peer `id`'s state: its session indices carry the id (`peer_of_index`).
+    fn tunn(&self, spec: &PeerSpec, id: PeerId) -> Tunn {
         Tunn::new(
             self.private.clone(),
             spec.public_key.to_x25519(),
             None,
             spec.persistent_keepalive,
-            index,
+            id as u32,
             Some(self.limiter.clone()),
         )
     }
@@ -417,7 +417,7 @@ impl Node {
         Ok(node)
     }
 
-    fn new_peer(id: PeerId, spec: PeerSpec, now: Instant) -> Peer {
+    fn new_peer(spec: PeerSpec, now: Instant) -> Peer {
         Peer {
             paths: PathSet::new(configured_paths(&spec), now),
             announce_at: None,
@@ -426,7 +426,6 @@ impl Node {
             last_active: None,
             listed: false,
             tunn: None,
-            index: id as u32,
             spec,
             counters: PeerCounters::default(),
         }
@@ -480,8 +479,7 @@ impl Node {
         }
         for spec in added {
             report.added.push(spec.name.clone());
-            let id = self.peers.len();
-            let mut peer = Self::new_peer(id, spec, now);
+            let mut peer = Self::new_peer(spec, now);
             peer.select_path(now);
             self.peers.push(Some(peer));
         }
@@ -593,7 +591,7 @@ impl Node {
                 None => FromTun::Done(DropReason::Oversize),
             };
         }
-        match peer.tunn_mut(&self.keys).encapsulate(packet, out) {
+        match peer.tunn_mut(id, &self.keys).encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 if message_type(datagram) == Some(HANDSHAKE_INIT) {
                     // No session yet: the packet waits in boringtun, and the
@@ -786,7 +784,7 @@ impl Node {
             return FromNetwork::Dropped(DropReason::WrongPath);
         }
         let result = peer
-            .tunn_mut(&self.keys)
+            .tunn_mut(id, &self.keys)
             .decapsulate(from.ip(), datagram, out);
         // Only what authenticates wakes a quiet peer: forged datagrams
         // must not make idle peers cost timers again.
@@ -1003,7 +1001,7 @@ impl Node {
             }
             peer.wake(id, &mut self.awake, now);
             if let TunnResult::WriteToNetwork(init) = peer
-                .tunn_mut(&self.keys)
+                .tunn_mut(id, &self.keys)
                 .format_handshake_initiation(&mut self.scratch, false)
             {
                 for to in peer.paths.of_kind(kind) {
@@ -1167,7 +1165,7 @@ impl Node {
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
         peer.wake(id, &mut self.awake, self.last_now);
         if let TunnResult::WriteToNetwork(datagram) = peer
-            .tunn_mut(&self.keys)
+            .tunn_mut(id, &self.keys)
             .encapsulate(&self.message_buf, &mut self.scratch)
         {
             let mut transmit = Transmit::new(to, datagram);
@@ -1240,12 +1238,12 @@ impl Node {
             let Some(peer) = self.peers[id].as_mut() else {
                 continue;
             };
-            let result = if peer.tunn.is_some() {
-                peer.tunn_mut(&self.keys).update_timers(&mut self.scratch)
+            let result = if let Some(tunn) = peer.tunn.as_mut() {
+                tunn.update_timers(&mut self.scratch)
             } else if peer.spec.persistent_keepalive.is_some() {
                 // As WireGuard does when a keepalive is configured: a
                 // session at once, kept up from then on.
-                peer.tunn_mut(&self.keys)
+                peer.tunn_mut(id, &self.keys)
                     .format_handshake_initiation(&mut self.scratch, false)
             } else {
                 // A state never made has no timers to run.
@@ -1304,7 +1302,7 @@ impl Node {
         }
         peer.wake(id, &mut self.awake, now);
         let TunnResult::WriteToNetwork(init) = peer
-            .tunn_mut(&self.keys)
+            .tunn_mut(id, &self.keys)
             .format_handshake_initiation(&mut self.scratch, true)
         else {
             return;
