@@ -6,6 +6,7 @@
 //! everything veilmesh decides itself (timer ticks, roaming, statistics)
 //! runs on the `now` passed in.
 
+mod candidates;
 pub mod identity;
 pub mod packet;
 pub mod paths;
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 
 use crate::identity::{PrivateKey, PublicKey};
+use candidates::OwnEndpoints;
 use packet::{IpInfo, Unreachable};
 use paths::{PathSet, PathStatus};
 use peer_messages::PeerMessage;
@@ -63,8 +65,6 @@ const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
 pub const RENDEZVOUS_OPEN_DELAY: Duration = Duration::from_secs(7);
 /// Handshake initiations while punching without a session, at most.
 const PUNCH_HANDSHAKE_SPACING: Duration = Duration::from_millis(500);
-/// Endpoints peers saw us at (from probe replies), kept as candidates.
-const MAX_OBSERVED_SELF: usize = 4;
 /// Default TTL of the opening punch probe: enough to leave one NAT
 /// gateway (the first hop), not enough to cross the next router and reach
 /// the peer's NAT.
@@ -1060,25 +1060,15 @@ impl Node {
 
     /// A peer saw our probe come from `sa`: one of our NAT's mappings.
     fn observed(&mut self, sa: SocketAddr, now: Instant) {
-        if !usable_endpoint(&sa) || self.own.is_own(&sa) {
-            return;
+        if self.own.observed(sa) {
+            self.announce_to_all(now);
         }
-        tracing::info!(endpoint = %sa, "a peer sees us at a new endpoint");
-        if self.own.observed.len() == MAX_OBSERVED_SELF {
-            self.own.observed.pop_front();
-        }
-        self.own.observed.push_back(sa);
-        self.announce_to_all(now);
     }
 
     /// Our UDP endpoints (interface addresses with the port, STUN
     /// mappings). A change is announced to every peer that may use UDP.
-    pub fn set_local_candidates(&mut self, mut endpoints: Vec<SocketAddr>, now: Instant) {
-        endpoints.retain(usable_endpoint);
-        endpoints.dedup();
-        if endpoints != self.own.local {
-            tracing::info!(?endpoints, "local UDP endpoints");
-            self.own.local = endpoints;
+    pub fn set_local_candidates(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
+        if self.own.set_local(endpoints) {
             self.announce_to_all(now);
         }
     }
@@ -1115,14 +1105,7 @@ impl Node {
 
     /// Our UDP endpoints as announced to peers.
     pub fn candidates(&self) -> Vec<SocketAddr> {
-        let mut all = self.own.local.clone();
-        for sa in &self.own.observed {
-            if !all.contains(sa) {
-                all.push(*sa);
-            }
-        }
-        all.truncate(peer_messages::MAX_CANDIDATES);
-        all
+        self.own.announced()
     }
 
     /// Sends our UDP endpoints to a peer, never to one restricted away
@@ -1449,62 +1432,6 @@ fn configured_paths(spec: &PeerSpec) -> Vec<PeerAddr> {
         .iter()
         .filter_map(|kind| spec.path(*kind).cloned())
         .collect()
-}
-
-/// Our own UDP endpoints: interface addresses and STUN mappings (`local`),
-/// and where peers saw our probes come from (`observed`).
-#[derive(Debug, Default)]
-struct OwnEndpoints {
-    local: Vec<SocketAddr>,
-    observed: VecDeque<SocketAddr>,
-}
-
-impl OwnEndpoints {
-    fn is_own(&self, sa: &SocketAddr) -> bool {
-        self.local.contains(sa) || self.observed.contains(sa)
-    }
-
-    /// May a peer's endpoint be probed or learned? A usable one that is
-    /// not ours (a peer announcing our own endpoint would have us probe
-    /// ourselves).
-    fn usable_for_peer(&self, sa: &SocketAddr) -> bool {
-        let sa = SocketAddr::new(sa.ip().to_canonical(), sa.port());
-        usable_endpoint(&sa) && !self.is_own(&sa)
-    }
-
-    /// The endpoints a peer gave us (in the session or the DHT) that may be
-    /// probed: usable ones, and never one our own TUN routes (a tunnel
-    /// inside the tunnel).
-    fn usable_peer_endpoints(
-        &self,
-        routes: &RoutingTable<PeerId>,
-        endpoints: &[SocketAddr],
-    ) -> Vec<SocketAddr> {
-        endpoints
-            .iter()
-            .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
-            .filter(|sa| self.usable_for_peer(sa) && routes.lookup(sa.ip()).is_none())
-            .collect()
-    }
-}
-
-/// May an endpoint be probed, learned or announced? Never the unspecified,
-/// loopback, link-local (169.254.0.0/16, fe80::/10), multicast or broadcast
-/// addresses, a mesh address, nor port 0: none of them reaches a peer, and
-/// a peer naming one would turn our probes on our own host or LAN.
-fn usable_endpoint(sa: &SocketAddr) -> bool {
-    let ip = sa.ip().to_canonical();
-    let link_local = match ip {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
-    };
-    sa.port() != 0
-        && !ip.is_unspecified()
-        && !ip.is_loopback()
-        && !link_local
-        && !ip.is_multicast()
-        && ip != IpAddr::V4(std::net::Ipv4Addr::BROADCAST)
-        && !matches!(ip, IpAddr::V6(v6) if crate::identity::is_mesh_address(&v6))
 }
 
 /// Does this peer's traffic need its addresses checked (see
