@@ -10,13 +10,15 @@ mod candidates;
 pub mod identity;
 pub mod packet;
 pub mod paths;
+mod peer;
 pub mod peer_messages;
+mod presence;
 pub mod routing;
 pub mod spec;
 
 pub use spec::PeerSpec;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,18 +35,18 @@ use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 use crate::identity::{PrivateKey, PublicKey};
 use candidates::OwnEndpoints;
 use packet::{IpInfo, Unreachable};
-use paths::{PathSet, PathStatus};
+use paths::PathStatus;
+use peer::{
+    initiation_repeated, local_address_allowed, needs_address_check, path_allowed, Peer, PeerTable,
+    SessionKeys, MAX_PEERS,
+};
 use peer_messages::PeerMessage;
-use routing::RoutingTable;
+use presence::Presence;
 
 /// WireGuard data message overhead: 16-byte header + 16-byte tag.
 pub const NOISE_OVERHEAD: usize = 32;
 /// How often boringtun's timers are driven (as its own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// A peer whose WireGuard state was not used for this long needs no
-/// timers: boringtun gave up any handshake after 90 s (REKEY_ATTEMPT_TIME)
-/// and erased the session keys 540 s after the last handshake.
-const QUIET_AFTER: Duration = Duration::from_secs(600);
 /// Handshake messages accepted per second and transport before the load
 /// rules apply (cookies over UDP, drops elsewhere). Per transport, so a
 /// flood of spoofed UDP initiations cannot block handshakes over Tox or
@@ -54,8 +56,6 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Diffie-Hellman each) at most this often per second, to learn whether
 /// the sender may get a cookie over UDP at all; the rest are dropped.
 const UNDER_LOAD_IDENTIFICATIONS: u32 = 1000;
-/// Peer ids live in the top 24 bits of boringtun's session indices.
-const MAX_PEERS: usize = 1 << 24;
 /// Without a live direct path, endpoints are re-announced (and so punched
 /// again) this often.
 const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
@@ -69,22 +69,6 @@ const PUNCH_HANDSHAKE_SPACING: Duration = Duration::from_millis(500);
 /// gateway (the first hop), not enough to cross the next router and reach
 /// the peer's NAT.
 pub const DEFAULT_PUNCH_TTL: u8 = 2;
-/// A peer whose handshake initiations keep coming although we answered
-/// each (this many within `REPEATED_INITIATIONS_WINDOW`) does not get our
-/// answers: our own evidence that our presence needs renewing.
-const REPEATED_INITIATIONS: u32 = 3;
-const REPEATED_INITIATIONS_WINDOW: Duration = Duration::from_secs(30);
-/// After our presence on a transport moved (a failover), peers get this
-/// long to get through (they notice they are not heard and renew their
-/// side, ~45 s on I2P) before we suspect our own new router.
-const MOVE_SILENCE: Duration = Duration::from_secs(90);
-/// Renewals of our presence back off: the second may follow the first
-/// after the minimum, each further one waits twice as long as the last,
-/// up to the maximum; a quiet spell of `RENEW_FORGET` starts over.
-const RENEW_BACKOFF_MIN: Duration = Duration::from_secs(60);
-const RENEW_BACKOFF_MAX: Duration = Duration::from_secs(3600);
-const RENEW_FORGET: Duration = Duration::from_secs(2 * 3600);
-
 pub type PeerId = usize;
 
 /// Counters kept per peer; all monotonic.
@@ -198,101 +182,6 @@ impl Transmit {
     }
 }
 
-struct Peer {
-    spec: PeerSpec,
-    /// Its WireGuard state, made on first use (`Peer::tunn_mut`): 11 KB
-    /// that most of 10,000 configured peers never need. Once made it stays
-    /// (but for a keepalive change, which boringtun fixes at creation): a
-    /// new one would forget the newest initiation seen, and a replayed old
-    /// one could then move the peer's endpoint.
-    tunn: Option<Box<Tunn>>,
-    /// Candidate paths and the one in use.
-    paths: PathSet,
-    /// When to announce our UDP endpoints to the peer next.
-    announce_at: Option<Instant>,
-    /// The last handshake initiation sent to punch without a session.
-    last_punch_handshake: Option<Instant>,
-    /// Handshake initiations answered since the peer last sent data: how
-    /// many, since when.
-    initiations: Option<(u32, Instant)>,
-    /// When its WireGuard state was last used (see `QUIET_AFTER`).
-    last_active: Option<Instant>,
-    /// In `Node::awake`.
-    listed: bool,
-    counters: PeerCounters,
-}
-
-impl Peer {
-    fn path(&self) -> Option<PeerAddr> {
-        self.paths.in_use().cloned()
-    }
-
-    fn has_session(&self) -> bool {
-        self.tunn
-            .as_ref()
-            .is_some_and(|t| t.time_since_last_handshake().is_some())
-    }
-
-    /// Its WireGuard state, made now if it has none yet; `id` is its own.
-    fn tunn_mut(&mut self, id: PeerId, keys: &SessionKeys) -> &mut Tunn {
-        let spec = &self.spec;
-        self.tunn
-            .get_or_insert_with(|| Box::new(keys.tunn(spec, id)))
-    }
-
-    /// Whether its WireGuard timers can still do anything: not for a peer
-    /// that is quiet (never used, or unused for `QUIET_AFTER`) and has no
-    /// keepalive. Skipping those makes 10,000 idle peers cost nothing.
-    fn needs_timers(&self, now: Instant) -> bool {
-        self.spec.persistent_keepalive.is_some()
-            || self
-                .last_active
-                .is_some_and(|t| now.saturating_duration_since(t) < QUIET_AFTER)
-    }
-
-    /// Marks its WireGuard state used now, and lists peer `id` in `awake`
-    /// (`Node::awake`) unless it is there. A peer that was quiet first gets
-    /// its paths brought up to date: nothing judged them meanwhile.
-    fn wake(&mut self, id: PeerId, awake: &mut Vec<PeerId>, now: Instant) {
-        if !self.needs_timers(now) {
-            self.paths.prune(now);
-            self.select_path(now);
-        }
-        self.last_active = Some(now);
-        if !std::mem::replace(&mut self.listed, true) {
-            awake.push(id);
-        }
-    }
-
-    fn select_path(&mut self, now: Instant) {
-        if let Some(path) = self.paths.select(now, &self.spec.transports) {
-            tracing::info!(peer = %self.spec.name, %path, "path in use changed");
-        }
-    }
-}
-
-/// What every peer's WireGuard state is made with.
-struct SessionKeys {
-    private: x25519::StaticSecret,
-    /// Given to every session: it checks MACs but never limits, as each
-    /// handshake was already counted once by the transport's limiter.
-    limiter: Arc<RateLimiter>,
-}
-
-impl SessionKeys {
-    /// Peer `id`'s state: its session indices carry the id (`peer_of_index`).
-    fn tunn(&self, spec: &PeerSpec, id: PeerId) -> Tunn {
-        Tunn::new(
-            self.private.clone(),
-            spec.public_key.to_x25519(),
-            None,
-            spec.persistent_keepalive,
-            id as u32,
-            Some(self.limiter.clone()),
-        )
-    }
-}
-
 /// One node's side of the mesh: the state machine the daemon's event loop
 /// drives. It reads no clock and touches no socket.
 ///
@@ -319,17 +208,7 @@ pub struct Node {
     mesh_address: Ipv6Addr,
     /// Our addresses on the TUN: the mesh address and the interface's own.
     tunnel_addresses: Vec<IpAddr>,
-    /// Indexed by peer id. Ids are never reused: they live on in session
-    /// indices of messages still in flight after a peer is removed.
-    peers: Vec<Option<Peer>>,
-    /// The peers whose timers, probes and punches are driven: those not
-    /// quiet (`Peer::needs_timers`). The others cost nothing per tick.
-    awake: Vec<PeerId>,
-    by_key: HashMap<[u8; 32], PeerId>,
-    /// The Tox keys and I2P destinations of the peers allowed them: over
-    /// those transports nobody else gets any work done for them.
-    by_identity: HashMap<PeerAddr, PeerId>,
-    routes: RoutingTable<PeerId>,
+    peers: PeerTable,
     /// Handshake rate limits, one per transport (see `limiter`).
     limiters: [Arc<RateLimiter>; 3],
     /// Under-load identifications this second.
@@ -344,16 +223,8 @@ pub struct Node {
     /// Our UDP endpoints, announced to peers that may use UDP.
     own: OwnEndpoints,
     punch_ttl: u8,
-    /// Transports whose presence we want re-created, for the daemon.
-    renewals: VecDeque<TransportKind>,
-    /// Backoff of those renewals, per transport.
-    renewal_backoff: [RenewalBackoff; 3],
-    /// A renewal we asked for, whose re-created presence is not a move.
-    renewal_expected: Option<TransportKind>,
-    /// Our presence on a transport moved at this time: if no peer gets
-    /// through, our own router may hold stale routes to them (LeaseSets of
-    /// tunnels that died with the old router, or that its cache kept).
-    moved: Option<(TransportKind, Instant)>,
+    /// When our presence on a transport should be re-created.
+    presence: Presence,
     /// The latest `now` handed in, for the per-packet calls that take none.
     last_now: Instant,
     scratch: Vec<u8>,
@@ -385,11 +256,7 @@ impl Node {
         let mut node = Node {
             mesh_address,
             tunnel_addresses: vec![IpAddr::V6(mesh_address)],
-            peers: Vec::with_capacity(peers.len()),
-            by_key: HashMap::new(),
-            by_identity: HashMap::new(),
-            awake: Vec::new(),
-            routes: RoutingTable::default(),
+            peers: PeerTable::default(),
             limiters: [limiter(), limiter(), limiter()],
             identified_under_load: 0,
             probe_ids: ProbeIds::new(),
@@ -405,30 +272,13 @@ impl Node {
             next_probe_due: now,
             own: OwnEndpoints::default(),
             punch_ttl: DEFAULT_PUNCH_TTL,
-            renewals: VecDeque::new(),
-            renewal_backoff: Default::default(),
-            renewal_expected: None,
-            moved: None,
+            presence: Presence::default(),
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
         };
         node.reconfigure(peers, now)?;
         Ok(node)
-    }
-
-    fn new_peer(spec: PeerSpec, now: Instant) -> Peer {
-        Peer {
-            paths: PathSet::new(configured_paths(&spec), now),
-            announce_at: None,
-            last_punch_handshake: None,
-            initiations: None,
-            last_active: None,
-            listed: false,
-            tunn: None,
-            spec,
-            counters: PeerCounters::default(),
-        }
     }
 
     /// Applies a new peer list (a config reload). Peers whose configuration
@@ -440,75 +290,8 @@ impl Node {
         peers: Vec<PeerSpec>,
         now: Instant,
     ) -> Result<ReconfigureReport, NodeError> {
-        let mut report = ReconfigureReport::default();
-        let mut wanted: HashMap<[u8; 32], PeerSpec> =
-            peers.into_iter().map(|p| (p.public_key.0, p)).collect();
-        for slot in &mut self.peers {
-            let Some(peer) = slot else { continue };
-            match wanted.remove(&peer.spec.public_key.0) {
-                None => {
-                    report.removed.push(peer.spec.name.clone());
-                    *slot = None;
-                }
-                Some(spec) if spec == peer.spec => report.unchanged.push(spec.name),
-                Some(spec) => {
-                    report.changed.push(spec.name.clone());
-                    let paths_changed =
-                        spec.paths != peer.spec.paths || spec.transports != peer.spec.transports;
-                    if paths_changed {
-                        peer.paths
-                            .set_configured(configured_paths(&spec), now, |p| {
-                                path_allowed(&spec, p)
-                            });
-                    }
-                    peer.spec = spec;
-                    peer.select_path(now);
-                }
-            }
-        }
-        for peer in self.peers.iter_mut().flatten() {
-            let keepalive = peer.tunn.as_ref().map(|t| t.persistent_keepalive());
-            if keepalive.is_some_and(|k| k != peer.spec.persistent_keepalive) {
-                peer.tunn = None;
-            }
-        }
-        let mut added: Vec<PeerSpec> = wanted.into_values().collect();
-        added.sort_by(|a, b| a.name.cmp(&b.name));
-        if self.peers.len() + added.len() >= MAX_PEERS {
-            return Err(NodeError::TooManyPeers(self.peers.len() + added.len()));
-        }
-        for spec in added {
-            report.added.push(spec.name.clone());
-            let mut peer = Self::new_peer(spec, now);
-            peer.select_path(now);
-            self.peers.push(Some(peer));
-        }
-        self.rebuild_indexes();
-        Ok(report)
-    }
-
-    fn rebuild_indexes(&mut self) {
-        self.routes = RoutingTable::default();
-        self.by_key.clear();
-        self.by_identity.clear();
-        self.awake.clear();
-        let now = self.last_now;
-        for (id, peer) in self.peers.iter_mut().enumerate() {
-            let Some(peer) = peer else { continue };
-            peer.listed = peer.needs_timers(now);
-            if peer.listed {
-                self.awake.push(id);
-            }
-            for net in peer.spec.all_allowed_ips() {
-                self.routes.insert(net, id);
-            }
-            self.by_key.insert(peer.spec.public_key.0, id);
-            for path in configured_paths(&peer.spec) {
-                if path.kind() != TransportKind::Udp {
-                    self.by_identity.insert(path, id);
-                }
-            }
-        }
+        self.last_now = now;
+        self.peers.reconfigure(peers, now)
     }
 
     pub fn mesh_address(&self) -> Ipv6Addr {
@@ -555,12 +338,12 @@ impl Node {
             self.counters.multicast_ignored += 1;
             return FromTun::Done(DropReason::Multicast);
         }
-        let Some(&id) = self.routes.lookup(info.dst) else {
+        let Some(&id) = self.peers.routes.lookup(info.dst) else {
             self.counters.no_route += 1;
             tracing::trace!(dst = %info.dst, "no peer owns the destination");
             return self.unreachable(packet, &info, Unreachable::NoRoute, out);
         };
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             self.counters.no_route += 1;
             return FromTun::Done(DropReason::NoRoute);
         };
@@ -569,7 +352,7 @@ impl Node {
             tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
         }
-        peer.wake(id, &mut self.awake, now);
+        peer.wake(id, &mut self.peers.awake, now);
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
@@ -638,7 +421,8 @@ impl Node {
     /// could otherwise confirm a guessed IP address with a flood).
     fn identify_sender(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
         let named = !matches!(from, PeerAddr::Unattributed(_));
-        if named && from.kind() != TransportKind::Udp && !self.by_identity.contains_key(from) {
+        if named && from.kind() != TransportKind::Udp && !self.peers.by_identity.contains_key(from)
+        {
             self.counters.unknown_sender += 1;
             tracing::trace!(%from, "datagram from an identity no peer has");
             return Err(DropReason::UnknownPeer);
@@ -667,7 +451,7 @@ impl Node {
         let Some(cookie) = cookie else {
             return Ok(id);
         };
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return Err(DropReason::UnknownPeer);
         };
         if path_allowed(&peer.spec, from) {
@@ -685,7 +469,7 @@ impl Node {
     /// (no other can have handed the index out).
     fn peer_of_index(&mut self, receiver_idx: u32) -> Result<PeerId, DropReason> {
         let id = (receiver_idx >> 8) as usize;
-        if matches!(self.peers.get(id), Some(Some(peer)) if peer.tunn.is_some()) {
+        if matches!(self.peers.slots.get(id), Some(Some(peer)) if peer.tunn.is_some()) {
             Ok(id)
         } else {
             self.counters.bad_packet += 1;
@@ -735,7 +519,7 @@ impl Node {
             self.counters.bad_packet += 1;
             DropReason::BadPacket
         })?;
-        match self.by_key.get(&half.peer_static_public) {
+        match self.peers.by_key.get(&half.peer_static_public) {
             Some(&id) => Ok(id),
             None => {
                 self.counters.unknown_peer_handshakes += 1;
@@ -758,7 +542,7 @@ impl Node {
             Ok(id) => id,
             Err(drop) => return FromNetwork::Dropped(drop),
         };
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return FromNetwork::Dropped(DropReason::UnknownPeer);
         };
         // A datagram whose transport names no sender belongs to the peer
@@ -789,7 +573,7 @@ impl Node {
         // Only what authenticates wakes a quiet peer: forged datagrams
         // must not make idle peers cost timers again.
         if !matches!(result, TunnResult::Err(_)) {
-            peer.wake(id, &mut self.awake, now);
+            peer.wake(id, &mut self.peers.awake, now);
         }
         let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
@@ -816,7 +600,7 @@ impl Node {
                 peer.select_path(now);
                 if not_heard {
                     let name = peer.spec.name.clone();
-                    self.request_renewal(
+                    self.presence.request(
                         from.kind(),
                         now,
                         &name,
@@ -844,7 +628,7 @@ impl Node {
         // Authenticated: the peer may have moved, whatever the payload says.
         peer.initiations = None;
         Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
-        if self.routes.lookup(src) != Some(&id) {
+        if self.peers.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.spec.name, %src, "dropped packet with a source outside the peer's allowed IPs");
             return FromNetwork::Dropped(DropReason::Spoofed);
@@ -913,7 +697,7 @@ impl Node {
         message: PeerMessage,
         now: Instant,
     ) {
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         match message {
@@ -947,7 +731,9 @@ impl Node {
                     tracing::debug!(peer = %peer.spec.name, "ignored endpoints of a peer not allowed UDP");
                     return;
                 }
-                let usable = self.own.usable_peer_endpoints(&self.routes, &endpoints);
+                let usable = self
+                    .own
+                    .usable_peer_endpoints(&self.peers.routes, &endpoints);
                 tracing::debug!(peer = %peer.spec.name, ?usable, reply, "peer announced endpoints");
                 // An answer to our announcement comes after the peer's
                 // short-TTL probes: its NAT is open to us.
@@ -963,23 +749,6 @@ impl Node {
         }
     }
 
-    /// Re-creates our presence on `kind` (same identity) on our own
-    /// evidence that peers do not hear us there: never because a peer
-    /// asks. Each renewal costs every peer on that transport an outage and
-    /// shows the peer that caused it when we renewed, so renewals back off
-    /// exponentially (`RENEW_BACKOFF_MIN` doubling to `RENEW_BACKOFF_MAX`).
-    fn request_renewal(&mut self, kind: TransportKind, now: Instant, peer: &str, why: &str) {
-        if self.renewals.contains(&kind) || !self.renewal_backoff[transport_index(kind)].admit(now)
-        {
-            tracing::trace!(peer, transport = %kind, why, "renewal not due yet");
-            return;
-        }
-        // Debug: most transports have nothing to renew; those that do log it.
-        tracing::debug!(peer, transport = %kind, why, "renewing our presence");
-        self.renewal_expected = Some(kind);
-        self.renewals.push_back(kind);
-    }
-
     /// Our presence on `kind` was re-created (a new I2P session): peers'
     /// routers may still send to the old one. Every peer reachable over it
     /// hears from us at once, which carries our new whereabouts to its
@@ -987,10 +756,8 @@ impl Node {
     /// until heard: a peer that hears us but stays unheard renews its side
     /// on its own evidence.
     pub fn transport_rehomed(&mut self, kind: TransportKind, now: Instant) {
-        let renewal = self.renewal_expected.take_if(|k| *k == kind).is_some();
-        tracing::info!(transport = %kind, renewal, "our presence was re-created: contacting peers");
         let mut has_peers = false;
-        for (id, peer) in self.peers.iter_mut().enumerate() {
+        for (id, peer) in self.peers.slots.iter_mut().enumerate() {
             let Some(peer) = peer else { continue };
             if !peer.paths.rehomed(kind, now) {
                 continue;
@@ -999,7 +766,7 @@ impl Node {
             if peer.has_session() {
                 continue;
             }
-            peer.wake(id, &mut self.awake, now);
+            peer.wake(id, &mut self.peers.awake, now);
             if let TunnResult::WriteToNetwork(init) = peer
                 .tunn_mut(id, &self.keys)
                 .format_handshake_initiation(&mut self.scratch, false)
@@ -1009,53 +776,43 @@ impl Node {
                 }
             }
         }
-        // A renewal of ours is not a move: judged again, it would renew
-        // in a loop while every peer is away.
-        if has_peers && !renewal {
-            self.moved = Some((kind, now));
-        }
+        self.presence.rehomed(kind, has_peers, now);
         self.next_probe_due = now;
     }
 
     /// Once peers had their chance to answer after we moved (and to renew
     /// their side): if not one got through, renew our own presence, once.
     fn check_moved(&mut self, now: Instant) {
-        let Some((kind, at)) = self.moved else {
+        let Some((kind, at)) = self.presence.move_to_judge(now) else {
             return;
         };
-        if now < at + MOVE_SILENCE {
+        if self.peers.iter().any(|p| p.paths.heard_since(kind, at)) {
             return;
         }
-        self.moved = None;
-        if self
-            .peers
-            .iter()
-            .flatten()
-            .any(|p| p.paths.heard_since(kind, at))
-        {
-            return;
-        }
-        self.request_renewal(kind, now, "", "no peer got through since we moved");
+        self.presence
+            .request(kind, now, "", "no peer got through since we moved");
     }
 
     /// Peers heard over a path that does not carry our answers back.
     fn check_one_way(&mut self, now: Instant) {
         let one_way: Vec<(TransportKind, String)> = self
+            .peers
             .awake
             .iter()
             .filter_map(|&id| {
-                let p = self.peers[id].as_ref()?;
+                let p = self.peers.slots[id].as_ref()?;
                 Some((p.paths.one_way(now)?, p.spec.name.clone()))
             })
             .collect();
         for (kind, name) in one_way {
-            self.request_renewal(kind, now, &name, "the peer is heard but does not hear us");
+            self.presence
+                .request(kind, now, &name, "the peer is heard but does not hear us");
         }
     }
 
     /// A transport whose presence we want re-created.
     pub fn poll_renewal(&mut self) -> Option<TransportKind> {
-        self.renewals.pop_front()
+        self.presence.poll_renewal()
     }
 
     /// A peer saw our probe come from `sa`: one of our NAT's mappings.
@@ -1087,7 +844,7 @@ impl Node {
     }
 
     fn announce_to_all(&mut self, now: Instant) {
-        for peer in self.peers.iter_mut().flatten() {
+        for peer in self.peers.iter_mut() {
             peer.announce_at = Some(now);
         }
         self.next_probe_due = now;
@@ -1098,7 +855,6 @@ impl Node {
     pub fn udp_peers(&self) -> impl Iterator<Item = (PublicKey, bool)> + '_ {
         self.peers
             .iter()
-            .flatten()
             .filter(|p| p.spec.allows(TransportKind::Udp))
             .map(|p| (p.spec.public_key, p.has_session()))
     }
@@ -1112,7 +868,7 @@ impl Node {
     /// from UDP: they carry our IP addresses.
     fn announce(&mut self, id: PeerId, reply: bool, now: Instant) {
         let endpoints = self.candidates();
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         peer.announce_at = None;
@@ -1141,12 +897,12 @@ impl Node {
         message: &PeerMessage,
         ttl: Option<u8>,
     ) {
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
-        peer.wake(id, &mut self.awake, self.last_now);
+        peer.wake(id, &mut self.peers.awake, self.last_now);
         if let TunnResult::WriteToNetwork(datagram) = peer
             .tunn_mut(id, &self.keys)
             .encapsulate(&self.message_buf, &mut self.scratch)
@@ -1159,7 +915,7 @@ impl Node {
 
     /// After a handshake, boringtun releases the packets it held.
     fn flush_queued(&mut self, id: PeerId) {
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         let Some(path) = peer.path() else {
@@ -1200,25 +956,10 @@ impl Node {
         }
     }
 
-    /// Drops the peers that went quiet (or were removed) from `awake`,
-    /// which stays in id order (`Peer::listed` keeps it free of repeats).
-    fn refresh_awake(&mut self, now: Instant) {
-        let peers = &mut self.peers;
-        self.awake.sort_unstable();
-        self.awake.retain(|&id| match peers[id].as_mut() {
-            Some(peer) if peer.needs_timers(now) => true,
-            Some(peer) => {
-                peer.listed = false;
-                false
-            }
-            None => false,
-        });
-    }
-
     fn drive_session_timers(&mut self, now: Instant) {
-        self.refresh_awake(now);
-        for &id in &self.awake {
-            let Some(peer) = self.peers[id].as_mut() else {
+        self.peers.refresh_awake(now);
+        for &id in &self.peers.awake {
+            let Some(peer) = self.peers.slots[id].as_mut() else {
                 continue;
             };
             let result = if let Some(tunn) = peer.tunn.as_mut() {
@@ -1258,7 +999,7 @@ impl Node {
     }
 
     fn send_probes(&mut self, id: PeerId, now: Instant) {
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         let ids = &mut self.probe_ids;
@@ -1273,7 +1014,7 @@ impl Node {
     /// DHT): handshake initiations stand in for probes, the first with the
     /// short TTL. At most one new initiation per `PUNCH_HANDSHAKE_SPACING`.
     fn send_punch_handshakes(&mut self, id: PeerId, now: Instant) {
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         let due = peer.paths.poll_punches(now);
@@ -1283,7 +1024,7 @@ impl Node {
         if due.is_empty() || !(spaced || due.iter().any(|(_, short_ttl)| *short_ttl)) {
             return;
         }
-        peer.wake(id, &mut self.awake, now);
+        peer.wake(id, &mut self.peers.awake, now);
         let TunnResult::WriteToNetwork(init) = peer
             .tunn_mut(id, &self.keys)
             .format_handshake_initiation(&mut self.scratch, true)
@@ -1302,19 +1043,21 @@ impl Node {
     /// a peer that may use UDP and has no session yet (with a session, the
     /// peers swap endpoints inside it).
     pub fn rendezvous(&mut self, peer: &PublicKey, endpoints: &[SocketAddr], now: Instant) {
-        let Some(&id) = self.by_key.get(&peer.0) else {
+        let Some(&id) = self.peers.by_key.get(&peer.0) else {
             return;
         };
-        let Some(peer) = self.peers[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
         if !peer.spec.allows(TransportKind::Udp) || peer.has_session() {
             return;
         }
-        let usable = self.own.usable_peer_endpoints(&self.routes, endpoints);
+        let usable = self
+            .own
+            .usable_peer_endpoints(&self.peers.routes, endpoints);
         tracing::info!(peer = %peer.spec.name, ?usable, "endpoints found in the DHT");
         // Punching is driven like timers: a quiet peer would never start.
-        peer.wake(id, &mut self.awake, now);
+        peer.wake(id, &mut self.peers.awake, now);
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
         self.next_probe_due = now;
     }
@@ -1325,14 +1068,17 @@ impl Node {
         let mut next = now + TIMER_TICK;
         // Only awake peers: a quiet one has no session (its keys are gone)
         // and nothing to punch.
-        let awake = std::mem::take(&mut self.awake);
+        let awake = std::mem::take(&mut self.peers.awake);
         for &id in &awake {
-            let Some(peer) = self.peers[id].as_mut() else {
+            let Some(peer) = self.peers.slots[id].as_mut() else {
                 continue;
             };
             if !peer.has_session() {
                 self.send_punch_handshakes(id, now);
-                if let Some(due) = self.peers[id].as_ref().and_then(|p| p.paths.next_punch()) {
+                if let Some(due) = self.peers.slots[id]
+                    .as_ref()
+                    .and_then(|p| p.paths.next_punch())
+                {
                     next = next.min(due.max(now + Duration::from_millis(1)));
                 }
                 continue;
@@ -1342,7 +1088,7 @@ impl Node {
             if announce_due {
                 self.announce(id, true, now);
             }
-            let Some(peer) = self.peers[id].as_mut() else {
+            let Some(peer) = self.peers.slots[id].as_mut() else {
                 continue;
             };
             for due in [peer.paths.next_probe(), peer.announce_at]
@@ -1353,8 +1099,8 @@ impl Node {
             }
         }
         // Peers woken meanwhile joined the (taken) list.
-        let woken = std::mem::replace(&mut self.awake, awake);
-        self.awake.extend(woken);
+        let woken = std::mem::replace(&mut self.peers.awake, awake);
+        self.peers.awake.extend(woken);
         self.next_probe_due = next;
     }
 
@@ -1385,7 +1131,6 @@ impl Node {
             peers: self
                 .peers
                 .iter()
-                .flatten()
                 .map(|p| {
                     let (since_handshake, tx_bytes, rx_bytes, _loss, _rtt) = p
                         .tunn
@@ -1408,51 +1153,6 @@ impl Node {
                 .collect(),
         }
     }
-}
-
-/// Counts one more handshake initiation answered since the peer last sent
-/// data; true when they repeat enough to say our answers are lost.
-fn initiation_repeated(initiations: &mut Option<(u32, Instant)>, now: Instant) -> bool {
-    let (count, since) = match *initiations {
-        Some((count, since))
-            if now.saturating_duration_since(since) < REPEATED_INITIATIONS_WINDOW =>
-        {
-            (count + 1, since)
-        }
-        _ => (1, now),
-    };
-    *initiations = Some((count, since));
-    count >= REPEATED_INITIATIONS
-}
-
-/// The paths the config gives a peer, in its transports' order: only
-/// transports it allows, only where it has an address.
-fn configured_paths(spec: &PeerSpec) -> Vec<PeerAddr> {
-    spec.transports
-        .iter()
-        .filter_map(|kind| spec.path(*kind).cloned())
-        .collect()
-}
-
-/// Does this peer's traffic need its addresses checked (see
-/// `local_address_allowed`)? Most peers' does not, which keeps the check
-/// off their per-packet path.
-fn needs_address_check(spec: &PeerSpec) -> bool {
-    spec.is_anonymous() || spec.allowed_destinations.is_some()
-}
-
-/// May the peer reach (and see) this address of ours? Our addresses on
-/// the TUN (the mesh address and the interface's own) always: they say
-/// nothing of where this node is. Besides them, its
-/// `allowed_destinations`, or, without that setting, anything unless the
-/// peer is anonymous: an I2P-only peer that could ping our LAN or public
-/// address would learn it from the answer.
-fn local_address_allowed(spec: &PeerSpec, tunnel_addresses: &[IpAddr], addr: IpAddr) -> bool {
-    tunnel_addresses.contains(&addr)
-        || match &spec.allowed_destinations {
-            Some(nets) => nets.iter().any(|net| net.contains(&addr)),
-            None => !spec.is_anonymous(),
-        }
 }
 
 fn transport_index(kind: TransportKind) -> usize {
@@ -1489,45 +1189,6 @@ impl ProbeIds {
         id.copy_from_slice(&digest[..8]);
         u64::from_le_bytes(id)
     }
-}
-
-/// When the next renewal of our presence on one transport may be.
-#[derive(Debug, Default, Clone, Copy)]
-struct RenewalBackoff {
-    last: Option<Instant>,
-    wait: Duration,
-}
-
-impl RenewalBackoff {
-    /// True (and the renewal is counted) if one may happen now.
-    fn admit(&mut self, now: Instant) -> bool {
-        if let Some(last) = self.last {
-            let since = now.saturating_duration_since(last);
-            if since < self.wait {
-                return false;
-            }
-            if since >= RENEW_FORGET {
-                self.wait = Duration::ZERO;
-            }
-        }
-        self.last = Some(now);
-        self.wait = (self.wait * 2).clamp(RENEW_BACKOFF_MIN, RENEW_BACKOFF_MAX);
-        true
-    }
-}
-
-/// May this path carry the peer's session? Only over its allowed
-/// transports (an I2P-only peer must never learn our IP), and over Tox or
-/// I2P only from its own configured identity there: a Tox friendship or an
-/// I2P datagram grants nothing by itself. UDP endpoints roam freely, as in
-/// WireGuard.
-fn path_allowed(spec: &PeerSpec, path: &PeerAddr) -> bool {
-    spec.allows(path.kind())
-        && match path {
-            PeerAddr::Udp(_) => true,
-            PeerAddr::Tox(_) | PeerAddr::I2p(_) => spec.paths.contains(path),
-            PeerAddr::Unattributed(_) => false,
-        }
 }
 
 const HANDSHAKE_INIT: u32 = 1;

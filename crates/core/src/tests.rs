@@ -6,6 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use proptest::prelude::*;
 
 use super::packet::tests::{ipv4_udp, ipv6_echo};
+use super::peer::{configured_paths, QUIET_AFTER, REPEATED_INITIATIONS};
+use super::presence::{MOVE_SILENCE, RENEW_BACKOFF_MIN};
 use super::*;
 
 const UDP_LIMITS: DatagramLimits = DatagramLimits {
@@ -407,7 +409,7 @@ fn a_quiet_peer_wakes_with_its_first_packet() {
 #[test]
 fn session_state_is_made_on_first_use_and_not_for_forged_indices() {
     let mut m = mesh();
-    let made = |node: &Node| node.peers[0].as_ref().unwrap().tunn.is_some();
+    let made = |node: &Node| node.peers.slots[0].as_ref().unwrap().tunn.is_some();
     assert!(!made(&m.node_a) && !made(&m.node_b));
     // A data message naming the peer's first session index, which it
     // never handed out.
@@ -843,7 +845,7 @@ fn a_peer_first_reached_over_tox_is_moved_to_direct_udp_and_back() {
 fn endpoints_are_never_announced_to_a_peer_restricted_from_udp() {
     let mut sim = PathSim::new();
     // Node 0 allows node 1 only over Tox.
-    let mut restricted = sim.nodes[0].peers[0].as_ref().unwrap().spec.clone();
+    let mut restricted = sim.nodes[0].peers.slots[0].as_ref().unwrap().spec.clone();
     restricted.transports = vec![TransportKind::Tox];
     let now = sim.now;
     sim.nodes[0].reconfigure(vec![restricted], now).unwrap();
@@ -1035,25 +1037,6 @@ fn renewals_a_peer_provokes_back_off_exponentially() {
     }
 }
 
-#[test]
-fn renewal_backoff_doubles_to_an_hour_and_forgets_after_quiet() {
-    let t0 = Instant::now();
-    let mut backoff = RenewalBackoff::default();
-    assert!(backoff.admit(t0));
-    assert!(!backoff.admit(t0 + Duration::from_secs(59)));
-    let mut at = t0;
-    let mut waits = Vec::new();
-    for wait in [60, 120, 240, 480, 960, 1920, 3600, 3600] {
-        at += Duration::from_secs(wait);
-        assert!(!backoff.admit(at - Duration::from_secs(1)));
-        assert!(backoff.admit(at));
-        waits.push(backoff.wait.as_secs());
-    }
-    assert_eq!(waits, [120, 240, 480, 960, 1920, 3600, 3600, 3600]);
-    assert!(backoff.admit(at + RENEW_FORGET));
-    assert_eq!(backoff.wait, RENEW_BACKOFF_MIN);
-}
-
 /// The retired Renew request (peer message type 4), even inside an
 /// authenticated session, makes us renew nothing.
 #[test]
@@ -1072,7 +1055,7 @@ fn a_peer_cannot_ask_us_to_renew() {
     packet[43] = 4;
     packet[4..6].copy_from_slice(&4u16.to_be_bytes());
     let mut out = vec![0u8; BUFFER_SIZE];
-    let peer = m.node_a.peers[0].as_mut().unwrap();
+    let peer = m.node_a.peers.slots[0].as_mut().unwrap();
     let tunn = peer.tunn.as_mut().expect("a session");
     let TunnResult::WriteToNetwork(datagram) = tunn.encapsulate(&packet, &mut out) else {
         panic!("no session");
