@@ -995,6 +995,18 @@ pub fn is_dns_label(name: &str) -> bool {
         && !name.ends_with('-')
 }
 
+/// An endpoint written as `HOST:PORT` that could resolve: an IP socket
+/// address, or a DNS name (dot-separated labels) and a port. Nothing is
+/// looked up.
+pub fn is_endpoint_syntax(text: &str) -> bool {
+    if text.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    host_and_port(text).is_some_and(|(host, _)| {
+        host.len() <= 253 && host.trim_end_matches('.').split('.').all(is_dns_label)
+    })
+}
+
 /// `HOST:PORT` split, with a non-empty host and a numeric port; the host
 /// is not resolved.
 fn host_and_port(text: &str) -> Option<(&str, u16)> {

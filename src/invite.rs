@@ -13,7 +13,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{is_dns_label, Config, ConfigError};
+use crate::config::{is_dns_label, is_endpoint_syntax, Config, ConfigError};
 use crate::identity::PublicKey;
 use veilmesh_transport::TransportKind;
 
@@ -95,6 +95,16 @@ impl Invite {
             field: "public key",
             reason: e.to_string(),
         })?;
+        // Checked here, not only by the config after the join: the text
+        // goes into the config file, and a token is network input.
+        if let Some(endpoint) = self.endpoint.as_deref() {
+            if !is_endpoint_syntax(endpoint) {
+                return Err(InviteError::Invalid {
+                    field: "endpoint",
+                    reason: "not HOST:PORT (an IP address or a DNS name, and a port)".into(),
+                });
+            }
+        }
         if let Some(tox) = &self.tox {
             tox.parse::<veilmesh_tox::ToxId>()
                 .map_err(|e| InviteError::Invalid {
@@ -351,6 +361,41 @@ mod tests {
         };
         let err = Invite::decode(&bad.encode()).unwrap_err();
         assert!(err.to_string().contains("Tox ID"), "{err}");
+    }
+
+    /// The endpoint is the one free-text field of a token and goes into
+    /// the config file. 256 quotes in a row once overflowed a counter in
+    /// the TOML writer (a panic in debug builds, found by the fuzzer).
+    #[test]
+    fn an_endpoint_that_is_not_host_and_port_is_refused() {
+        for good in [
+            "198.51.100.7:51820",
+            "[2001:db8::7]:51820",
+            "vpn.example.org:51820",
+        ] {
+            let ok = Invite {
+                endpoint: Some(good.into()),
+                ..invite()
+            };
+            assert_eq!(Invite::decode(&ok.encode()), Ok(ok), "{good}");
+        }
+        let quotes = format!("{}:1", "'".repeat(300));
+        for bad in [
+            quotes.as_str(),
+            "vpn example:1",
+            "host:port",
+            ":51820",
+            "a\"b:1",
+            "x\n:1",
+        ] {
+            let token = Invite {
+                endpoint: Some(bad.into()),
+                ..invite()
+            }
+            .encode();
+            let err = Invite::decode(&token).unwrap_err();
+            assert!(err.to_string().contains("endpoint"), "{bad:?}: {err}");
+        }
     }
 
     /// An anonymous token: an I2P address and `transports = ["i2p"]`, no
