@@ -16,12 +16,12 @@ use veilmesh_udp::{UdpConfig, UdpTransport};
 
 use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
-use crate::core::{FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
+use crate::core::{Event, FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
 use crate::netdev::NetDevice;
 use crate::notify::Notifier;
 use crate::privileges;
-use crate::rendezvous::{Found, Rendezvous, RendezvousConfig, Wanted};
+use crate::rendezvous::{Found, Rendezvous, RendezvousConfig};
 
 /// Packets handled per wake-up of one source before the loop looks at the
 /// others, so a flood on one side cannot starve timers or the other side.
@@ -336,10 +336,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     path.update_hosts();
     // One timer, moved only when the core's deadline changes.
-    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(path.node.poll_timeout()));
+    let timer =
+        tokio::time::sleep_until(tokio::time::Instant::from_std(path.node.poll_timeout().at));
     tokio::pin!(timer);
     loop {
-        let deadline = tokio::time::Instant::from_std(path.node.poll_timeout());
+        let deadline = tokio::time::Instant::from_std(path.node.poll_timeout().at);
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
         }
@@ -362,7 +363,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 path.node.handle_timeout(now);
                 path.flush_transmits();
-                path.update_rendezvous();
             }
             Some(found) = next_found(&mut path.rendezvous) => {
                 path.node.rendezvous(&found.peer, &found.endpoints, Instant::now());
@@ -443,30 +443,6 @@ async fn next_found(rendezvous: &mut Option<Rendezvous>) -> Option<Found> {
 }
 
 impl DataPath {
-    /// Tells the rendezvous task what to publish and whom to look up.
-    fn update_rendezvous(&self) {
-        let Some(rendezvous) = &self.rendezvous else {
-            return;
-        };
-        let mut wanted = Wanted {
-            endpoints: self.node.candidates(),
-            ..Wanted::default()
-        };
-        for (peer, has_session) in self.node.udp_peers() {
-            wanted.publish_to.push(peer);
-            if !has_session {
-                wanted.look_up.push(peer);
-            }
-        }
-        rendezvous.wanted.send_if_modified(|current| {
-            let changed = *current != wanted;
-            if changed {
-                *current = wanted;
-            }
-            changed
-        });
-    }
-
     fn show(&self) -> Response {
         Response::Status(DaemonStatus {
             interface: self.device.name().to_owned(),
@@ -709,9 +685,26 @@ impl DataPath {
                 tracing::debug!(to = %t.to, %error, "send failed");
             }
         }
-        while let Some(kind) = self.node.poll_renewal() {
-            if let Some(t) = self.transports.get_mut(kind) {
-                t.renew();
+        while let Some(event) = self.node.poll_event() {
+            match event {
+                Event::RenewPresence(kind) => {
+                    if let Some(t) = self.transports.get_mut(kind) {
+                        t.renew();
+                    }
+                }
+                Event::RendezvousWanted(wanted) => {
+                    // A reload may re-state the same wish: the DHT task
+                    // wakes only for a real change.
+                    if let Some(rendezvous) = &self.rendezvous {
+                        rendezvous.wanted.send_if_modified(|current| {
+                            let changed = *current != wanted;
+                            if changed {
+                                *current = wanted;
+                            }
+                            changed
+                        });
+                    }
+                }
             }
         }
     }

@@ -19,7 +19,7 @@ use mainline::{Dht, MutableItem, SigningKey};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-use crate::core::peer_messages;
+use crate::core::{peer_messages, RendezvousWanted};
 use crate::identity::{PrivateKey, PublicKey};
 
 /// How often a node reads the items of peers it has no session with. Two
@@ -31,16 +31,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
 const REPUBLISH_INTERVAL: Duration = Duration::from_secs(300);
 const ITEM_VERSION: u8 = 1;
 pub const NONCE_LEN: usize = 12;
-
-/// What the event loop wants from the DHT.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Wanted {
-    /// Our UDP endpoints, published for every peer in `publish_to`.
-    pub endpoints: Vec<SocketAddr>,
-    pub publish_to: Vec<PublicKey>,
-    /// Peers without a session whose endpoints we look up.
-    pub look_up: Vec<PublicKey>,
-}
 
 /// A peer's endpoints, found in the DHT.
 #[derive(Debug, Clone)]
@@ -123,7 +113,7 @@ pub struct RendezvousConfig {
 
 /// The DHT node and the task that publishes and looks up.
 pub struct Rendezvous {
-    pub wanted: watch::Sender<Wanted>,
+    pub wanted: watch::Sender<RendezvousWanted>,
     pub found: mpsc::Receiver<Found>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -148,7 +138,7 @@ impl Rendezvous {
             .build()
             .context("cannot start the DHT node for [rendezvous]")?
             .as_async();
-        let (wanted, wanted_rx) = watch::channel(Wanted::default());
+        let (wanted, wanted_rx) = watch::channel(RendezvousWanted::default());
         let (found_tx, found) = mpsc::channel(64);
         let task = tokio::spawn(run(dht, key.clone(), wanted_rx, found_tx));
         tracing::info!(bootstrap = ?config.bootstrap, "rendezvous DHT started");
@@ -169,7 +159,7 @@ fn unix_seconds() -> i64 {
 async fn run(
     dht: mainline::async_dht::AsyncDht,
     key: PrivateKey,
-    mut wanted: watch::Receiver<Wanted>,
+    mut wanted: watch::Receiver<RendezvousWanted>,
     found: mpsc::Sender<Found>,
 ) {
     let own = key.public_key();

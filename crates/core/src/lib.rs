@@ -15,6 +15,7 @@ pub mod peer_messages;
 mod presence;
 pub mod routing;
 pub mod spec;
+mod timers;
 
 pub use spec::PeerSpec;
 
@@ -42,6 +43,8 @@ use peer::{
 };
 use peer_messages::PeerMessage;
 use presence::Presence;
+use timers::TimerTable;
+pub use timers::{Timeout, Timer};
 
 /// WireGuard data message overhead: 16-byte header + 16-byte tag.
 pub const NOISE_OVERHEAD: usize = 32;
@@ -162,6 +165,28 @@ pub enum FromNetwork<'a> {
     Dropped(DropReason),
 }
 
+/// What the daemon should do besides sending datagrams, from
+/// [`Node::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Re-create our presence on this transport (same identity): peers do
+    /// not hear us there.
+    RenewPresence(TransportKind),
+    /// What the rendezvous DHT should publish and look up changed.
+    RendezvousWanted(RendezvousWanted),
+}
+
+/// What the rendezvous DHT should do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RendezvousWanted {
+    /// Our UDP endpoints, published for every peer in `publish_to`.
+    pub endpoints: Vec<SocketAddr>,
+    /// The peers that may use UDP.
+    pub publish_to: Vec<PublicKey>,
+    /// Those of them we have no session with, whose endpoints we look up.
+    pub look_up: Vec<PublicKey>,
+}
+
 /// A datagram the core wants sent, outside the per-packet fast path
 /// (handshakes, keepalives, cookies, packets flushed after a handshake).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,8 +225,8 @@ impl Transmit {
 /// not allocate. The rest waits in queues, drained after every input in
 /// this order: [`Node::poll_transmit`] until `None` (handshakes, keepalives,
 /// probes, cookies, packets released by a handshake), then
-/// [`Node::poll_renewal`] until `None` (transports whose presence should be
-/// re-created), then [`Node::poll_timeout`] to re-arm the one timer.
+/// [`Node::poll_event`] until `None` (presence to renew, rendezvous
+/// wanted), then [`Node::poll_timeout`] to re-arm the one timer.
 pub struct Node {
     keys: SessionKeys,
     public: x25519::PublicKey,
@@ -216,15 +241,17 @@ pub struct Node {
     probe_ids: ProbeIds,
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
-    next_tick: Instant,
+    timers: TimerTable,
+    /// The end of the rate limiters' second, checked on each tick.
     next_rate_limit_reset: Instant,
-    /// When some peer's probes or announcement are due.
-    next_probe_due: Instant,
     /// Our UDP endpoints, announced to peers that may use UDP.
     own: OwnEndpoints,
     punch_ttl: u8,
     /// When our presence on a transport should be re-created.
     presence: Presence,
+    /// What the rendezvous DHT should do changed since the last
+    /// `Event::RendezvousWanted`.
+    rendezvous_changed: bool,
     /// The latest `now` handed in, for the per-packet calls that take none.
     last_now: Instant,
     scratch: Vec<u8>,
@@ -267,16 +294,18 @@ impl Node {
             public,
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
-            next_tick: now,
+            timers: TimerTable::default(),
             next_rate_limit_reset: now + Duration::from_secs(1),
-            next_probe_due: now,
             own: OwnEndpoints::default(),
             punch_ttl: DEFAULT_PUNCH_TTL,
             presence: Presence::default(),
+            rendezvous_changed: true,
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
         };
+        node.timers.set(Timer::Tick, Some(now));
+        node.timers.set(Timer::Paths, Some(now));
         node.reconfigure(peers, now)?;
         Ok(node)
     }
@@ -291,6 +320,7 @@ impl Node {
         now: Instant,
     ) -> Result<ReconfigureReport, NodeError> {
         self.last_now = now;
+        self.rendezvous_changed = true;
         self.peers.reconfigure(peers, now)
     }
 
@@ -574,6 +604,10 @@ impl Node {
         // must not make idle peers cost timers again.
         if !matches!(result, TunnResult::Err(_)) {
             peer.wake(id, &mut self.peers.awake, now);
+            // Without a session, any packet may be the one that makes it.
+            if peer.looked_up && peer.update_look_up() {
+                self.rendezvous_changed = true;
+            }
         }
         let (packet, src) = match result {
             TunnResult::WriteToTunnelV4(packet, src) => (packet, IpAddr::V4(src)),
@@ -583,7 +617,7 @@ impl Node {
                 // here, only handshake responses and queued data.
                 match message_type(datagram) {
                     Some(HANDSHAKE_RESPONSE) => peer.paths.answered(from, now),
-                    _ => Self::heard(peer, from, now, &mut self.next_probe_due, &self.own),
+                    _ => Self::heard(peer, from, now, &mut self.timers, &self.own),
                 }
                 let not_heard = message_type(datagram) == Some(HANDSHAKE_INIT)
                     && initiation_repeated(&mut peer.initiations, now);
@@ -595,7 +629,7 @@ impl Node {
                     // A fresh session: measure every path, swap endpoints.
                     peer.paths.probe_all_now(now);
                     peer.announce_at = Some(now);
-                    self.next_probe_due = now;
+                    self.timers.fire_by(Timer::Paths, now);
                 }
                 peer.select_path(now);
                 if not_heard {
@@ -615,7 +649,7 @@ impl Node {
                 // A keepalive or cookie; only data messages authenticate the sender.
                 if message_type(datagram) == Some(DATA) {
                     peer.initiations = None;
-                    Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
+                    Self::heard(peer, from, now, &mut self.timers, &self.own);
                 }
                 return FromNetwork::Consumed;
             }
@@ -627,7 +661,7 @@ impl Node {
         };
         // Authenticated: the peer may have moved, whatever the payload says.
         peer.initiations = None;
-        Self::heard(peer, from, now, &mut self.next_probe_due, &self.own);
+        Self::heard(peer, from, now, &mut self.timers, &self.own);
         if self.peers.routes.lookup(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.spec.name, %src, "dropped packet with a source outside the peer's allowed IPs");
@@ -673,7 +707,7 @@ impl Node {
         peer: &mut Peer,
         from: &PeerAddr,
         now: Instant,
-        next_probe_due: &mut Instant,
+        timers: &mut TimerTable,
         own: &OwnEndpoints,
     ) {
         if let PeerAddr::Udp(sa) = from {
@@ -683,7 +717,7 @@ impl Node {
         }
         if peer.paths.heard(from, now) {
             peer.paths.probe_all_now(now);
-            *next_probe_due = now;
+            timers.fire_by(Timer::Paths, now);
         }
         if peer.paths.in_use() != Some(from) {
             peer.select_path(now);
@@ -744,7 +778,7 @@ impl Node {
                 if reply {
                     self.announce(id, false, now);
                 }
-                self.next_probe_due = now;
+                self.timers.fire_by(Timer::Paths, now);
             }
         }
     }
@@ -777,7 +811,8 @@ impl Node {
             }
         }
         self.presence.rehomed(kind, has_peers, now);
-        self.next_probe_due = now;
+        self.timers.set(Timer::Move, self.presence.next_judgement());
+        self.timers.fire_by(Timer::Paths, now);
     }
 
     /// Once peers had their chance to answer after we moved (and to renew
@@ -810,14 +845,39 @@ impl Node {
         }
     }
 
-    /// A transport whose presence we want re-created.
-    pub fn poll_renewal(&mut self) -> Option<TransportKind> {
-        self.presence.poll_renewal()
+    /// What the daemon should do besides sending: see [`Event`].
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if let Some(kind) = self.presence.poll_renewal() {
+            return Some(Event::RenewPresence(kind));
+        }
+        if std::mem::take(&mut self.rendezvous_changed) {
+            return Some(Event::RendezvousWanted(self.rendezvous_wanted()));
+        }
+        None
+    }
+
+    /// Whom the rendezvous DHT publishes our endpoints for (the peers
+    /// that may use UDP), and whom it looks up (those without a session).
+    fn rendezvous_wanted(&self) -> RendezvousWanted {
+        let mut wanted = RendezvousWanted {
+            endpoints: self.own.announced(),
+            ..RendezvousWanted::default()
+        };
+        for peer in self.peers.iter() {
+            if peer.spec.allows(TransportKind::Udp) {
+                wanted.publish_to.push(peer.spec.public_key);
+            }
+            if peer.looked_up {
+                wanted.look_up.push(peer.spec.public_key);
+            }
+        }
+        wanted
     }
 
     /// A peer saw our probe come from `sa`: one of our NAT's mappings.
     fn observed(&mut self, sa: SocketAddr, now: Instant) {
         if self.own.observed(sa) {
+            self.rendezvous_changed = true;
             self.announce_to_all(now);
         }
     }
@@ -826,6 +886,7 @@ impl Node {
     /// mappings). A change is announced to every peer that may use UDP.
     pub fn set_local_candidates(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
         if self.own.set_local(endpoints) {
+            self.rendezvous_changed = true;
             self.announce_to_all(now);
         }
     }
@@ -847,27 +908,13 @@ impl Node {
         for peer in self.peers.iter_mut() {
             peer.announce_at = Some(now);
         }
-        self.next_probe_due = now;
-    }
-
-    /// Peers that may use UDP, and whether we have a session with each:
-    /// whom the rendezvous DHT publishes our endpoints for, and looks up.
-    pub fn udp_peers(&self) -> impl Iterator<Item = (PublicKey, bool)> + '_ {
-        self.peers
-            .iter()
-            .filter(|p| p.spec.allows(TransportKind::Udp))
-            .map(|p| (p.spec.public_key, p.has_session()))
-    }
-
-    /// Our UDP endpoints as announced to peers.
-    pub fn candidates(&self) -> Vec<SocketAddr> {
-        self.own.announced()
+        self.timers.fire_by(Timer::Paths, now);
     }
 
     /// Sends our UDP endpoints to a peer, never to one restricted away
     /// from UDP: they carry our IP addresses.
     fn announce(&mut self, id: PeerId, reply: bool, now: Instant) {
-        let endpoints = self.candidates();
+        let endpoints = self.own.announced();
         let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
@@ -933,26 +980,27 @@ impl Node {
         }
     }
 
-    /// Drives timers: handshake retries, rekeys, keepalives, path probes
-    /// and endpoint announcements.
+    /// Runs the timers that are due (see [`Timer`]).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
-        if now >= self.next_tick {
-            self.next_tick = now + TIMER_TICK;
-            // On a tick, not a wake-up of its own: a second of 1 to 1.25 s.
-            if now >= self.next_rate_limit_reset {
-                for limiter in &self.limiters {
-                    limiter.reset_count();
+        while let Some(timer) = self.timers.pop_due(now) {
+            match timer {
+                Timer::Tick => {
+                    self.timers.set(Timer::Tick, Some(now + TIMER_TICK));
+                    // On a tick, not a wake-up of its own: a second of 1 to 1.25 s.
+                    if now >= self.next_rate_limit_reset {
+                        for limiter in &self.limiters {
+                            limiter.reset_count();
+                        }
+                        self.identified_under_load = 0;
+                        self.next_rate_limit_reset = now + Duration::from_secs(1);
+                    }
+                    self.drive_session_timers(now);
+                    self.check_one_way(now);
                 }
-                self.identified_under_load = 0;
-                self.next_rate_limit_reset = now + Duration::from_secs(1);
+                Timer::Paths => self.drive_paths(now),
+                Timer::Move => self.check_moved(now),
             }
-            self.drive_session_timers(now);
-            self.check_moved(now);
-            self.check_one_way(now);
-        }
-        if now >= self.next_probe_due {
-            self.drive_paths(now);
         }
     }
 
@@ -995,6 +1043,10 @@ impl Node {
             }
             peer.paths.prune(now);
             peer.select_path(now);
+            // Sessions expire in boringtun's timers.
+            if peer.update_look_up() {
+                self.rendezvous_changed = true;
+            }
         }
     }
 
@@ -1059,7 +1111,7 @@ impl Node {
         // Punching is driven like timers: a quiet peer would never start.
         peer.wake(id, &mut self.peers.awake, now);
         peer.paths.rendezvous(&usable, now, RENDEZVOUS_OPEN_DELAY);
-        self.next_probe_due = now;
+        self.timers.fire_by(Timer::Paths, now);
     }
 
     /// Sends due probes and announcements of peers with a session, and
@@ -1101,12 +1153,16 @@ impl Node {
         // Peers woken meanwhile joined the (taken) list.
         let woken = std::mem::replace(&mut self.peers.awake, awake);
         self.peers.awake.extend(woken);
-        self.next_probe_due = next;
+        self.timers.set(Timer::Paths, Some(next));
     }
 
-    /// When `handle_timeout` wants to run next.
-    pub fn poll_timeout(&self) -> Instant {
-        self.next_tick.min(self.next_probe_due)
+    /// When `handle_timeout` wants to run next, and for which timer.
+    pub fn poll_timeout(&self) -> Timeout {
+        // The tick is always armed: it re-arms itself.
+        self.timers.next().unwrap_or(Timeout {
+            at: self.last_now,
+            timer: Timer::Tick,
+        })
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {

@@ -48,6 +48,9 @@ pub(crate) struct Peer {
     pub(crate) last_active: Option<Instant>,
     /// In `Node::awake`.
     pub(crate) listed: bool,
+    /// Looked up in the rendezvous DHT: it may use UDP and has no session
+    /// (as last told, see `update_look_up`).
+    pub(crate) looked_up: bool,
     pub(crate) counters: PeerCounters,
 }
 
@@ -60,6 +63,7 @@ impl Peer {
             initiations: None,
             last_active: None,
             listed: false,
+            looked_up: false,
             tunn: None,
             spec,
             counters: PeerCounters::default(),
@@ -68,6 +72,12 @@ impl Peer {
 
     pub(crate) fn path(&self) -> Option<PeerAddr> {
         self.paths.in_use().cloned()
+    }
+
+    /// Brings `looked_up` up to date; true if it changed.
+    pub(crate) fn update_look_up(&mut self) -> bool {
+        let wanted = self.spec.allows(TransportKind::Udp) && !self.has_session();
+        std::mem::replace(&mut self.looked_up, wanted) != wanted
     }
 
     pub(crate) fn has_session(&self) -> bool {
@@ -224,6 +234,7 @@ impl PeerTable {
         for (id, peer) in self.slots.iter_mut().enumerate() {
             let Some(peer) = peer else { continue };
             peer.listed = peer.needs_timers(now);
+            peer.update_look_up();
             if peer.listed {
                 self.awake.push(id);
             }

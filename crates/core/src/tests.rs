@@ -439,13 +439,13 @@ fn timers_start_a_handshake_for_keepalive_peers() {
     peer.persistent_keepalive = Some(1);
     let start = Instant::now();
     let mut node = Node::new(&a.key, vec![peer], start).unwrap();
-    assert!(node.poll_timeout() <= start);
+    assert!(node.poll_timeout().at <= start);
     node.handle_timeout(start);
     let t = node.poll_transmit().expect("a handshake initiation");
     assert_eq!(t.to, b.addr);
     assert_eq!(message_type(&t.payload), Some(1));
     assert!(node.poll_transmit().is_none());
-    assert!(node.poll_timeout() > start);
+    assert!(node.poll_timeout().at > start);
 }
 
 proptest! {
@@ -921,7 +921,7 @@ fn a_peer_that_is_heard_but_not_answered_renews_its_presence_once() {
     for tick in 0..4 * 120 {
         let at = t0 + Duration::from_millis(250 * tick);
         b_is_not_heard(&mut m, at);
-        if let Some(kind) = m.node_b.poll_renewal() {
+        if let Some(kind) = renewal(&mut m.node_b) {
             assert_eq!(kind, TransportKind::Udp);
             assert!(renewed_at.is_none(), "renewed again at {:?}", at - t0);
             renewed_at = Some(at - t0);
@@ -929,7 +929,7 @@ fn a_peer_that_is_heard_but_not_answered_renews_its_presence_once() {
             // and the next renewal waits for the backoff.
             m.node_b.transport_rehomed(TransportKind::Udp, at);
         }
-        assert_eq!(m.node_a.poll_renewal(), None, "a renewed at {:?}", at - t0);
+        assert_eq!(renewal(&mut m.node_a), None, "a renewed at {:?}", at - t0);
         if renewed_at.is_some_and(|r| at - t0 > r + RENEW_BACKOFF_MIN - Duration::from_secs(1)) {
             break;
         }
@@ -951,8 +951,8 @@ fn peers_that_hear_each_other_after_a_move_renew_nothing() {
         m.node_b.handle_timeout(at);
         pump(&mut m, None);
     }
-    assert_eq!(m.node_b.poll_renewal(), None);
-    assert_eq!(m.node_a.poll_renewal(), None);
+    assert_eq!(renewal(&mut m.node_b), None);
+    assert_eq!(renewal(&mut m.node_a), None);
 }
 
 #[test]
@@ -961,20 +961,20 @@ fn with_no_peer_getting_through_after_a_move_we_renew_our_own_presence_once() {
     for s in 0..MOVE_SILENCE.as_secs() {
         nobody_gets_through(&mut m, t0 + Duration::from_secs(s));
         assert_eq!(
-            m.node_a.poll_renewal(),
+            renewal(&mut m.node_a),
             None,
             "renewed ourselves early ({s} s)"
         );
     }
     nobody_gets_through(&mut m, t0 + MOVE_SILENCE);
-    assert_eq!(m.node_a.poll_renewal(), Some(TransportKind::Udp));
+    assert_eq!(renewal(&mut m.node_a), Some(TransportKind::Udp));
     // The renewed presence fares no better: no renewing in a loop.
     let t1 = t0 + MOVE_SILENCE + Duration::from_secs(30);
     m.node_a.transport_rehomed(TransportKind::Udp, t1);
     for s in 0..3 * MOVE_SILENCE.as_secs() {
         nobody_gets_through(&mut m, t1 + Duration::from_secs(s));
     }
-    assert_eq!(m.node_a.poll_renewal(), None);
+    assert_eq!(renewal(&mut m.node_a), None);
 }
 
 /// An initiation from a fresh node of A's, as after A's retries or a
@@ -1004,7 +1004,7 @@ fn a_peer_that_keeps_initiating_although_answered_makes_us_renew() {
     for round in 1..=REPEATED_INITIATIONS {
         b_answers_a_new_initiation(&mut m, t0 + Duration::from_secs(u64::from(round)));
         let expected = (round == REPEATED_INITIATIONS).then_some(TransportKind::Udp);
-        assert_eq!(m.node_b.poll_renewal(), expected, "round {round}");
+        assert_eq!(renewal(&mut m.node_b), expected, "round {round}");
     }
 }
 
@@ -1024,7 +1024,7 @@ fn renewals_a_peer_provokes_back_off_exponentially() {
             b_answers_a_new_initiation(&mut m, at);
             m.node_b.handle_timeout(at);
             while m.node_b.poll_transmit().is_some() {}
-            if m.node_b.poll_renewal().is_some() {
+            if renewal(&mut m.node_b).is_some() {
                 renewals.push((at - t0).as_secs());
             }
         }
@@ -1035,6 +1035,54 @@ fn renewals_a_peer_provokes_back_off_exponentially() {
     for (pair, wait) in renewals.windows(2).zip([60, 120, 240]) {
         assert!(pair[1] - pair[0] >= wait, "{renewals:?}");
     }
+}
+
+/// The next renewal the node asks for; other events are passed over.
+fn renewal(node: &mut Node) -> Option<TransportKind> {
+    std::iter::from_fn(|| node.poll_event()).find_map(|event| match event {
+        Event::RenewPresence(kind) => Some(kind),
+        _ => None,
+    })
+}
+
+/// The last rendezvous wish the node has for the daemon, if it changed.
+fn rendezvous_wanted(node: &mut Node) -> Option<RendezvousWanted> {
+    std::iter::from_fn(|| node.poll_event())
+        .filter_map(|event| match event {
+            Event::RendezvousWanted(wanted) => Some(wanted),
+            _ => None,
+        })
+        .last()
+}
+
+/// The rendezvous DHT is told what to do when that changes, not on every
+/// wake-up: at start, when a session is made, when our endpoints change.
+#[test]
+fn rendezvous_wishes_come_only_when_they_change() {
+    let mut m = mesh();
+    let wanted = rendezvous_wanted(&mut m.node_a).expect("a first wish at start");
+    assert_eq!(wanted.publish_to, [m.b.key.public_key()]);
+    assert_eq!(wanted.look_up, [m.b.key.public_key()], "no session yet");
+    assert!(wanted.endpoints.is_empty());
+    let now = Instant::now();
+    m.node_a.handle_timeout(now);
+    assert_eq!(rendezvous_wanted(&mut m.node_a), None, "nothing changed");
+
+    let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
+    send_from_a(&mut m, &ping);
+    let wanted = rendezvous_wanted(&mut m.node_a).expect("a session was made");
+    assert!(wanted.look_up.is_empty(), "{wanted:?}");
+    assert_eq!(wanted.publish_to, [m.b.key.public_key()]);
+    let wanted = rendezvous_wanted(&mut m.node_b).expect("b made one too");
+    assert!(wanted.look_up.is_empty(), "{wanted:?}");
+
+    let own: SocketAddr = "198.18.0.1:51820".parse().unwrap();
+    m.node_a.set_local_candidates(vec![own], now);
+    let wanted = rendezvous_wanted(&mut m.node_a).expect("our endpoints changed");
+    assert_eq!(wanted.endpoints, [own]);
+    m.node_a.set_local_candidates(vec![own], now);
+    m.node_a.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(rendezvous_wanted(&mut m.node_a), None);
 }
 
 /// The retired Renew request (peer message type 4), even inside an
@@ -1065,7 +1113,7 @@ fn a_peer_cannot_ask_us_to_renew() {
         let at = Instant::now() + Duration::from_secs(s);
         m.node_b
             .handle_datagram(&m.a.addr, &datagram, &mut m.buf, at);
-        assert_eq!(m.node_b.poll_renewal(), None);
+        assert_eq!(renewal(&mut m.node_b), None);
     }
 }
 
@@ -1450,7 +1498,8 @@ mod virtual_time {
                     .m
                     .node_a
                     .poll_timeout()
-                    .min(self.m.node_b.poll_timeout());
+                    .at
+                    .min(self.m.node_b.poll_timeout().at);
                 if next > until {
                     self.advance_to(until);
                     return;
@@ -1458,7 +1507,7 @@ mod virtual_time {
                 self.advance_to(next);
                 let now = self.now();
                 for node in [&mut self.m.node_a, &mut self.m.node_b] {
-                    if node.poll_timeout() <= now {
+                    if node.poll_timeout().at <= now {
                         node.handle_timeout(now);
                     }
                 }
