@@ -439,6 +439,149 @@ fn initiations_answered(
     })
 }
 
+/// A RAW destination of the test's own on a router's SAM bridge, no
+/// node's peer: whatever it sends a node over I2P must be dropped and
+/// counted, and nothing may ever come back to it.
+struct Stranger {
+    control: std::io::BufReader<std::net::TcpStream>,
+    /// Where the bridge forwards datagrams for the stranger; also sends.
+    socket: std::net::UdpSocket,
+    bridge_udp: std::net::SocketAddr,
+}
+
+impl Stranger {
+    const ID: &'static str = "stranger";
+
+    /// Creates the session from inside `ns` (whose address is `ip`): ~20 s
+    /// with i2pd 2.45.1, so start it early on a thread of its own.
+    fn create(
+        ns: &Netns,
+        bridge_ip: &'static str,
+        ip: &'static str,
+    ) -> std::thread::JoinHandle<Stranger> {
+        use veilmesh_i2p::sam;
+        ns.within_background(move || {
+            let stream = std::net::TcpStream::connect((bridge_ip, 7656)).expect("SAM bridge");
+            stream
+                .set_read_timeout(Some(Duration::from_secs(90)))
+                .unwrap();
+            let socket = std::net::UdpSocket::bind((ip, 0)).unwrap();
+            let mut stranger = Stranger {
+                control: std::io::BufReader::new(stream),
+                bridge_udp: format!("{bridge_ip}:7655").parse().unwrap(),
+                socket,
+            };
+            stranger.ask(&sam::hello(), "HELLO REPLY");
+            let port = stranger.socket.local_addr().unwrap().port();
+            let options = sam::SessionOptions {
+                inbound_length: 1,
+                outbound_length: 0,
+                inbound_quantity: 2,
+                outbound_quantity: 2,
+                encryption_types: "4".into(),
+                inbound_tags: sam::DEFAULT_INBOUND_TAGS,
+            };
+            let create = sam::session_create(Self::ID, "TRANSIENT", ip, port, &options);
+            stranger.ask(&create, "SESSION STATUS");
+            stranger
+        })
+    }
+
+    fn ask(&mut self, command: &str, expected: &'static str) -> veilmesh_i2p::sam::Reply {
+        use std::io::{BufRead, Write};
+        self.control
+            .get_mut()
+            .write_all(command.as_bytes())
+            .unwrap();
+        let mut line = String::new();
+        self.control.read_line(&mut line).expect("SAM reply");
+        veilmesh_i2p::sam::Reply::parse(&line)
+            .and_then(|reply| reply.expect_ok(expected))
+            .unwrap_or_else(|e| panic!("{}: {e}", command.split(' ').next().unwrap_or("")))
+    }
+
+    /// The full destination behind a `.b32.i2p` address.
+    fn look_up(&mut self, address: &str) -> String {
+        let reply = self.ask(&veilmesh_i2p::sam::naming_lookup(address), "NAMING REPLY");
+        reply.require("VALUE").unwrap().to_owned()
+    }
+
+    fn send(&self, destination: &str, payload: &[u8]) {
+        let mut datagram = veilmesh_i2p::sam::datagram_header(Self::ID, destination).into_bytes();
+        datagram.extend_from_slice(payload);
+        self.socket.send_to(&datagram, self.bridge_udp).unwrap();
+    }
+
+    /// Datagrams forwarded to the stranger within `wait`.
+    fn heard(&self, wait: Duration) -> usize {
+        self.socket.set_read_timeout(Some(wait)).unwrap();
+        let mut buf = vec![0u8; 65_536];
+        std::iter::from_fn(|| self.socket.recv_from(&mut buf).ok()).count()
+    }
+}
+
+/// Sends `node` (at `address`) garbage and well-framed bundles of
+/// WireGuard messages that belong to no session, as a stranger: returns
+/// (the node's bad datagrams, its bad or unknown WireGuard messages) that
+/// came of it, once they arrived.
+fn stranger_datagrams_are_dropped_and_counted(
+    stranger: &mut Stranger,
+    node: &Daemon,
+    address: &str,
+) -> (u64, u64) {
+    use veilmesh_i2p::bundle;
+    let destination = stranger.look_up(address);
+    let counted = || {
+        let status = node.show();
+        let bad_datagrams = i2p_line(node)
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" bad datagrams")?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let c = status.node.counters;
+        (
+            bad_datagrams,
+            c.bad_packet + c.unknown_peer_handshakes + c.unknown_sender,
+        )
+    };
+    let before = counted();
+    // A forged initiation (type 1, 148 bytes), a data message (type 4)
+    // naming a session index nobody issued, as b's own datagrams carry them.
+    let mut initiation = vec![0x5a; 148];
+    initiation[..4].copy_from_slice(&[1, 0, 0, 0]);
+    let mut data = vec![0xa5; 96];
+    data[..8].copy_from_slice(&[4, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]);
+    let header = bundle::DataHeader {
+        flow: 0x5742_4e47,
+        seq: 0,
+        from: [0x33; 32],
+    };
+    for round in 0..5u32 {
+        stranger.send(&destination, b"not a veilmesh datagram");
+        let mut framed = Vec::new();
+        let header = bundle::DataHeader {
+            seq: round,
+            ..header
+        };
+        bundle::encode_data(&header, &[&initiation, &data], &mut framed);
+        stranger.send(&destination, &framed);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = counted();
+        let grown = (now.0 - before.0, now.1 - before.1);
+        if grown.0 >= 1 && grown.1 >= 2 {
+            return grown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stranger's datagrams were not counted: {before:?} -> {now:?}\n{}",
+            i2p_line(node)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn path_to(daemon: &Daemon, peer: &str) -> (Option<String>, Option<String>) {
     let p = daemon.peer(peer);
     (p.path, p.path_state)
@@ -483,6 +626,9 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
         "ip",
     ]));
     let bootstrapd = Bootstrapd::start(&t, net.dir.path());
+    // A destination that is nobody's peer, on b's router (SESSION CREATE
+    // takes 20 s: it is made while the daemons start).
+    let stranger = Stranger::create(&t, "198.18.0.2", "198.18.0.4");
     let (fa, fb, fc) = (
         NodeFiles::new(net.dir.path(), "a"),
         NodeFiles::new(net.dir.path(), "b"),
@@ -577,6 +723,24 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     let (path, state) = path_to(&da, "b");
     assert_eq!(path, Some(format!("i2p {addr_b}")));
     assert_eq!(state.as_deref(), Some("destination resolved"));
+
+    // Over I2P, from a destination that is not b's: garbage and WireGuard
+    // messages of no session are dropped and counted, nothing answers, and
+    // a keeps serving b.
+    let mut stranger = stranger.join().expect("the stranger's SAM session");
+    let (bad_datagrams, bad_messages) =
+        stranger_datagrams_are_dropped_and_counted(&mut stranger, &da, &addr_a);
+    assert_eq!(
+        stranger.heard(Duration::from_secs(2)),
+        0,
+        "a answered the stranger"
+    );
+    println!(
+        "I2P: a stranger's datagrams: {bad_datagrams} bad datagrams and {bad_messages} \
+         WireGuard messages of no session counted, nothing answered"
+    );
+    let (_, got, out) = a.ping6(&b_mesh, 3);
+    assert!(got >= 2, "ping after the stranger: {got}/3\n{out}");
 
     let mbit = iperf_mbit(&a, &b, &b_mesh, 10);
     println!("I2P: iperf3 TCP 10 s: {mbit:.2} Mbit/s");

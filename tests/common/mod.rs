@@ -162,14 +162,22 @@ impl Netns {
     /// Runs `f` on a thread inside this namespace: sockets it opens
     /// belong to the namespace (and keep working once it returns them).
     pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.within_background(f)
+            .join()
+            .expect("thread inside the namespace panicked")
+    }
+
+    /// `within`, without waiting for `f`: join the handle for its result.
+    pub fn within_background<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
-        .join()
-        .expect("thread inside the namespace panicked")
     }
 
     pub fn has_link(&self, name: &str) -> bool {
