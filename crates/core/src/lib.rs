@@ -383,6 +383,9 @@ impl Node {
             return FromTun::Done(DropReason::RefusedAddress);
         }
         peer.wake(id, &mut self.peers.awake, now);
+        if peer.paths.traffic(now) {
+            self.timers.fire_by(Timer::Paths, now);
+        }
         let Some(path) = peer.path() else {
             peer.counters.no_route += 1;
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
@@ -694,6 +697,9 @@ impl Node {
             }
         }
         peer.counters.rx_packets += 1;
+        if peer.paths.traffic(now) {
+            self.timers.fire_by(Timer::Paths, now);
+        }
         FromNetwork::ToTun(packet)
     }
 

@@ -24,12 +24,17 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use veilmesh_transport::{PeerAddr, TransportKind};
 
-/// Probe interval for a peer with several paths: failover must happen
-/// within 5 s of the path in use going silent.
+/// Probe interval for a peer with several paths while traffic flows:
+/// failover must happen within 5 s of the path in use going silent.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Probe interval for a peer with one path: a keepalive that holds NAT
-/// mappings (UDP conntrack entries last 30 s unreplied) and measures RTT.
+/// Probe interval for a peer with one path, or an idle one: a keepalive
+/// that holds NAT mappings (UDP conntrack entries last 30 s unreplied) and
+/// measures RTT.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+/// A peer with no data to or from it for this long is idle: failover
+/// matters only while packets flow, so its paths are probed at the
+/// keepalive interval until traffic resumes (which probes them at once).
+pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 /// Probe interval for a path that has not answered for a long time.
 const DEAD_INTERVAL: Duration = Duration::from_secs(5);
 /// A path that answered within this long is probed as if still live.
@@ -175,6 +180,8 @@ pub struct PathSet {
     in_use: Option<PeerAddr>,
     /// Probes awaiting a reply: id, the path it went on, when.
     outstanding: VecDeque<(u64, PeerAddr, Instant)>,
+    /// When data last went to or came from the peer (see `IDLE_AFTER`).
+    last_traffic: Option<Instant>,
 }
 
 impl PathSet {
@@ -230,12 +237,28 @@ impl PathSet {
         self.paths.iter_mut().find(|p| &p.addr == addr)
     }
 
-    fn interval(&self) -> Duration {
-        if self.paths.len() > 1 {
+    fn interval(&self, now: Instant) -> Duration {
+        if self.paths.len() > 1 && !self.idle(now) {
             PROBE_INTERVAL
         } else {
             KEEPALIVE_INTERVAL
         }
+    }
+
+    fn idle(&self, now: Instant) -> bool {
+        self.last_traffic
+            .is_none_or(|t| now.saturating_duration_since(t) >= IDLE_AFTER)
+    }
+
+    /// Data went to or came from the peer. True when probes are due at
+    /// once: it was idle, so what we know of its paths is old.
+    pub fn traffic(&mut self, now: Instant) -> bool {
+        let resumed = self.idle(now) && self.paths.len() > 1;
+        self.last_traffic = Some(now);
+        if resumed {
+            self.probe_all_now(now);
+        }
+        resumed
     }
 
     /// Is `addr` one of the paths the config gives?
@@ -361,7 +384,7 @@ impl PathSet {
                 self.paths
                     .push(Path::new(addr.clone(), Origin::Announced, now));
             }
-            let interval = self.interval();
+            let interval = self.interval(now);
             if let Some(path) = self.get_mut(&addr) {
                 if !path.is_live(now, interval) && (restart || path.punch.is_none()) {
                     path.punch = Some(Punch {
@@ -457,7 +480,7 @@ impl PathSet {
 
     /// The paths due a probe (or punch) now, and whether with the short TTL.
     fn poll(&mut self, now: Instant, punches_only: bool) -> Vec<(PeerAddr, bool)> {
-        let interval = self.interval();
+        let interval = self.interval(now);
         let mut due = Vec::new();
         for path in &mut self.paths {
             if path.next_probe > now || (punches_only && path.punch.is_none()) {
@@ -544,7 +567,7 @@ impl PathSet {
 
     /// Re-chooses the path in use; returns it when it changed.
     pub fn select(&mut self, now: Instant, order: &[TransportKind]) -> Option<&PeerAddr> {
-        let interval = self.interval();
+        let interval = self.interval(now);
         let rank =
             |kind: TransportKind| order.iter().position(|k| *k == kind).unwrap_or(usize::MAX);
         let current_live = self.live_in_use(now, interval);
@@ -582,7 +605,7 @@ impl PathSet {
     /// path that may carry one (announced endpoints only while punched or
     /// recently live: an unsolicited full-TTL packet spoils the punch).
     pub fn handshake_targets(&self, now: Instant) -> Vec<PeerAddr> {
-        if let Some(path) = self.live_in_use(now, self.interval()) {
+        if let Some(path) = self.live_in_use(now, self.interval(now)) {
             return vec![path.addr.clone()];
         }
         let mut targets: Vec<PeerAddr> = self
@@ -600,7 +623,7 @@ impl PathSet {
     }
 
     pub fn has_live(&self, kind: TransportKind, now: Instant) -> bool {
-        let interval = self.interval();
+        let interval = self.interval(now);
         self.paths
             .iter()
             .any(|p| p.addr.kind() == kind && p.is_live(now, interval))
@@ -619,7 +642,7 @@ impl PathSet {
     }
 
     pub fn status(&self, now: Instant) -> Vec<PathStatus> {
-        let interval = self.interval();
+        let interval = self.interval(now);
         self.paths
             .iter()
             .map(|p| PathStatus {
@@ -691,13 +714,16 @@ mod tests {
         let mut set = PathSet::new(vec![direct.clone(), tox.clone()], t0);
         // Before anything answers: the first configured path in order.
         assert_eq!(set.select(t0, &ORDER), Some(&direct));
+        set.traffic(t0);
         answer_all(&mut set, t0, &[direct.clone(), tox.clone()]);
         assert_eq!(set.select(t0, &ORDER), None, "no change");
-        // The direct path goes silent: Tox takes over within 5 s.
+        // The direct path goes silent while packets flow: Tox takes over
+        // within 5 s.
         let mut now = t0;
         let mut moved_at = None;
         for _ in 0..60 {
             now += Duration::from_millis(100);
+            set.traffic(now);
             answer_all(&mut set, now, std::slice::from_ref(&tox));
             if set.select(now, &ORDER).is_some() {
                 moved_at = Some(now);
@@ -714,6 +740,7 @@ mod tests {
         // The direct path answers again: traffic goes back.
         for _ in 0..30 {
             now += Duration::from_millis(100);
+            set.traffic(now);
             answer_all(&mut set, now, &[direct.clone(), tox.clone()]);
             set.select(now, &ORDER);
         }
@@ -721,6 +748,47 @@ mod tests {
         let status = set.status(now);
         assert!(status.iter().all(|p| p.state == "live"));
         assert_eq!(status.iter().filter(|p| p.in_use).count(), 1);
+    }
+
+    /// Probes every second only while packets flow: an idle peer's paths
+    /// are probed at the keepalive interval, and traffic that resumes
+    /// probes them all at once.
+    #[test]
+    fn idle_peers_are_probed_at_the_keepalive_interval() {
+        let t0 = Instant::now();
+        let direct = udp("203.0.113.7:40000");
+        let tox = PeerAddr::Tox(ToxPublicKey([3; 32]));
+        let mut set = PathSet::new(vec![direct.clone(), tox.clone()], t0);
+        let both = [direct.clone(), tox.clone()];
+        set.traffic(t0);
+        let mut probes = 0;
+        let mut count = |set: &mut PathSet, from: Instant, seconds: u64| {
+            let mut sent = 0;
+            for ms in (0..seconds * 1000).step_by(100) {
+                let now = from + Duration::from_millis(ms);
+                let due = set.poll_probes(now, ids());
+                sent += due.len();
+                for probe in due {
+                    set.pong(probe.id, &probe.to, now + Duration::from_millis(10));
+                }
+            }
+            sent
+        };
+        // With traffic in the last 30 s: two paths, one probe each a second.
+        probes += count(&mut set, t0, 30);
+        assert!((50..=64).contains(&probes), "{probes} probes in 30 s");
+        // Idle for the next 120 s: one probe per path every 15 s.
+        let idle = count(&mut set, t0 + IDLE_AFTER, 120);
+        assert!((14..=18).contains(&idle), "{idle} probes in 120 idle s");
+        assert!(set
+            .status(t0 + IDLE_AFTER + Duration::from_secs(120))
+            .iter()
+            .all(|p| p.state == "live"));
+        // Traffic again: every path is probed now.
+        let back = t0 + IDLE_AFTER + Duration::from_secs(121);
+        assert!(set.traffic(back));
+        assert_eq!(set.poll_probes(back, ids()).len(), both.len());
+        assert!(!set.traffic(back), "busy already: nothing more is due");
     }
 
     #[test]
