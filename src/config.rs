@@ -14,9 +14,9 @@ use serde::Deserialize;
 
 use crate::core::PeerSpec;
 use crate::identity::{PrivateKey, PublicKey};
-use veilmesh_i2p::SessionOptions;
-use veilmesh_tox::{ToxId, ToxNode};
-use veilmesh_transport::{I2pAddress, PeerAddr, TransportKind};
+use veilmesh_i2p::{I2pConfig, SessionOptions};
+use veilmesh_tox::{ToxConfig, ToxId, ToxNode};
+use veilmesh_transport::{Contact, I2pAddress, PeerAddr, TransportKind};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -157,10 +157,10 @@ pub struct Config {
     pub udp: UdpSettings,
     /// Rendezvous through the BitTorrent DHT, when enabled.
     pub rendezvous: Option<RendezvousSettings>,
-    /// The Tox transport, when enabled.
-    pub tox: Option<ToxSettings>,
-    /// The I2P transport, when enabled.
-    pub i2p: Option<I2pSettings>,
+    /// The Tox transport's own settings, when enabled.
+    pub tox: Option<ToxConfig>,
+    /// The I2P transport's own settings, when enabled.
+    pub i2p: Option<I2pConfig>,
     pub peers: Vec<PeerConfig>,
 }
 
@@ -204,26 +204,8 @@ const MAX_I2P_TUNNEL_QUANTITY: u8 = 16;
 /// Each tag the router keeps ahead costs it a few dozen bytes per session.
 const MAX_I2P_INBOUND_TAGS: u32 = 65_536;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct I2pSettings {
-    /// SAM bridges, `host:port`, tried in order.
-    pub sam: Vec<String>,
-    pub key_file: PathBuf,
-    pub options: SessionOptions,
-}
-
 pub fn default_i2p_key_file(interface: &str) -> PathBuf {
     Path::new(DEFAULT_STATE_DIR).join(format!("{interface}.i2p"))
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToxSettings {
-    pub state_file: PathBuf,
-    pub bootstrap_nodes: Vec<ToxNode>,
-    pub udp: bool,
-    pub local_discovery: bool,
-    pub tcp_relays: Vec<ToxNode>,
-    pub relay_port: u16,
 }
 
 /// Where per-interface state lives by default (systemd's StateDirectory).
@@ -337,11 +319,17 @@ impl Config {
 
     /// The Tox friend list: the Tox IDs of the peers allowed Tox, and of
     /// no other peer (a friend connection shows the friend our IP).
-    pub fn tox_friends(&self) -> Vec<ToxId> {
+    /// What the transport of `kind` must know of the peers allowed on it
+    /// (Tox IDs to befriend): `Transport::reconfigure`'s input.
+    pub fn contacts(&self, kind: TransportKind) -> Vec<Contact> {
         self.peers
             .iter()
-            .filter(|p| p.allows(TransportKind::Tox))
-            .filter_map(|p| p.tox)
+            .filter(|p| p.allows(kind))
+            .filter_map(|p| match kind {
+                TransportKind::Tox => p.tox.map(Contact::Tox),
+                TransportKind::I2p => p.i2p.map(Contact::I2p),
+                TransportKind::Udp => None,
+            })
             .collect()
     }
 
@@ -625,7 +613,7 @@ impl Validator<'_> {
         })
     }
 
-    fn tox(&self, raw: RawTox, interface: &str) -> Result<Option<ToxSettings>, ConfigError> {
+    fn tox(&self, raw: RawTox, interface: &str) -> Result<Option<ToxConfig>, ConfigError> {
         if !raw.enabled {
             return Ok(None);
         }
@@ -659,14 +647,15 @@ impl Validator<'_> {
             let lines: Vec<String> = veilmesh_tox::node_lines(&text).map(str::to_owned).collect();
             bootstrap_nodes.extend(nodes("bootstrap_nodes_file", &lines)?);
         }
-        Ok(Some(ToxSettings {
+        Ok(Some(ToxConfig {
             state_file: raw
                 .state_file
                 .map(|p| self.relative_to_config(&p))
                 .unwrap_or_else(|| default_tox_state_file(interface)),
-            bootstrap_nodes,
+            bootstrap: bootstrap_nodes,
             udp: raw.udp.unwrap_or(true),
             local_discovery: raw.local_discovery,
+            port_range: veilmesh_tox::DEFAULT_PORT_RANGE,
             tcp_relays: nodes("tcp_relays", &raw.tcp_relays)?,
             relay_port: raw.relay_port,
         }))
@@ -713,7 +702,7 @@ impl Validator<'_> {
         })
     }
 
-    fn i2p(&self, raw: RawI2p, interface: &str) -> Result<Option<I2pSettings>, ConfigError> {
+    fn i2p(&self, raw: RawI2p, interface: &str) -> Result<Option<I2pConfig>, ConfigError> {
         if !raw.enabled {
             return Ok(None);
         }
@@ -761,8 +750,9 @@ impl Validator<'_> {
                 format!("`{encryption_types}` is not a list of I2P encryption types like \"4\" or \"4,0\""),
             ));
         }
-        Ok(Some(I2pSettings {
-            sam,
+        Ok(Some(I2pConfig {
+            bridges: sam,
+            label: interface.to_owned(),
             key_file: raw
                 .key_file
                 .map(|p| self.relative_to_config(&p))
@@ -1446,7 +1436,7 @@ pub(crate) mod tests {
     fn tox_defaults_to_the_shipped_bootstrap_nodes_only_when_none_are_given() {
         let base = format!("[interface]\nprivate_key = \"{KEY_A}\"\n[tox]\nenabled = true\n");
         let default = parse(&base).unwrap().tox.unwrap();
-        assert!(default.bootstrap_nodes.len() >= 8);
+        assert!(default.bootstrap.len() >= 8);
         assert_eq!(default.state_file, Path::new("/var/lib/veilmesh/veil0.tox"));
         let key = "AB".repeat(32);
         let own = parse(&format!(
@@ -1454,7 +1444,7 @@ pub(crate) mod tests {
         ))
         .unwrap();
         assert_eq!(
-            own.tox.unwrap().bootstrap_nodes.len(),
+            own.tox.unwrap().bootstrap.len(),
             1,
             "the public list must not be added"
         );
@@ -1483,7 +1473,7 @@ pub(crate) mod tests {
         );
         let config = parse(&text).unwrap();
         let i2p = config.i2p.unwrap();
-        assert_eq!(i2p.sam, vec!["127.0.0.1:7656".to_owned()]);
+        assert_eq!(i2p.bridges, vec!["127.0.0.1:7656".to_owned()]);
         assert_eq!(i2p.key_file, Path::new("/var/lib/veilmesh/veil0.i2p"));
         assert_eq!(
             (i2p.options.inbound_length, i2p.options.outbound_length),
@@ -1634,7 +1624,7 @@ pub(crate) mod tests {
         .unwrap();
         assert!(!ok.peers[0].is_anonymous());
         assert!(ok.peers[1].is_anonymous());
-        assert_eq!(ok.tox_friends().len(), 1);
+        assert_eq!(ok.contacts(TransportKind::Tox).len(), 1);
     }
 
     #[test]

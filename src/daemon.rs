@@ -11,6 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
+use veilmesh_i2p::I2pTransport;
+use veilmesh_tox::ToxTransport;
 use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
 use veilmesh_udp::{UdpConfig, UdpTransport};
 
@@ -18,7 +20,7 @@ use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{Event, FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
-use crate::netdev::NetDevice;
+use crate::netdev::{NetDevice, Tun};
 use crate::notify::Notifier;
 use crate::privileges;
 use crate::rendezvous::{Found, Rendezvous, RendezvousConfig};
@@ -134,15 +136,14 @@ type ControlRequest = (Request, oneshot::Sender<Response>);
 /// where the result goes: a control client, or the log (SIGHUP).
 type ParsedReload = (anyhow::Result<Config>, Option<oneshot::Sender<Response>>);
 
-/// UDP ports Tox may bind (toxcore's own default range).
-const TOX_PORTS: (u16, u16) = (33445, 33545);
 /// Metrics scrapes served at once; more connections are closed at once.
 const MAX_METRICS_CONNECTIONS: usize = 8;
 
 fn tox_settings_lack_bootstrap(config: &Config) -> bool {
-    config.tox.as_ref().is_some_and(|t| {
-        t.bootstrap_nodes.is_empty() && t.tcp_relays.is_empty() && !t.local_discovery
-    })
+    config
+        .tox
+        .as_ref()
+        .is_some_and(|t| t.bootstrap.is_empty() && t.tcp_relays.is_empty() && !t.local_discovery)
 }
 
 /// Does this config give UDP any use? Not if it is off, nor if no peer
@@ -164,34 +165,50 @@ fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let create_tun = |config: &Config, mesh_address| {
+        let iface = &config.interface;
+        crate::netdev::ensure_absent(&iface.name)?;
+        NetDevice::create(
+            &iface.name,
+            iface.mtu,
+            mesh_address,
+            &iface.addresses,
+            config.peer_subnets(),
+        )
+    };
+    run_with(config, create_tun, std::future::pending()).await
+}
+
+/// [`run`] with the TUN `make_tun` makes (given the mesh address): the
+/// kernel's, or a test's in memory, which needs no root. Also ends when
+/// `stop` does.
 ///
 /// Order: everything that needs root (control socket, TUN, routes, the UDP
 /// socket, the metrics listener, the hosts file) is set up without running
 /// any task, then privileges are dropped; only then do the network-facing
 /// parts start (Tox and the DHT on their threads, the I2P tasks, the event
 /// loop), so none of them ever runs as root.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run_with<T: Tun>(
+    config: Config,
+    make_tun: impl FnOnce(&Config, std::net::Ipv6Addr) -> anyhow::Result<T>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let iface = &config.interface;
     // The control socket goes first: it is how a second `up` finds the first.
     let listener = control::bind(&iface.control_socket)?;
     let _socket_file = control::SocketFile(iface.control_socket.clone());
-    crate::netdev::ensure_absent(&iface.name)?;
-    let udp = udp_wanted(&config).then(|| bind_udp(&config)).transpose()?;
-    if udp.is_none() {
-        tracing::info!("no peer may use UDP: no UDP socket");
-    }
-
     let now = Instant::now();
     let mut node = Node::new(&iface.private_key, config.peer_specs(), now)?;
     node.set_punch_ttl(config.udp.punch_ttl);
     node.set_tunnel_addresses(iface.addresses.iter().map(|net| net.addr()));
-    let device = NetDevice::create(
-        &iface.name,
-        iface.mtu,
-        node.mesh_address(),
-        &iface.addresses,
-        config.peer_subnets(),
-    )?;
+    // Before the UDP port: a second `up` of this interface is told so,
+    // not that the port is taken.
+    let device = make_tun(&config, node.mesh_address())?;
+    let udp = udp_wanted(&config).then(|| bind_udp(&config)).transpose()?;
+    if udp.is_none() {
+        tracing::info!("no peer may use UDP: no UDP socket");
+    }
     let metrics_listener = match iface.metrics_address {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -243,35 +260,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|t| Box::new(t) as Box<dyn Transport>)
         .collect();
-    let mut tox_control = None;
     if let Some(tox) = &config.tox {
-        let tox = veilmesh_tox::ToxTransport::start(veilmesh_tox::ToxConfig {
-            state_file: tox.state_file.clone(),
-            udp: tox.udp,
-            local_discovery: tox.local_discovery,
-            port_range: TOX_PORTS,
-            relay_port: tox.relay_port,
-            bootstrap: tox.bootstrap_nodes.clone(),
-            tcp_relays: tox.tcp_relays.clone(),
-            friends: config.tox_friends(),
-        })
-        .with_context(|| format!("{}: [tox]", config.file.display()))?;
+        let tox = ToxTransport::start(tox.clone(), &config.contacts(TransportKind::Tox))
+            .with_context(|| format!("{}: [tox]", config.file.display()))?;
         if tox_settings_lack_bootstrap(&config) {
             tracing::warn!(
                 "[tox] has no bootstrap_nodes or tcp_relays: peers can only be found on the LAN"
             );
         }
-        tox_control = Some(tox.control());
         all.push(Box::new(tox));
     }
     if let Some(i2p) = &config.i2p {
-        let i2p = veilmesh_i2p::I2pTransport::start(veilmesh_i2p::I2pConfig {
-            bridges: i2p.sam.clone(),
-            key_file: i2p.key_file.clone(),
-            options: i2p.options.clone(),
-            label: iface.name.clone(),
-        })
-        .with_context(|| format!("{}: [i2p]", config.file.display()))?;
+        let i2p = I2pTransport::start(i2p.clone())
+            .with_context(|| format!("{}: [i2p]", config.file.display()))?;
         all.push(Box::new(i2p));
     }
     let transports = Transports {
@@ -322,7 +323,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let mut path = DataPath {
-        tox_control,
         rendezvous,
         hosts,
         config: config.clone(),
@@ -339,18 +339,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let timer =
         tokio::time::sleep_until(tokio::time::Instant::from_std(path.node.poll_timeout().at));
     tokio::pin!(timer);
+    tokio::pin!(stop);
     loop {
         let deadline = tokio::time::Instant::from_std(path.node.poll_timeout().at);
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
         }
-        let tun = &path.device.tun;
+        let tun = &path.device;
         let transports = &mut path.transports;
         let net_buf = &mut path.net_buf;
         tokio::select! {
             biased;
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            () = &mut stop => { tracing::info!("stopped: shutting down"); break }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", path.config.file.display());
                 path.parse_reload(None, None);
@@ -415,18 +417,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// The TUN, the transports and the core, with the buffers that carry
 /// packets between them.
-struct DataPath {
+struct DataPath<T> {
     /// The configuration in force (the last one that loaded cleanly).
     config: Config,
     /// Where peer names go, unless disabled.
     hosts: Option<HostsFile>,
-    /// Friend list updates for the Tox transport, when it runs.
-    tox_control: Option<veilmesh_tox::ToxControl>,
     /// The rendezvous DHT node, when enabled.
     rendezvous: Option<Rendezvous>,
     node: Node,
     transports: Transports,
-    device: NetDevice,
+    device: T,
     /// Where configs parsed off the event loop come back.
     parsed: mpsc::Sender<ParsedReload>,
     tun_buf: Vec<u8>,
@@ -442,7 +442,7 @@ async fn next_found(rendezvous: &mut Option<Rendezvous>) -> Option<Found> {
     }
 }
 
-impl DataPath {
+impl<T: Tun> DataPath<T> {
     fn show(&self) -> Response {
         Response::Status(DaemonStatus {
             interface: self.device.name().to_owned(),
@@ -575,15 +575,15 @@ impl DataPath {
             (true, None) => Some(bind_udp(&new)?),
             _ => None,
         };
-        self.device.sync_routes(new.peer_subnets())?;
+        self.device.sync_routes(new.peer_subnets().collect())?;
         let report = self.node.reconfigure(new.peer_specs(), Instant::now())?;
         if let Some(udp) = udp {
             self.transports.add(Box::new(udp));
         } else if !udp_wanted(&new) && self.transports.remove(TransportKind::Udp) {
             tracing::info!("no peer may use UDP any more: UDP socket closed");
         }
-        if let Some(tox) = &self.tox_control {
-            tox.set_friends(new.tox_friends());
+        for transport in &mut self.transports.all {
+            transport.reconfigure(&new.contacts(transport.kind()));
         }
         self.config = new;
         self.update_hosts();
@@ -624,7 +624,7 @@ impl DataPath {
                         tracing::trace!(%to, %error, "send failed");
                     }
                 }
-                FromTun::Reply(packet) => write_tun(&self.device.tun, packet).await,
+                FromTun::Reply(packet) => write_tun(&self.device, packet).await,
                 FromTun::Done(_) => {}
             }
             self.flush_transmits();
@@ -635,7 +635,7 @@ impl DataPath {
     /// One packet from the TUN, if one is waiting. tokio's `try_recv`
     /// clears its readiness cache on EAGAIN, which re-arms `readable()`.
     fn read_tun(&mut self) -> io::Result<Option<usize>> {
-        match self.device.tun.try_recv(&mut self.tun_buf) {
+        match self.device.try_recv(&mut self.tun_buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
@@ -673,7 +673,7 @@ impl DataPath {
             &mut self.out,
             Instant::now(),
         ) {
-            write_tun(&self.device.tun, packet).await;
+            write_tun(&self.device, packet).await;
         }
         self.flush_transmits();
     }
@@ -710,7 +710,7 @@ impl DataPath {
     }
 }
 
-async fn write_tun(tun: &tun_rs::AsyncDevice, packet: &[u8]) {
+async fn write_tun(tun: &impl Tun, packet: &[u8]) {
     if let Err(error) = tun.send(packet).await {
         tracing::debug!(%error, len = packet.len(), "TUN write failed");
     }

@@ -33,8 +33,48 @@ pub fn mesh_prefix() -> Ipv6Net {
     Ipv6Net::new(Ipv6Addr::from(octets), MESH_PREFIX_LEN).expect("48 is a valid prefix")
 }
 
+/// The virtual NIC as the event loop uses it: the kernel's TUN device
+/// ([`NetDevice`]), or a test's packets in memory, so the loop's logic is
+/// tested in-process without root.
+#[allow(async_fn_in_trait)] // the event loop runs on one thread
+pub trait Tun {
+    fn name(&self) -> &str;
+    /// Waits until a packet may be waiting for `try_recv`.
+    async fn readable(&self) -> std::io::Result<()>;
+    /// One packet into `buf`; `WouldBlock` when none waits (which re-arms
+    /// `readable`).
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Hands one packet to the host.
+    async fn send(&self, packet: &[u8]) -> std::io::Result<usize>;
+    /// Makes the routes through the device exactly `wanted` (less what
+    /// the mesh /48 covers).
+    fn sync_routes(&mut self, wanted: Vec<IpNet>) -> anyhow::Result<()>;
+}
+
+impl Tun for NetDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn readable(&self) -> std::io::Result<()> {
+        self.tun.readable().await
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.tun.try_recv(buf)
+    }
+
+    async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
+        self.tun.send(packet).await
+    }
+
+    fn sync_routes(&mut self, wanted: Vec<IpNet>) -> anyhow::Result<()> {
+        NetDevice::sync_routes(self, wanted)
+    }
+}
+
 pub struct NetDevice {
-    pub tun: AsyncDevice,
+    tun: AsyncDevice,
     name: String,
     routes: Vec<IpNet>,
 }
@@ -107,10 +147,6 @@ impl NetDevice {
         }
         self.routes = wanted;
         Ok(())
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 }
 

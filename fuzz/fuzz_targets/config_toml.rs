@@ -15,7 +15,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     if let Ok(config) = Config::parse(text, Path::new("/fuzz/veil0.toml")) {
-        let _ = config.tox_friends();
+        for kind in veilmesh_transport::TransportKind::ALL {
+            let _ = config.contacts(kind);
+        }
         let _ = config.peer_subnets().count();
         for peer in &config.peers {
             let _ = peer.is_anonymous();

@@ -81,7 +81,8 @@ const RENEW_MIN_INTERVAL: Duration = Duration::from_secs(30);
 /// from the bridge) before it lets the event loop run its timers.
 const MAX_DISCARDS_PER_CALL: usize = 64;
 
-#[derive(Debug, Clone)]
+/// The `[i2p]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct I2pConfig {
     /// SAM bridges (`host:port` of the TCP port), tried in order. The UDP
     /// port for datagrams is the TCP port minus one (7655 for 7656).

@@ -24,8 +24,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tokio_mpsc;
 use veilmesh_transport::{
-    DatagramLimits, PeerAddr, Received, SendError, ToxPublicKey, Transport, TransportKind,
+    Contact, DatagramLimits, PeerAddr, Received, SendError, ToxPublicKey, Transport, TransportKind,
 };
+pub use veilmesh_transport::{ToxId, ToxIdError};
+
+const _: () = assert!(ffi::ADDRESS_SIZE == veilmesh_transport::TOX_ID_SIZE);
+
+/// The UDP ports toxcore may bind (its own default range), the first
+/// free one taken.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (33445, 33545);
 
 /// The shipped list of public bootstrap nodes (bootstrap-nodes.txt), in
 /// the format of a `bootstrap_nodes_file`.
@@ -110,36 +117,6 @@ impl Pacer {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ToxIdError {
-    #[error("a Tox ID is 76 hex characters, this has {0}")]
-    Length(usize),
-    #[error("not hexadecimal")]
-    Hex,
-    #[error("checksum mismatch (mistyped?)")]
-    Checksum,
-}
-
-/// A Tox ID: public key, nospam and checksum (76 hex characters).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ToxId(pub [u8; ffi::ADDRESS_SIZE]);
-
-impl ToxId {
-    pub fn public_key(&self) -> ToxPublicKey {
-        let mut pk = [0u8; 32];
-        pk.copy_from_slice(&self.0[..32]);
-        ToxPublicKey(pk)
-    }
-
-    fn checksum(bytes: &[u8]) -> [u8; 2] {
-        let mut sum = [0u8; 2];
-        for (i, b) in bytes.iter().enumerate() {
-            sum[i % 2] ^= b;
-        }
-        sum
-    }
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
@@ -153,33 +130,6 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
         *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
-}
-
-impl FromStr for ToxId {
-    type Err = ToxIdError;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let text = text.trim();
-        if text.len() != 2 * ffi::ADDRESS_SIZE {
-            return Err(ToxIdError::Length(text.len()));
-        }
-        let bytes: [u8; ffi::ADDRESS_SIZE] = unhex(text).ok_or(ToxIdError::Hex)?;
-        if ToxId::checksum(&bytes[..36]) != bytes[36..] {
-            return Err(ToxIdError::Checksum);
-        }
-        Ok(ToxId(bytes))
-    }
-}
-
-impl fmt::Display for ToxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex(&self.0))
-    }
-}
-
-impl fmt::Debug for ToxId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ToxId({self})")
-    }
 }
 
 /// A DHT bootstrap node or TCP relay: `host:port:dht_public_key_hex`.
@@ -214,7 +164,9 @@ impl fmt::Display for ToxNode {
     }
 }
 
-#[derive(Clone, Debug)]
+/// The `[tox]` settings. The friends are not among them: they come with
+/// `start` and `reconfigure`, from the peers allowed Tox.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ToxConfig {
     /// Keys and friends; created mode 0600 on first run.
     pub state_file: PathBuf,
@@ -226,9 +178,18 @@ pub struct ToxConfig {
     pub relay_port: u16,
     pub bootstrap: Vec<ToxNode>,
     pub tcp_relays: Vec<ToxNode>,
-    /// Configured peers: friend requests go to these, and only their keys
-    /// are accepted as friends.
-    pub friends: Vec<ToxId>,
+}
+
+/// The Tox IDs among `contacts`: friend requests go to these, and only
+/// their keys are accepted as friends.
+fn friends_of(contacts: &[Contact]) -> Vec<ToxId> {
+    contacts
+        .iter()
+        .filter_map(|c| match c {
+            Contact::Tox(id) => Some(*id),
+            _ => None,
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,26 +281,6 @@ struct Shared {
     new_friends: Option<Vec<ToxId>>,
 }
 
-/// Changes a running Tox transport from outside the event loop's
-/// `Transport` calls (config reload).
-#[derive(Clone)]
-pub struct ToxControl {
-    shared: Arc<Mutex<Shared>>,
-}
-
-impl ToxControl {
-    /// Makes `friends` the configured peers: new ones get a friend request,
-    /// friends not among them are deleted (and the state saved), and only
-    /// their keys are accepted from now on. Never blocks: the Tox thread
-    /// picks the list up at its next iteration.
-    pub fn set_friends(&self, friends: Vec<ToxId>) {
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .new_friends = Some(friends);
-    }
-}
-
 pub struct ToxTransport {
     commands: SyncSender<([u8; 32], Vec<u8>)>,
     inbound: tokio_mpsc::Receiver<([u8; 32], Vec<u8>)>,
@@ -349,8 +290,10 @@ pub struct ToxTransport {
 }
 
 impl ToxTransport {
-    /// Starts Tox on its own thread and waits until it runs.
-    pub fn start(config: ToxConfig) -> Result<ToxTransport, ToxError> {
+    /// Starts Tox on its own thread and waits until it runs, befriending
+    /// the Tox IDs among `contacts` (and deleting any other friend).
+    pub fn start(config: ToxConfig, contacts: &[Contact]) -> Result<ToxTransport, ToxError> {
+        let friends = friends_of(contacts);
         let state = read_state(&config.state_file)?;
         let (commands, command_rx) = std_mpsc::sync_channel(QUEUE);
         let (inbound_tx, inbound) = tokio_mpsc::channel(QUEUE);
@@ -362,6 +305,7 @@ impl ToxTransport {
             .spawn(move || {
                 run_tox(
                     config,
+                    friends,
                     state,
                     command_rx,
                     inbound_tx,
@@ -383,12 +327,6 @@ impl ToxTransport {
 
     pub fn info(&self) -> &ToxInfo {
         &self.info
-    }
-
-    pub fn control(&self) -> ToxControl {
-        ToxControl {
-            shared: self.shared.clone(),
-        }
     }
 
     pub fn friend_state(&self, public_key: &ToxPublicKey) -> FriendState {
@@ -483,6 +421,17 @@ impl Transport for ToxTransport {
             PeerAddr::Tox(pk) => Some(format!("friend {}", self.friend_state(pk))),
             _ => None,
         }
+    }
+
+    /// Makes the Tox IDs among `contacts` the friends: new ones get a
+    /// friend request, friends not among them are deleted (and the state
+    /// saved), and only their keys are accepted from now on. The Tox
+    /// thread picks the list up at its next iteration.
+    fn reconfigure(&mut self, contacts: &[Contact]) {
+        self.shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .new_friends = Some(friends_of(contacts));
     }
 
     fn describe(&self) -> String {
@@ -658,6 +607,7 @@ unsafe extern "C" fn on_lossy_packet(
 /// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
 fn run_tox(
     config: ToxConfig,
+    friends: Vec<ToxId>,
     state: Option<Vec<u8>>,
     commands: std_mpsc::Receiver<([u8; 32], Vec<u8>)>,
     inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
@@ -678,7 +628,7 @@ fn run_tox(
         state_changed: true,
         last_traffic: Instant::now() - BUSY_FOR,
     };
-    ctx.allow(&config.friends);
+    ctx.allow(&friends);
     // SAFETY: `tox` stays valid until tox_kill below, and is only used on
     // this thread.
     unsafe {
@@ -686,7 +636,7 @@ fn run_tox(
         ffi::tox_callback_friend_connection_status(tox, on_friend_connection);
         ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
     }
-    connect(tox, &config, &mut ctx);
+    connect(tox, &config, &friends, &mut ctx);
     let _ = ready.send(Ok(self_info(tox)));
 
     let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
@@ -758,7 +708,6 @@ pub fn load_or_create_identity(state_file: &Path) -> Result<ToxId, ToxError> {
         relay_port: 0,
         bootstrap: vec![],
         tcp_relays: vec![],
-        friends: vec![],
     };
     let tox = new_tox(&offline, state.as_deref())?;
     let id = self_info(tox).id;
@@ -800,10 +749,10 @@ fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, To
 
 /// Bootstrap nodes, relays and friend requests to every configured peer;
 /// friends in the saved state that are not (any more) are deleted first.
-fn connect(tox: *mut ffi::Tox, config: &ToxConfig, ctx: &mut CallbackContext) {
+fn connect(tox: *mut ffi::Tox, config: &ToxConfig, friends: &[ToxId], ctx: &mut CallbackContext) {
     bootstrap(tox, config);
     delete_unallowed_friends(tox, ctx);
-    add_friends(tox, &config.friends, ctx);
+    add_friends(tox, friends, ctx);
 }
 
 /// Deletes every friend whose key is not allowed: a friend connection
@@ -974,37 +923,6 @@ fn save(tox: *mut ffi::Tox, path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    // A Tox ID built by hand: key 0x01.., nospam 0xAABBCCDD, checksum XOR.
-    fn sample() -> String {
-        let mut bytes = vec![1u8; 32];
-        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
-        let sum = ToxId::checksum(&bytes);
-        bytes.extend_from_slice(&sum);
-        hex(&bytes)
-    }
-
-    #[test]
-    fn tox_ids_parse_and_print() {
-        let text = sample();
-        let id: ToxId = text.parse().unwrap();
-        assert_eq!(id.to_string(), text);
-        assert_eq!(id.public_key().0, [1u8; 32]);
-        assert_eq!(text.to_lowercase().parse::<ToxId>().unwrap(), id);
-    }
-
-    #[test]
-    fn bad_tox_ids_say_why() {
-        let text = sample();
-        assert_eq!("abc".parse::<ToxId>(), Err(ToxIdError::Length(3)));
-        assert_eq!(
-            format!("{}ZZ", &text[..74]).parse::<ToxId>(),
-            Err(ToxIdError::Hex)
-        );
-        let mut flipped = text.clone();
-        flipped.replace_range(0..2, "02");
-        assert_eq!(flipped.parse::<ToxId>(), Err(ToxIdError::Checksum));
-    }
 
     #[test]
     fn shipped_bootstrap_list_parses() {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use veilmesh_tox::{FriendState, ToxConfig, ToxId, ToxTransport};
-use veilmesh_transport::{PeerAddr, Transport};
+use veilmesh_transport::{Contact, PeerAddr, Transport};
 
 /// Moves this test's thread (and the threads it starts) into a fresh
 /// network namespace with only loopback up. It vanishes with the thread.
@@ -25,13 +25,14 @@ fn private_network() {
     assert!(up.success());
 }
 
-fn config(
+/// A Tox transport with `state`, befriending `friends`.
+fn start(
     state: &Path,
     ports: (u16, u16),
-    friends: Vec<ToxId>,
+    friends: &[ToxId],
     bootstrap: Vec<veilmesh_tox::ToxNode>,
-) -> ToxConfig {
-    ToxConfig {
+) -> ToxTransport {
+    let config = ToxConfig {
         state_file: state.to_owned(),
         udp: true,
         local_discovery: false,
@@ -39,8 +40,12 @@ fn config(
         relay_port: 0,
         bootstrap,
         tcp_relays: vec![],
-        friends,
-    }
+    };
+    ToxTransport::start(config, &contacts(friends)).unwrap()
+}
+
+fn contacts(friends: &[ToxId]) -> Vec<Contact> {
+    friends.iter().copied().map(Contact::Tox).collect()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
@@ -82,30 +87,18 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
     );
 
     // First runs create the identities (the configs need each other's IDs).
-    let id_a = ToxTransport::start(config(&state_a, (33445, 33454), vec![], vec![]))
-        .unwrap()
-        .info()
-        .id;
-    let id_b = ToxTransport::start(config(&state_b, (33455, 33464), vec![], vec![]))
-        .unwrap()
-        .info()
-        .id;
+    let id_a = start(&state_a, (33445, 33454), &[], vec![]).info().id;
+    let id_b = start(&state_b, (33455, 33464), &[], vec![]).info().id;
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&state_a).unwrap().permissions().mode() & 0o777,
         0o600
     );
 
-    let mut a = ToxTransport::start(config(&state_a, (33445, 33454), vec![id_b], vec![])).unwrap();
+    let mut a = start(&state_a, (33445, 33454), &[id_b], vec![]);
     assert_eq!(a.info().id, id_a, "the Tox ID must survive a restart");
     let node_a = a.info().as_node("127.0.0.1").unwrap();
-    let mut b = ToxTransport::start(config(
-        &state_b,
-        (33455, 33464),
-        vec![id_a],
-        vec![node_a.clone()],
-    ))
-    .unwrap();
+    let mut b = start(&state_b, (33455, 33464), &[id_a], vec![node_a.clone()]);
     let started = Instant::now();
     let pk_a = id_a.public_key();
     let pk_b = id_b.public_key();
@@ -130,8 +123,7 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
     assert!(a.send(&PeerAddr::Tox(pk_b), &too_big).is_err());
 
     // A stranger (not configured at a) asks to be a's friend: ignored, counted.
-    let c =
-        ToxTransport::start(config(&state_c, (33465, 33474), vec![id_a], vec![node_a])).unwrap();
+    let c = start(&state_c, (33465, 33474), &[id_a], vec![node_a]);
     wait_for("the stranger's request", Duration::from_secs(60), || {
         a.counters().ignored_friend_requests >= 1
     });
@@ -140,20 +132,20 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
 
     // Once a's config lists c (a reload), c becomes a friend after all.
     let pk_c = c.info().id.public_key();
-    a.control().set_friends(vec![id_b, c.info().id]);
+    a.reconfigure(&contacts(&[id_b, c.info().id]));
     let took = wait_for(
         "the friend added at runtime",
         Duration::from_secs(60),
         || a.friend_state(&pk_c) != FriendState::None && c.friend_state(&pk_a) != FriendState::None,
     );
     println!(
-        "friend added by set_friends connected after {:.1} s",
+        "friend added by reconfigure connected after {:.1} s",
         took.as_secs_f64()
     );
 
     // b leaves a's config: a deletes the friend, and nothing b sends gets
     // through any more (a friend connection shows a's IP to b).
-    a.control().set_friends(vec![c.info().id]);
+    a.reconfigure(&contacts(&[c.info().id]));
     wait_for("b's deletion", Duration::from_secs(5), || {
         a.counters().friends_deleted == 1
     });
@@ -175,11 +167,10 @@ fn two_nodes_exchange_datagrams_and_ignore_strangers() {
     // The deletion was saved: a restart with the same config deletes
     // nothing; one with no peers at all deletes c from the saved state.
     drop(a);
-    let a =
-        ToxTransport::start(config(&state_a, (33445, 33454), vec![c.info().id], vec![])).unwrap();
+    let a = start(&state_a, (33445, 33454), &[c.info().id], vec![]);
     assert_eq!(a.counters().friends_deleted, 0, "{}", a.describe());
     drop(a);
-    let a = ToxTransport::start(config(&state_a, (33445, 33454), vec![], vec![])).unwrap();
+    let a = start(&state_a, (33445, 33454), &[], vec![]);
     assert_eq!(a.counters().friends_deleted, 1, "{}", a.describe());
     println!("{}", a.describe());
 }

@@ -60,6 +60,70 @@ impl fmt::Debug for ToxPublicKey {
     }
 }
 
+/// A Tox ID: public key, nospam and checksum (76 hex characters), what a
+/// friend request goes to.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ToxId(pub [u8; TOX_ID_SIZE]);
+
+pub const TOX_ID_SIZE: usize = 38;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ToxIdError {
+    #[error("a Tox ID is 76 hex characters, this has {0}")]
+    Length(usize),
+    #[error("not hexadecimal")]
+    Hex,
+    #[error("checksum mismatch (mistyped?)")]
+    Checksum,
+}
+
+impl ToxId {
+    pub fn public_key(&self) -> ToxPublicKey {
+        let mut pk = [0u8; 32];
+        pk.copy_from_slice(&self.0[..32]);
+        ToxPublicKey(pk)
+    }
+
+    /// The key and nospam, XORed in two-byte steps.
+    fn checksum(bytes: &[u8]) -> [u8; 2] {
+        let mut sum = [0u8; 2];
+        for (i, b) in bytes.iter().enumerate() {
+            sum[i % 2] ^= b;
+        }
+        sum
+    }
+}
+
+impl std::str::FromStr for ToxId {
+    type Err = ToxIdError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        if text.len() != 2 * TOX_ID_SIZE {
+            return Err(ToxIdError::Length(text.len()));
+        }
+        let decoded = data_encoding::HEXUPPER_PERMISSIVE
+            .decode(text.as_bytes())
+            .map_err(|_| ToxIdError::Hex)?;
+        let bytes: [u8; TOX_ID_SIZE] = decoded.try_into().map_err(|_| ToxIdError::Hex)?;
+        if ToxId::checksum(&bytes[..36]) != bytes[36..] {
+            return Err(ToxIdError::Checksum);
+        }
+        Ok(ToxId(bytes))
+    }
+}
+
+impl fmt::Display for ToxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&data_encoding::HEXUPPER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for ToxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ToxId({self})")
+    }
+}
+
 /// An I2P destination named by its hash: the SHA-256 of the full
 /// destination, which is what a `.b32.i2p` address encodes. The I2P transport
 /// resolves it to the full destination before sending.
@@ -97,6 +161,24 @@ impl fmt::Display for I2pAddress {
 impl fmt::Debug for I2pAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "I2pAddress({self})")
+    }
+}
+
+/// What a transport must know of a peer before any traffic flows, for
+/// [`Transport::reconfigure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contact {
+    /// Friend requests go to this ID; only its key may carry the peer.
+    Tox(ToxId),
+    I2p(I2pAddress),
+}
+
+impl Contact {
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            Contact::Tox(_) => TransportKind::Tox,
+            Contact::I2p(_) => TransportKind::I2p,
+        }
     }
 }
 
@@ -218,6 +300,14 @@ pub trait Transport: Send {
     /// limited by the transport; a no-op where there is nothing to renew.
     fn renew(&mut self) {}
 
+    /// The peers allowed on this transport changed (a reload): `contacts`
+    /// are all of them now, those of this transport's kind. A transport
+    /// that keeps state per peer (Tox's friend list) adds the new ones and
+    /// forgets the rest. Never blocks the event loop.
+    fn reconfigure(&mut self, contacts: &[Contact]) {
+        let _ = contacts;
+    }
+
     /// Receive one datagram into `buf`. Datagrams longer than `buf` are
     /// dropped by the transport (the daemon's buffer fits every legal one).
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>>;
@@ -292,6 +382,37 @@ pub fn write_private_file(path: &std::path::Path, bytes: &[u8]) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A Tox ID built by hand: key 0x01.., nospam 0xAABBCCDD, checksum XOR.
+    fn sample() -> String {
+        let mut bytes = vec![1u8; 32];
+        bytes.extend_from_slice(&[0xAA, 0xBB, 0xCC, 0xDD]);
+        let sum = ToxId::checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        data_encoding::HEXUPPER.encode(&bytes)
+    }
+
+    #[test]
+    fn tox_ids_parse_and_print() {
+        let text = sample();
+        let id: ToxId = text.parse().unwrap();
+        assert_eq!(id.to_string(), text);
+        assert_eq!(id.public_key().0, [1u8; 32]);
+        assert_eq!(text.to_lowercase().parse::<ToxId>().unwrap(), id);
+    }
+
+    #[test]
+    fn bad_tox_ids_say_why() {
+        let text = sample();
+        assert_eq!("abc".parse::<ToxId>(), Err(ToxIdError::Length(3)));
+        assert_eq!(
+            format!("{}ZZ", &text[..74]).parse::<ToxId>(),
+            Err(ToxIdError::Hex)
+        );
+        let mut flipped = text.clone();
+        flipped.replace_range(0..2, "02");
+        assert_eq!(flipped.parse::<ToxId>(), Err(ToxIdError::Checksum));
+    }
 
     #[test]
     fn i2p_addresses_print_and_parse_as_b32() {
