@@ -115,6 +115,12 @@ else
   v_reload=failed
 fi
 echo "veilmesh: reload: $(head -c 200 "$work/reload.out")"
+# show --json: every peer's state, read off the control socket.
+start=$(now)
+"$bin" show --json --socket "$work/veil0.sock" > "$work/show.json"
+v_show=$(elapsed "$start")s
+python3 -c "import json,sys; n=len(json.load(open('$work/show.json'))['peers']); sys.exit(n != $count)" \
+  || { echo "show --json did not list $count peers" >&2; v_show=wrong; }
 
 echo "wireguard-go: starting with $count peers"
 start=$(now)
@@ -134,3 +140,4 @@ printf '%-14s %11ss %11ss %8s\n' start "$v_start" "$w_start" "$(ratio "$v_start"
 printf '%-14s %10sMB %10sMB %8s\n' RSS "$v_rss" "$w_rss" "$(ratio "$v_rss" "$w_rss")"
 printf '%-14s %11s%% %11s%% %8s\n' "idle CPU" "$v_cpu" "$w_cpu" "$(ratio "$v_cpu" "$w_cpu")"
 printf '%-14s %12s\n' reload "$v_reload"
+printf '%-14s %12s\n' "show --json" "$v_show"

@@ -1123,6 +1123,35 @@ pub(crate) mod tests {
         format!("[interface]\nprivate_key = \"{KEY_A}\"\n{peers}")
     }
 
+    /// 10,000 peers, each with an endpoint and a subnet: start and every
+    /// reload validate the whole file, so this must stay far below a
+    /// second (it took 12-18 s when overlaps were checked pairwise). A
+    /// loose bound: bench/scale.sh gives the number.
+    #[test]
+    fn ten_thousand_peers_load_and_validate_in_well_under_a_second() {
+        use base64::Engine;
+        let mut text = with_peers("");
+        for i in 0..10_000u32 {
+            let mut key = [7u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            let [_, _, hi, lo] = i.to_be_bytes();
+            text += &format!(
+                "[[peer]]\nname = \"p{i}\"\npublic_key = \"{}\"\nendpoint = \"10.{hi}.{lo}.1:51820\"\n\
+                 allowed_ips = [\"172.{}.{}.0/24\"]\n",
+                base64::engine::general_purpose::STANDARD.encode(key),
+                16 + i / 256,
+                i % 256
+            );
+        }
+        let started = std::time::Instant::now();
+        let config = parse(&text).unwrap();
+        let took = started.elapsed();
+        assert_eq!(config.peers.len(), 10_000);
+        assert_eq!(config.peer_specs().len(), 10_000);
+        println!("10,000 peers parsed and validated in {took:?}");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    }
+
     fn expect_error(text: &str, field: &str, needle: &str) {
         let err = parse(text).expect_err("config must be rejected");
         assert_eq!(err.file, Path::new("/etc/veilmesh/test.toml"));
