@@ -7,6 +7,7 @@
 //! runs on the `now` passed in.
 
 mod candidates;
+mod identify;
 pub mod identity;
 pub mod packet;
 pub mod paths;
@@ -25,9 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::noise::errors::WireGuardError;
-use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::noise::TunnResult;
 use boringtun::x25519;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,7 @@ use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
 
 use crate::identity::{PrivateKey, PublicKey};
 use candidates::OwnEndpoints;
+use identify::Gate;
 use packet::{IpInfo, Unreachable};
 use paths::PathStatus;
 use peer::{
@@ -50,15 +51,6 @@ pub use timers::{Timeout, Timer};
 pub const NOISE_OVERHEAD: usize = 32;
 /// How often boringtun's timers are driven (as its own device does).
 const TIMER_TICK: Duration = Duration::from_millis(250);
-/// Handshake messages accepted per second and transport before the load
-/// rules apply (cookies over UDP, drops elsewhere). Per transport, so a
-/// flood of spoofed UDP initiations cannot block handshakes over Tox or
-/// I2P.
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
-/// Under load, initiations without a valid cookie are decrypted (one
-/// Diffie-Hellman each) at most this often per second, to learn whether
-/// the sender may get a cookie over UDP at all; the rest are dropped.
-const UNDER_LOAD_IDENTIFICATIONS: u32 = 1000;
 /// Without a live direct path, endpoints are re-announced (and so punched
 /// again) this often.
 const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
@@ -234,16 +226,12 @@ pub struct Node {
     /// Our addresses on the TUN: the mesh address and the interface's own.
     tunnel_addresses: Vec<IpAddr>,
     peers: PeerTable,
-    /// Handshake rate limits, one per transport (see `limiter`).
-    limiters: [Arc<RateLimiter>; 3],
-    /// Under-load identifications this second.
-    identified_under_load: u32,
+    /// Who sent a datagram: rate limits, cookies, initiators' keys.
+    gate: Gate,
     probe_ids: ProbeIds,
     counters: NodeCounters,
     transmits: VecDeque<Transmit>,
     timers: TimerTable,
-    /// The end of the rate limiters' second, checked on each tick.
-    next_rate_limit_reset: Instant,
     /// Our UDP endpoints, announced to peers that may use UDP.
     own: OwnEndpoints,
     punch_ttl: u8,
@@ -278,14 +266,12 @@ impl Node {
         }
         let private = private_key.to_x25519();
         let public = x25519::PublicKey::from(&private);
-        let limiter = || Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
         let mesh_address = PublicKey(public.to_bytes()).mesh_address();
         let mut node = Node {
             mesh_address,
             tunnel_addresses: vec![IpAddr::V6(mesh_address)],
             peers: PeerTable::default(),
-            limiters: [limiter(), limiter(), limiter()],
-            identified_under_load: 0,
+            gate: Gate::new(private.clone(), now),
             probe_ids: ProbeIds::new(),
             keys: SessionKeys {
                 limiter: Arc::new(RateLimiter::new(&public, u64::MAX)),
@@ -295,7 +281,6 @@ impl Node {
             counters: NodeCounters::default(),
             transmits: VecDeque::new(),
             timers: TimerTable::default(),
-            next_rate_limit_reset: now + Duration::from_secs(1),
             own: OwnEndpoints::default(),
             punch_ttl: DEFAULT_PUNCH_TTL,
             presence: Presence::default(),
@@ -446,123 +431,15 @@ impl Node {
         }
     }
 
-    /// Which configured peer a WireGuard message belongs to, or the drop.
-    /// Over Tox and I2P, whose senders the transport authenticates, only
-    /// the identities of configured peers get that far. Handshakes pass
-    /// their transport's rate limit; under load over UDP, a cookie goes
-    /// only to a peer that may use UDP (anyone who knows our public key
-    /// could otherwise confirm a guessed IP address with a flood).
-    fn identify_sender(&mut self, from: &PeerAddr, datagram: &[u8]) -> Result<PeerId, DropReason> {
-        let named = !matches!(from, PeerAddr::Unattributed(_));
-        if named && from.kind() != TransportKind::Udp && !self.peers.by_identity.contains_key(from)
-        {
-            self.counters.unknown_sender += 1;
-            tracing::trace!(%from, "datagram from an identity no peer has");
-            return Err(DropReason::UnknownPeer);
-        }
-        let Ok(parsed) = Tunn::parse_incoming_packet(datagram) else {
-            self.counters.bad_packet += 1;
-            return Err(DropReason::BadPacket);
-        };
-        let handshake = matches!(
-            parsed,
-            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
-        );
-        let cookie = if handshake {
-            self.admit_handshake(from, datagram)?
-        } else {
-            None
-        };
-        let id = match parsed {
-            Packet::HandshakeInit(init) => {
-                self.identify_initiator(from, &init, cookie.is_some())?
-            }
-            Packet::HandshakeResponse(p) => self.peer_of_index(p.receiver_idx)?,
-            Packet::PacketCookieReply(p) => self.peer_of_index(p.receiver_idx)?,
-            Packet::PacketData(p) => self.peer_of_index(p.receiver_idx)?,
-        };
-        let Some(cookie) = cookie else {
-            return Ok(id);
-        };
-        let Some(peer) = self.peers.slots[id].as_mut() else {
-            return Err(DropReason::UnknownPeer);
-        };
-        if path_allowed(&peer.spec, from) {
-            self.counters.cookies_sent += 1;
-            self.transmits
-                .push_back(Transmit::new(from.clone(), &cookie));
-        } else {
-            peer.counters.wrong_path += 1;
-        }
-        self.counters.rate_limited += 1;
-        Err(DropReason::RateLimited)
-    }
-
-    /// The peer a session index belongs to: one that has a session state
-    /// (no other can have handed the index out).
-    fn peer_of_index(&mut self, receiver_idx: u32) -> Result<PeerId, DropReason> {
-        let id = (receiver_idx >> 8) as usize;
-        if matches!(self.peers.slots.get(id), Some(Some(peer)) if peer.tunn.is_some()) {
-            Ok(id)
-        } else {
-            self.counters.bad_packet += 1;
-            Err(DropReason::BadPacket)
-        }
-    }
-
-    /// A handshake's MAC and its transport's rate limit: Ok(None) to go on,
-    /// Ok(Some(cookie)) when, under load over UDP, the sender must first
-    /// prove its address (the cookie is for it, if it may have one).
-    fn admit_handshake(
-        &mut self,
-        from: &PeerAddr,
-        datagram: &[u8],
-    ) -> Result<Option<Vec<u8>>, DropReason> {
-        let limiter = &self.limiters[transport_index(from.kind())];
-        match limiter.verify_packet(from.ip(), datagram, &mut self.scratch) {
-            Ok(_) => Ok(None),
-            Err(TunnResult::WriteToNetwork(cookie)) => Ok(Some(cookie.to_vec())),
-            Err(TunnResult::Err(WireGuardError::UnderLoad)) => {
-                self.counters.rate_limited += 1;
-                Err(DropReason::RateLimited)
-            }
-            Err(_) => {
-                self.counters.bad_packet += 1;
-                Err(DropReason::BadPacket)
-            }
-        }
-    }
-
-    /// A handshake initiation names its sender only inside the encrypted
-    /// static key: decrypt it (one Diffie-Hellman; under load, budgeted).
-    fn identify_initiator(
-        &mut self,
-        from: &PeerAddr,
-        init: &boringtun::noise::HandshakeInit,
-        under_load: bool,
-    ) -> Result<PeerId, DropReason> {
-        if under_load {
-            if self.identified_under_load >= UNDER_LOAD_IDENTIFICATIONS {
-                self.counters.rate_limited += 1;
-                return Err(DropReason::RateLimited);
-            }
-            self.identified_under_load += 1;
-        }
-        let half = parse_handshake_anon(&self.keys.private, &self.public, init).map_err(|_| {
-            self.counters.bad_packet += 1;
-            DropReason::BadPacket
-        })?;
-        match self.peers.by_key.get(&half.peer_static_public) {
-            Some(&id) => Ok(id),
-            None => {
-                self.counters.unknown_peer_handshakes += 1;
-                tracing::debug!(%from, "handshake from a key not in the config");
-                Err(DropReason::UnknownPeer)
-            }
-        }
-    }
-
     /// Handles one datagram from a transport; `out` must hold `BUFFER_SIZE`.
+    ///
+    /// First the gate (`identify.rs`) finds which configured peer it
+    /// belongs to. Over Tox and I2P, whose senders the transport
+    /// authenticates, only the identities of configured peers get that far.
+    /// Handshakes pass their transport's rate limit; under load over UDP, a
+    /// cookie goes only to a peer that may use UDP (anyone who knows our
+    /// public key could otherwise confirm a guessed IP address with a
+    /// flood).
     pub fn handle_datagram<'a>(
         &mut self,
         from: &PeerAddr,
@@ -571,7 +448,14 @@ impl Node {
         now: Instant,
     ) -> FromNetwork<'a> {
         self.last_now = now;
-        let id = match self.identify_sender(from, datagram) {
+        let identified = self.gate.identify(
+            from,
+            datagram,
+            &mut self.peers,
+            &mut self.counters,
+            &mut self.transmits,
+        );
+        let id = match identified {
             Ok(id) => id,
             Err(drop) => return FromNetwork::Dropped(drop),
         };
@@ -993,14 +877,7 @@ impl Node {
             match timer {
                 Timer::Tick => {
                     self.timers.set(Timer::Tick, Some(now + TIMER_TICK));
-                    // On a tick, not a wake-up of its own: a second of 1 to 1.25 s.
-                    if now >= self.next_rate_limit_reset {
-                        for limiter in &self.limiters {
-                            limiter.reset_count();
-                        }
-                        self.identified_under_load = 0;
-                        self.next_rate_limit_reset = now + Duration::from_secs(1);
-                    }
+                    self.gate.tick(now);
                     self.drive_session_timers(now);
                     self.check_one_way(now);
                 }
@@ -1217,7 +1094,8 @@ impl Node {
     }
 }
 
-fn transport_index(kind: TransportKind) -> usize {
+/// Per-transport tables (rate limiters, presence) are indexed by this.
+pub(crate) fn transport_index(kind: TransportKind) -> usize {
     match kind {
         TransportKind::Udp => 0,
         TransportKind::Tox => 1,

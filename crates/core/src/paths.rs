@@ -762,7 +762,7 @@ mod tests {
         let both = [direct.clone(), tox.clone()];
         set.traffic(t0);
         let mut probes = 0;
-        let mut count = |set: &mut PathSet, from: Instant, seconds: u64| {
+        let count = |set: &mut PathSet, from: Instant, seconds: u64| {
             let mut sent = 0;
             for ms in (0..seconds * 1000).step_by(100) {
                 let now = from + Duration::from_millis(ms);

@@ -9,6 +9,7 @@ use super::packet::tests::{ipv4_udp, ipv6_echo};
 use super::peer::{configured_paths, QUIET_AFTER, REPEATED_INITIATIONS};
 use super::presence::{MOVE_SILENCE, RENEW_BACKOFF_MIN};
 use super::*;
+use boringtun::noise::Tunn;
 
 const UDP_LIMITS: DatagramLimits = DatagramLimits {
     unfragmented: 1472,
