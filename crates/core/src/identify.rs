@@ -196,11 +196,12 @@ fn peer_of_index(
 mod tests {
     use super::*;
     use crate::identity::PrivateKey;
+    use crate::tests::seeded_key;
     use crate::PeerSpec;
 
     fn gate_and_peers(now: Instant) -> (Gate, PeerTable, PrivateKey, PrivateKey) {
-        let ours = PrivateKey::generate().unwrap();
-        let theirs = PrivateKey::generate().unwrap();
+        let ours = seeded_key(b"gate: ours");
+        let theirs = seeded_key(b"gate: theirs");
         let mut peers = PeerTable::default();
         let spec = PeerSpec {
             name: "b".into(),
@@ -238,7 +239,7 @@ mod tests {
             gate.identify(&from, datagram, &mut peers, counters, &mut transmits)
         };
         assert_eq!(identify(&initiation(&theirs, &ours), &mut counters), Ok(0));
-        let stranger = PrivateKey::generate().unwrap();
+        let stranger = seeded_key(b"gate: stranger");
         assert_eq!(
             identify(&initiation(&stranger, &ours), &mut counters),
             Err(DropReason::UnknownPeer)

@@ -82,10 +82,16 @@ impl PrivateKey {
     pub fn generate() -> Result<Self, getrandom::Error> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)?;
+        Ok(PrivateKey::from_bytes(bytes))
+    }
+
+    /// The key these 32 bytes make, clamped: for tests and simulations
+    /// that must be the same in every run.
+    pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
         bytes[0] &= 248;
         bytes[31] &= 127;
         bytes[31] |= 64;
-        Ok(PrivateKey(bytes))
+        PrivateKey(bytes)
     }
 
     pub fn parse(text: &str) -> Result<Self, KeyError> {
