@@ -32,6 +32,10 @@ scripts/fuzz.sh 20
 phase "tests"
 interop=interop_emissary
 cargo test --workspace --locked --color never -- --skip "$interop"
+# The UDP data path again with segmentation offload forced off (the
+# daemons inherit the variable): both ways must carry every byte.
+phase "UDP data path without offload"
+VEILMESH_OFFLOAD=off cargo test --locked --color never --test offload --test mesh --test event_loop
 # Its own build: with boringtun reading a mock clock, a daemon built in the
 # same cargo run (features unify) would never see its timers fire.
 phase "core in virtual time"

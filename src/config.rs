@@ -79,6 +79,7 @@ struct RawInterface {
     metrics_allow_remote: bool,
     hosts_file: Option<PathBuf>,
     user: Option<String>,
+    offload: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -232,6 +233,8 @@ pub struct InterfaceConfig {
     pub metrics_address: Option<SocketAddr>,
     /// Where `NAME.veil` entries go; empty path disables them.
     pub hosts_file: Option<PathBuf>,
+    /// Segmentation offload where the kernel has it (UDP GSO/GRO).
+    pub offload: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -610,6 +613,7 @@ impl Validator<'_> {
             mtu,
             addresses,
             control_socket,
+            offload: raw.offload.unwrap_or(true),
         })
     }
 

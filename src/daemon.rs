@@ -16,6 +16,7 @@ use veilmesh_tox::ToxTransport;
 use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
 use veilmesh_udp::{UdpConfig, UdpTransport};
 
+use crate::batch::{Run, TxBatch};
 use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{Event, FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
@@ -81,6 +82,14 @@ impl Transports {
             (Some(t), None) => t.send(to, datagram),
             (Some(t), Some(ttl)) => t.send_with_ttl(to, datagram, ttl),
             (None, _) => Err(SendError::NotReady("transport not enabled")),
+        }
+    }
+
+    /// A run of datagrams to one path (see `batch`).
+    fn send_run(&mut self, run: &Run<'_>) -> Result<(), SendError> {
+        match self.get_mut(run.to.kind()) {
+            Some(t) => t.send_batch(&run.to, run.datagrams, run.segment),
+            None => Err(SendError::NotReady("transport not enabled")),
         }
     }
 
@@ -153,12 +162,26 @@ fn udp_wanted(config: &Config) -> bool {
     config.udp.enabled && config.peers.iter().any(|p| p.allows(TransportKind::Udp))
 }
 
+/// Segmentation offload: `[interface] offload`, unless
+/// `VEILMESH_OFFLOAD=off` (or 0, false) in the environment turns it off,
+/// to run a test suite or compare without it.
+fn offload_wanted(config: &Config) -> bool {
+    let off_by_env = std::env::var("VEILMESH_OFFLOAD").is_ok_and(|v| {
+        matches!(
+            v.to_ascii_lowercase().as_str(),
+            "off" | "0" | "false" | "no"
+        )
+    });
+    config.interface.offload && !off_by_env
+}
+
 fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
     let iface = &config.interface;
     UdpTransport::bind(UdpConfig {
         listen_port: iface.listen_port,
         stun_servers: config.udp.stun_servers.clone(),
         skip_interfaces: vec![iface.name.clone()],
+        offload: offload_wanted(config),
         ..UdpConfig::default()
     })
     .with_context(|| format!("{}: interface.listen_port", config.file.display()))
@@ -333,6 +356,7 @@ pub async fn run_with<T: Tun>(
         tun_buf: vec![0u8; BUFFER_SIZE],
         net_buf: vec![0u8; BUFFER_SIZE],
         out: vec![0u8; BUFFER_SIZE],
+        tx: TxBatch::new(),
     };
     path.update_hosts();
     // One timer, moved only when the core's deadline changes.
@@ -432,6 +456,8 @@ struct DataPath<T> {
     tun_buf: Vec<u8>,
     net_buf: Vec<u8>,
     out: Vec<u8>,
+    /// Datagrams sealed from TUN packets, gathered per path.
+    tx: TxBatch,
 }
 
 /// The next peer endpoints the rendezvous DHT found; never, without one.
@@ -553,6 +579,7 @@ impl<T: Tun> DataPath<T> {
                 old_if.hosts_file != new_if.hosts_file,
             ),
             ("interface.user", old_if.user != new_if.user),
+            ("interface.offload", old_if.offload != new_if.offload),
             ("[udp]", self.config.udp != new.udp),
             ("[rendezvous]", self.config.rendezvous != new.rendezvous),
             ("[tox]", self.config.tox != new.tox),
@@ -604,32 +631,52 @@ impl<T: Tun> DataPath<T> {
         }
     }
 
-    /// Reads and handles up to `BATCH` packets from the TUN; returns how many.
+    /// Reads and handles up to `BATCH` packets from the TUN; returns how
+    /// many. Their sealed datagrams gather in runs per path (`batch`),
+    /// each sent in one call when the next packet goes elsewhere, the run
+    /// is full, or the TUN is drained.
     async fn drain_tun(&mut self) -> anyhow::Result<usize> {
         let now = Instant::now();
-        for handled in 0..BATCH {
+        let mut handled = 0;
+        while handled < BATCH {
             let Some(n) = self.read_tun().context("reading from the TUN device")? else {
-                return Ok(handled);
+                break;
             };
+            handled += 1;
+            if !self.tx.has_room() {
+                self.send_open_run();
+            }
             let transports = &self.transports;
             match self.node.handle_tun_packet(
                 &self.tun_buf[..n],
                 |to| transports.limits(to),
-                &mut self.out,
+                self.tx.space(),
                 now,
             ) {
                 FromTun::Send { to, datagram } => {
-                    if let Err(error) = self.transports.send(&to, datagram, None) {
-                        self.node.record_send_error();
-                        tracing::trace!(%to, %error, "send failed");
+                    let len = datagram.len();
+                    if !self.tx.joins(&to, len) {
+                        self.send_open_run();
                     }
+                    self.tx.add(&to, len);
                 }
                 FromTun::Reply(packet) => write_tun(&self.device, packet).await,
                 FromTun::Done(_) => {}
             }
             self.flush_transmits();
         }
-        Ok(BATCH)
+        self.send_open_run();
+        Ok(handled)
+    }
+
+    fn send_open_run(&mut self) {
+        let Some(run) = self.tx.take() else { return };
+        if let Err(error) = self.transports.send_run(&run) {
+            for _ in 0..run.count {
+                self.node.record_send_error();
+            }
+            tracing::trace!(to = %run.to, %error, "send failed");
+        }
     }
 
     /// One packet from the TUN, if one is waiting. tokio's `try_recv`
@@ -667,13 +714,14 @@ impl<T: Tun> DataPath<T> {
                 return;
             }
         };
-        if let FromNetwork::ToTun(packet) = self.node.handle_datagram(
-            &got.from,
-            &self.net_buf[..got.len],
-            &mut self.out,
-            Instant::now(),
-        ) {
-            write_tun(&self.device, packet).await;
+        let now = Instant::now();
+        for datagram in got.datagrams(&self.net_buf) {
+            if let FromNetwork::ToTun(packet) =
+                self.node
+                    .handle_datagram(&got.from, datagram, &mut self.out, now)
+            {
+                write_tun(&self.device, packet).await;
+            }
         }
         self.flush_transmits();
     }

@@ -353,10 +353,7 @@ impl I2pTransport {
         let (offset, first_len) = (first.as_ptr() as usize - buf.as_ptr() as usize, first.len());
         self.unbundled.extend(rest.iter().map(|m| m.to_vec()));
         buf.copy_within(offset..offset + first_len, 0);
-        Some(Received {
-            from: UNATTRIBUTED,
-            len: first_len,
-        })
+        Some(Received::one(UNATTRIBUTED, first_len))
     }
 
     /// The next message of a bundle received earlier, into `buf`.
@@ -364,10 +361,7 @@ impl I2pTransport {
         let message = self.unbundled.pop_front()?;
         let target = buf.get_mut(..message.len())?;
         target.copy_from_slice(&message);
-        Some(Received {
-            from: UNATTRIBUTED,
-            len: message.len(),
-        })
+        Some(Received::one(UNATTRIBUTED, message.len()))
     }
 }
 

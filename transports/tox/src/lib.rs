@@ -469,10 +469,7 @@ impl ToxTransport {
         }
         let target = buf.get_mut(..data.len())?;
         target.copy_from_slice(data);
-        Some(Received {
-            from: PeerAddr::Tox(ToxPublicKey(pk)),
-            len: data.len(),
-        })
+        Some(Received::one(PeerAddr::Tox(ToxPublicKey(pk)), data.len()))
     }
 }
 

@@ -252,11 +252,31 @@ pub enum SendError {
     Io(#[from] io::Error),
 }
 
-/// One datagram received: who sent it and how many bytes of the buffer it fills.
+/// Datagrams received in one call: who sent them and how many bytes of
+/// the buffer they fill. With receive offload (UDP GRO) several datagrams
+/// of one sender come back to back, each `segment` bytes long but the
+/// last, which may be shorter; otherwise `segment == len`.
 #[derive(Debug)]
 pub struct Received {
     pub from: PeerAddr,
     pub len: usize,
+    pub segment: usize,
+}
+
+impl Received {
+    /// One datagram of `len` bytes.
+    pub fn one(from: PeerAddr, len: usize) -> Received {
+        Received {
+            from,
+            len,
+            segment: len,
+        }
+    }
+
+    /// The datagrams in `buf` (the buffer the receive call filled).
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> std::slice::Chunks<'a, u8> {
+        buf[..self.len.min(buf.len())].chunks(self.segment.max(1))
+    }
 }
 
 /// An opaque datagram pipe. Implementations never block: `send` queues or
@@ -270,6 +290,22 @@ pub trait Transport: Send {
 
     /// Hand one datagram to the transport.
     fn send(&mut self, to: &PeerAddr, datagram: &[u8]) -> Result<(), SendError>;
+
+    /// Sends `datagrams` to `to`: back to back in one buffer, each
+    /// `segment` bytes long but the last, which may be shorter. Transports
+    /// without a batched send (the default) send them one by one; UDP hands
+    /// up to 64 to the kernel in one call (GSO).
+    fn send_batch(
+        &mut self,
+        to: &PeerAddr,
+        datagrams: &[u8],
+        segment: usize,
+    ) -> Result<(), SendError> {
+        for datagram in datagrams.chunks(segment.max(1)) {
+            self.send(to, datagram)?;
+        }
+        Ok(())
+    }
 
     /// `send` with this IP TTL, for the probe that opens a NAT mapping
     /// without reaching the peer's NAT. Transports without IP hops of

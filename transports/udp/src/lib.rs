@@ -4,6 +4,7 @@
 //! NAT mapping for hole punching.
 
 pub mod nat;
+pub mod offload;
 pub mod stun;
 
 use std::io;
@@ -13,7 +14,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::ReadBuf;
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
 
@@ -28,6 +31,11 @@ const IPV6_UDP_HEADERS: usize = 40 + 8;
 const INTERFACE_REFRESH: Duration = Duration::from_secs(10);
 /// STUN requests answered per second at most: a reflector, not an amplifier.
 const STUN_ANSWERS_PER_SECOND: u32 = 200;
+/// Segmented sends refused with EINVAL in a row (each one then went one
+/// datagram at a time) before GSO is given up: a kernel without
+/// UDP_SEGMENT says EINVAL to all of them, a route with a small MTU only
+/// to those.
+const GSO_REFUSALS_TO_GIVE_UP: u32 = 64;
 /// STUN messages one receive call handles at most before it lets the
 /// event loop run its timers: a STUN flood must not starve them.
 const MAX_STUN_PER_CALL: usize = 64;
@@ -42,6 +50,9 @@ pub struct UdpConfig {
     pub stun_servers: Vec<SocketAddr>,
     /// Interfaces whose addresses are never announced (our own TUN).
     pub skip_interfaces: Vec<String>,
+    /// Segmentation offload (GSO on send, GRO on receive) where the kernel
+    /// has it.
+    pub offload: bool,
 }
 
 impl Default for UdpConfig {
@@ -51,6 +62,7 @@ impl Default for UdpConfig {
             link_mtu: 1500,
             stun_servers: Vec::new(),
             skip_interfaces: Vec::new(),
+            offload: true,
         }
     }
 }
@@ -72,6 +84,12 @@ pub struct UdpTransport {
     link_mtu: usize,
     nat: Arc<Mutex<NatState>>,
     stun_task: tokio::task::JoinHandle<()>,
+    /// Batches go to the kernel in one `sendmsg` (until it refuses).
+    gso: bool,
+    /// Segmented sends refused in a row (EINVAL).
+    gso_refused: u32,
+    /// Reads may hold several datagrams of one sender.
+    gro: bool,
 }
 
 impl Drop for UdpTransport {
@@ -93,7 +111,9 @@ impl UdpTransport {
         };
         let socket = Arc::new(UdpSocket::from_std(socket.into())?);
         let local = socket.local_addr()?;
-        tracing::info!(%local, dual_stack, stun_servers = config.stun_servers.len(), "udp transport bound");
+        let gro = config.offload && offload::enable_gro(socket.as_raw_fd());
+        let gso = config.offload;
+        tracing::info!(%local, dual_stack, gso, gro, stun_servers = config.stun_servers.len(), "udp transport bound");
         let now = Instant::now();
         let nat = Arc::new(Mutex::new(NatState {
             client: nat::StunClient::new(&config.stun_servers, now),
@@ -110,6 +130,9 @@ impl UdpTransport {
             link_mtu: config.link_mtu,
             nat,
             stun_task,
+            gso,
+            gso_refused: 0,
+            gro,
         })
     }
 
@@ -153,12 +176,96 @@ impl UdpTransport {
         true
     }
 
-    fn received(&self, buf: &[u8], from: SocketAddr, len: usize) -> Option<Received> {
+    /// What the core gets of one read: STUN taken out (of every segment
+    /// of a coalesced read, closing the gaps), None if nothing is left.
+    fn received(
+        &self,
+        buf: &mut [u8],
+        from: SocketAddr,
+        len: usize,
+        segment: usize,
+    ) -> Option<Received> {
         let from = canonical(from);
-        (!self.handle_stun(&buf[..len], from)).then_some(Received {
+        let mut kept = 0;
+        let mut start = 0;
+        while start < len {
+            let end = (start + segment).min(len);
+            if !self.handle_stun(&buf[start..end], from) {
+                if kept != start {
+                    buf.copy_within(start..end, kept);
+                }
+                kept += end - start;
+            }
+            start = end;
+        }
+        (kept > 0).then_some(Received {
             from: PeerAddr::Udp(from),
-            len,
+            len: kept,
+            segment: segment.min(kept),
         })
+    }
+
+    /// One read through tokio's readiness: WouldBlock clears it.
+    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+        let fd = self.socket.as_raw_fd();
+        self.socket
+            .try_io(Interest::READABLE, || offload::recv(fd, buf))
+    }
+
+    /// `datagrams` to `dest` in kernel-segmented sends (at most 64
+    /// datagrams and 64 KB each); on an error that says the kernel cannot, GSO is
+    /// off from then on and the rest go one by one.
+    fn send_segmented(
+        &mut self,
+        dest: SocketAddr,
+        datagrams: &[u8],
+        segment: usize,
+    ) -> io::Result<()> {
+        let to = socket2::SockAddr::from(socket_addr(dest, self.dual_stack));
+        let fd = self.socket.as_raw_fd();
+        let mut rest = datagrams;
+        while !rest.is_empty() {
+            let take = rest
+                .len()
+                .min(segment * offload::segments_per_send(segment));
+            let (chunk, after) = rest.split_at(take);
+            if self.gso {
+                match offload::send_segments(fd, &to, chunk, segment) {
+                    Ok(()) => {
+                        self.gso_refused = 0;
+                        rest = after;
+                        continue;
+                    }
+                    Err(e) => match offload::refusal(&e) {
+                        offload::Refusal::Unsupported => {
+                            tracing::warn!(error = %e, "UDP segmentation offload refused: sending datagrams one by one from now on");
+                            self.gso = false;
+                        }
+                        offload::Refusal::NotThis => {
+                            self.gso_refused += 1;
+                            if self.gso_refused >= GSO_REFUSALS_TO_GIVE_UP {
+                                tracing::warn!(error = %e, "UDP segmentation offload refused {GSO_REFUSALS_TO_GIVE_UP} times in a row: sending datagrams one by one from now on");
+                                self.gso = false;
+                            }
+                        }
+                        offload::Refusal::Other => return Err(e),
+                    },
+                }
+            }
+            for datagram in chunk.chunks(segment) {
+                send_now(&self.socket, dest, self.dual_stack, datagram)?;
+            }
+            rest = after;
+        }
+        Ok(())
+    }
+}
+
+fn send_error(error: io::Error) -> SendError {
+    if error.kind() == io::ErrorKind::WouldBlock {
+        SendError::Backpressure
+    } else {
+        SendError::Io(error)
     }
 }
 
@@ -228,14 +335,21 @@ fn random_transaction_id() -> stun::TransactionId {
 }
 
 /// Our addresses a peer might reach: every interface but loopback, our
-/// own TUN and IPv6 link-local ones (they need a scope a peer lacks).
+/// own TUN, point-to-point links and IPv6 link-local addresses (they need
+/// a scope a peer lacks). Point-to-point links are tunnels (another VPN,
+/// WireGuard): a path through one carries our datagrams inside another
+/// tunnel with a smaller MTU. A PPP uplink's public address still reaches
+/// peers as the address they see our probes come from, or through STUN.
 fn interface_endpoints(port: u16, dual_stack: bool, skip: &[String]) -> Vec<SocketAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for ifaddr in addrs {
-        if skip.contains(&ifaddr.interface_name) {
+        let point_to_point = ifaddr
+            .flags
+            .contains(nix::net::if_::InterfaceFlags::IFF_POINTOPOINT);
+        if skip.contains(&ifaddr.interface_name) || point_to_point {
             continue;
         }
         let Some(address) = ifaddr.address else {
@@ -267,7 +381,6 @@ fn interface_endpoints(port: u16, dual_stack: bool, skip: &[String]) -> Vec<Sock
 /// socket) and hop limit (IPv6) of the socket's unicast sends; -1 restores
 /// the route's default.
 fn set_unicast_ttl(socket: &UdpSocket, ttl: i32) {
-    use std::os::fd::AsRawFd;
     let fd = socket.as_raw_fd();
     for (level, name) in [
         (libc::IPPROTO_IP, libc::IP_TTL),
@@ -353,25 +466,43 @@ impl Transport for UdpTransport {
         let PeerAddr::Udp(dest) = to else {
             return Err(SendError::WrongTransport(to.clone()));
         };
-        match send_now(&self.socket, *dest, self.dual_stack, datagram) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(SendError::Backpressure),
-            Err(e) => Err(SendError::Io(e)),
+        send_now(&self.socket, *dest, self.dual_stack, datagram).map_err(send_error)
+    }
+
+    fn send_batch(
+        &mut self,
+        to: &PeerAddr,
+        datagrams: &[u8],
+        segment: usize,
+    ) -> Result<(), SendError> {
+        let PeerAddr::Udp(dest) = to else {
+            return Err(SendError::WrongTransport(to.clone()));
+        };
+        if datagrams.len() <= segment {
+            return self.send(to, datagrams);
         }
+        self.send_segmented(*dest, datagrams, segment.max(1))
+            .map_err(send_error)
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        for _ in 0..MAX_STUN_PER_CALL {
-            let mut read = ReadBuf::new(buf);
-            match self.socket.poll_recv_from(cx, &mut read) {
-                Poll::Ready(Ok(from)) => {
-                    let len = read.filled().len();
-                    if let Some(received) = self.received(buf, from, len) {
-                        return Poll::Ready(Ok(received));
-                    }
-                }
+        let mut handled = 0;
+        while handled < MAX_STUN_PER_CALL {
+            match self.socket.poll_recv_ready(cx) {
+                Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
+            }
+            match self.read(buf) {
+                Ok((len, from, segment)) => {
+                    if let Some(received) = self.received(buf, from, len, segment) {
+                        return Poll::Ready(Ok(received));
+                    }
+                    handled += 1;
+                }
+                // Readiness was stale; it is cleared: poll again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         // STUN only so far: come back after the event loop's other work.
@@ -383,9 +514,9 @@ impl Transport for UdpTransport {
         // Through tokio's readiness cache: the EAGAIN that ends a batch also
         // clears it, so the next poll_recv waits instead of asking again.
         for _ in 0..MAX_STUN_PER_CALL {
-            match self.socket.try_recv_from(buf) {
-                Ok((len, from)) => {
-                    if let Some(received) = self.received(buf, from, len) {
+            match self.read(buf) {
+                Ok((len, from, segment)) => {
+                    if let Some(received) = self.received(buf, from, len, segment) {
                         return Ok(Some(received));
                     }
                 }
@@ -397,7 +528,13 @@ impl Transport for UdpTransport {
     }
 
     fn describe(&self) -> String {
-        let mut text = format!("udp listening on port {}", self.local.port());
+        let offload = match (self.gso, self.gro) {
+            (true, true) => ", GSO and GRO",
+            (true, false) => ", GSO",
+            (false, true) => ", GRO",
+            (false, false) => "",
+        };
+        let mut text = format!("udp listening on port {}{offload}", self.local.port());
         let Ok(state) = self.nat.lock() else {
             return text;
         };
@@ -493,6 +630,88 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         assert!(node.poll_recv(&mut cx, &mut buf).is_pending());
         assert_eq!(answered(&client), MAX_STUN_PER_CALL);
+    }
+
+    fn loopback_transport(offload: bool) -> UdpTransport {
+        UdpTransport::bind(UdpConfig {
+            listen_port: 0,
+            offload,
+            ..UdpConfig::default()
+        })
+        .unwrap()
+    }
+
+    /// Datagram `i` of a batch: its own length and bytes.
+    fn batch_datagram(i: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|j| (i * 7 + j) as u8).collect()
+    }
+
+    /// A batch of 100 datagrams (two `sendmsg` calls of at most 64) and a
+    /// shorter last one arrives whole and in order, over both families,
+    /// whether the receiver reads them coalesced (GRO) or one by one; with
+    /// offload off on either side too.
+    #[tokio::test]
+    async fn batches_arrive_whole_with_or_without_offload() {
+        for (send_offload, recv_offload) in [(true, true), (true, false), (false, true)] {
+            let mut a = loopback_transport(send_offload);
+            let mut b = loopback_transport(recv_offload);
+            for ip in ["127.0.0.1", "::1"] {
+                let to = PeerAddr::Udp(SocketAddr::new(ip.parse().unwrap(), b.local_addr().port()));
+                let sent: Vec<Vec<u8>> = (0..101)
+                    .map(|i| batch_datagram(i, if i == 100 { 300 } else { 1200 }))
+                    .collect();
+                a.send_batch(&to, &sent.concat(), 1200).unwrap();
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 65_536];
+                let mut coalesced = false;
+                while got.len() < sent.len() {
+                    let received = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        poll_fn(|cx| b.poll_recv(cx, &mut buf)),
+                    )
+                    .await
+                    .expect("the batch arrives")
+                    .unwrap();
+                    coalesced |= received.len > received.segment;
+                    got.extend(received.datagrams(&buf).map(<[u8]>::to_vec));
+                }
+                assert_eq!(got, sent, "{ip}, offload {send_offload}/{recv_offload}");
+                if !recv_offload {
+                    assert!(
+                        !coalesced,
+                        "a receiver without GRO gets one datagram per read"
+                    );
+                }
+            }
+        }
+    }
+
+    /// STUN inside a coalesced read is answered and cut out; the
+    /// datagrams around it close the gap.
+    #[tokio::test]
+    async fn stun_inside_a_coalesced_read_is_taken_out() {
+        let node = loopback_transport(true);
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = client.local_addr().unwrap();
+        let request = stun::binding_request(&[9; 12]);
+        let segment = request.len();
+        let mut buf = [vec![1u8; segment], request.to_vec(), vec![2u8; segment]].concat();
+        let len = buf.len();
+        let got = node.received(&mut buf, from, len, segment).unwrap();
+        assert_eq!((got.len, got.segment), (2 * segment, segment));
+        let datagrams: Vec<&[u8]> = got.datagrams(&buf).collect();
+        assert_eq!(
+            datagrams,
+            [&vec![1u8; segment][..], &vec![2u8; segment][..]]
+        );
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut reply = [0u8; 128];
+        assert!(
+            client.recv_from(&mut reply).is_ok(),
+            "the STUN request was answered"
+        );
     }
 
     #[tokio::test]
