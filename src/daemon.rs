@@ -21,7 +21,7 @@ use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
 use crate::core::{Event, FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
-use crate::netdev::{NetDevice, Tun};
+use crate::netdev::{NetDevice, Tun, TunReads, TunWrites};
 use crate::notify::Notifier;
 use crate::privileges;
 use crate::rendezvous::{Found, Rendezvous, RendezvousConfig};
@@ -198,6 +198,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             mesh_address,
             &iface.addresses,
             config.peer_subnets(),
+            offload_wanted(config),
         )
     };
     run_with(config, create_tun, std::future::pending()).await
@@ -353,9 +354,9 @@ pub async fn run_with<T: Tun>(
         transports,
         device,
         parsed: parsed_tx,
-        tun_buf: vec![0u8; BUFFER_SIZE],
+        tun_reads: TunReads::new(usize::from(config.interface.mtu)),
+        tun_writes: TunWrites::new(),
         net_buf: vec![0u8; BUFFER_SIZE],
-        out: vec![0u8; BUFFER_SIZE],
         tx: TxBatch::new(),
     };
     path.update_hosts();
@@ -453,9 +454,11 @@ struct DataPath<T> {
     device: T,
     /// Where configs parsed off the event loop come back.
     parsed: mpsc::Sender<ParsedReload>,
-    tun_buf: Vec<u8>,
+    /// Packets of one TUN read (a super-packet cut up, with offload).
+    tun_reads: TunReads,
+    /// Decrypted packets on their way to the TUN, written together.
+    tun_writes: TunWrites,
     net_buf: Vec<u8>,
-    out: Vec<u8>,
     /// Datagrams sealed from TUN packets, gathered per path.
     tx: TxBatch,
 }
@@ -639,31 +642,35 @@ impl<T: Tun> DataPath<T> {
         let now = Instant::now();
         let mut handled = 0;
         while handled < BATCH {
-            let Some(n) = self.read_tun().context("reading from the TUN device")? else {
-                break;
-            };
+            match self.device.try_recv_batch(&mut self.tun_reads) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("reading from the TUN device"),
+            }
             handled += 1;
-            if !self.tx.has_room() {
-                self.send_open_run();
-            }
-            let transports = &self.transports;
-            match self.node.handle_tun_packet(
-                &self.tun_buf[..n],
-                |to| transports.limits(to),
-                self.tx.space(),
-                now,
-            ) {
-                FromTun::Send { to, datagram } => {
-                    let len = datagram.len();
-                    if !self.tx.joins(&to, len) {
-                        self.send_open_run();
-                    }
-                    self.tx.add(&to, len);
+            for i in 0..self.tun_reads.len() {
+                if !self.tx.has_room() {
+                    self.send_open_run();
                 }
-                FromTun::Reply(packet) => write_tun(&self.device, packet).await,
-                FromTun::Done(_) => {}
+                let transports = &self.transports;
+                match self.node.handle_tun_packet(
+                    self.tun_reads.packet(i),
+                    |to| transports.limits(to),
+                    self.tx.space(),
+                    now,
+                ) {
+                    FromTun::Send { to, datagram } => {
+                        let len = datagram.len();
+                        if !self.tx.joins(&to, len) {
+                            self.send_open_run();
+                        }
+                        self.tx.add(&to, len);
+                    }
+                    FromTun::Reply(packet) => write_tun(&self.device, packet).await,
+                    FromTun::Done(_) => {}
+                }
+                self.flush_transmits();
             }
-            self.flush_transmits();
         }
         self.send_open_run();
         Ok(handled)
@@ -679,32 +686,26 @@ impl<T: Tun> DataPath<T> {
         }
     }
 
-    /// One packet from the TUN, if one is waiting. tokio's `try_recv`
-    /// clears its readiness cache on EAGAIN, which re-arms `readable()`.
-    fn read_tun(&mut self) -> io::Result<Option<usize>> {
-        match self.device.try_recv(&mut self.tun_buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Handles up to `BATCH` waiting datagrams; returns how many.
+    /// Handles up to `BATCH` waiting datagrams, then writes what they
+    /// carried to the TUN; returns how many.
     async fn drain_network(&mut self) -> usize {
-        for handled in 0..BATCH {
+        let mut handled = 0;
+        while handled < BATCH {
             let next = self
                 .transports
                 .all
                 .iter_mut()
                 .find_map(|t| t.try_recv(&mut self.net_buf).transpose());
-            match next {
-                Some(received) => self.on_received(received).await,
-                None => return handled,
-            }
+            let Some(received) = next else { break };
+            self.on_received(received).await;
+            handled += 1;
         }
-        BATCH
+        write_tun_batch(&mut self.device, &mut self.tun_writes).await;
+        handled
     }
 
+    /// Decrypts what one receive call got into the TUN batch (written by
+    /// `write_tun_batch` once the batch is full or the sockets drained).
     async fn on_received(&mut self, received: io::Result<Received>) {
         let got = match received {
             Ok(got) => got,
@@ -716,11 +717,18 @@ impl<T: Tun> DataPath<T> {
         };
         let now = Instant::now();
         for datagram in got.datagrams(&self.net_buf) {
+            if self.tun_writes.is_full() {
+                write_tun_batch(&mut self.device, &mut self.tun_writes).await;
+            }
+            let Some(space) = self.tun_writes.space() else {
+                continue;
+            };
             if let FromNetwork::ToTun(packet) =
-                self.node
-                    .handle_datagram(&got.from, datagram, &mut self.out, now)
+                self.node.handle_datagram(&got.from, datagram, space, now)
             {
-                write_tun(&self.device, packet).await;
+                // The core decrypts to the start of `space`.
+                let len = packet.len();
+                self.tun_writes.commit(len);
             }
         }
         self.flush_transmits();
@@ -755,6 +763,15 @@ impl<T: Tun> DataPath<T> {
                 }
             }
         }
+    }
+}
+
+async fn write_tun_batch(tun: &mut impl Tun, writes: &mut TunWrites) {
+    if writes.is_empty() {
+        return;
+    }
+    if let Err(error) = tun.send_batch(writes).await {
+        tracing::debug!(%error, "TUN write failed");
     }
 }
 

@@ -6,6 +6,7 @@
 //! drop; the kernel removes the TUN (and any route through it) when the
 //! daemon's file descriptor closes, even after a crash.
 
+use std::io::IoSlice;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
@@ -33,6 +34,107 @@ pub fn mesh_prefix() -> Ipv6Net {
     Ipv6Net::new(Ipv6Addr::from(octets), MESH_PREFIX_LEN).expect("48 is a valid prefix")
 }
 
+/// Room before each packet in the batch buffers: the virtio-net header
+/// goes there on a device with offload.
+pub const TUN_HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+/// Packets one batched write or read holds at most.
+pub const TUN_BATCH: usize = 64;
+
+/// Packets from one read of the TUN: with offload, a TCP or UDP
+/// super-packet (up to 64 KB) cut into MTU-sized packets, checksums done.
+pub struct TunReads {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    count: usize,
+}
+
+impl TunReads {
+    /// For packets of up to `mtu` bytes.
+    pub fn new(mtu: usize) -> TunReads {
+        TunReads {
+            original: vec![0u8; TUN_HEADROOM + 65_535],
+            bufs: vec![vec![0u8; TUN_HEADROOM + mtu.max(1280)]; TUN_READ_BATCH],
+            sizes: vec![0; TUN_READ_BATCH],
+            count: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn packet(&self, i: usize) -> &[u8] {
+        &self.bufs[i][TUN_HEADROOM..TUN_HEADROOM + self.sizes[i]]
+    }
+}
+
+/// Packets on their way to the TUN, each after `TUN_HEADROOM` in a
+/// buffer of its own: the core decrypts straight into them, and a
+/// device with offload coalesces TCP segments of one flow into one write
+/// (GRO), which needs room for the whole super-packet in the first.
+pub struct TunWrites {
+    bufs: Vec<Vec<u8>>,
+    count: usize,
+}
+
+impl Default for TunWrites {
+    fn default() -> Self {
+        TunWrites::new()
+    }
+}
+
+impl TunWrites {
+    pub fn new() -> TunWrites {
+        TunWrites {
+            bufs: (0..TUN_BATCH)
+                .map(|_| vec![0u8; TUN_HEADROOM + crate::core::BUFFER_SIZE])
+                .collect(),
+            count: 0,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.bufs.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Where the next packet goes (`BUFFER_SIZE` bytes), unless full.
+    pub fn space(&mut self) -> Option<&mut [u8]> {
+        let buf = self.bufs.get_mut(self.count)?;
+        buf.resize(TUN_HEADROOM + crate::core::BUFFER_SIZE, 0);
+        Some(&mut buf[TUN_HEADROOM..])
+    }
+
+    /// The packet of `len` bytes at the start of `space` joins the batch.
+    pub fn commit(&mut self, len: usize) {
+        if let Some(buf) = self.bufs.get_mut(self.count) {
+            buf.truncate(TUN_HEADROOM + len);
+            self.count += 1;
+        }
+    }
+
+    /// The packets, each after `TUN_HEADROOM`.
+    fn packets(&mut self) -> &mut [Vec<u8>] {
+        &mut self.bufs[..self.count]
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
+    }
+}
+
 /// The virtual NIC as the event loop uses it: the kernel's TUN device
 /// ([`NetDevice`]), or a test's packets in memory, so the loop's logic is
 /// tested in-process without root.
@@ -49,6 +151,29 @@ pub trait Tun {
     /// Makes the routes through the device exactly `wanted` (less what
     /// the mesh /48 covers).
     fn sync_routes(&mut self, wanted: Vec<IpNet>) -> anyhow::Result<()>;
+
+    /// The packets of one read into `reads` (how many; `WouldBlock` when
+    /// none waits). Without offload, one packet.
+    fn try_recv_batch(&mut self, reads: &mut TunReads) -> std::io::Result<usize> {
+        reads.count = 0;
+        let n = self.try_recv(&mut reads.bufs[0][TUN_HEADROOM..])?;
+        reads.sizes[0] = n;
+        reads.count = 1;
+        Ok(1)
+    }
+
+    /// Hands the batch to the host and empties it. Without offload, one
+    /// write per packet.
+    async fn send_batch(&mut self, writes: &mut TunWrites) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for buf in writes.packets() {
+            if let Err(error) = self.send(&buf[TUN_HEADROOM..]).await {
+                result = Err(error);
+            }
+        }
+        writes.clear();
+        result
+    }
 }
 
 impl Tun for NetDevice {
@@ -64,43 +189,96 @@ impl Tun for NetDevice {
         self.tun.try_recv(buf)
     }
 
+    /// With offload every write starts with a virtio-net header: a zero
+    /// one says "one whole packet, checksum done".
     async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
+        if self.offload {
+            let header = [0u8; TUN_HEADROOM];
+            let parts = [IoSlice::new(&header), IoSlice::new(packet)];
+            return self.tun.send_vectored(&parts).await;
+        }
         self.tun.send(packet).await
     }
 
     fn sync_routes(&mut self, wanted: Vec<IpNet>) -> anyhow::Result<()> {
         NetDevice::sync_routes(self, wanted)
     }
+
+    fn try_recv_batch(&mut self, reads: &mut TunReads) -> std::io::Result<usize> {
+        reads.count = 0;
+        let n = self.tun.try_recv_multiple(
+            &mut reads.original,
+            &mut reads.bufs,
+            &mut reads.sizes,
+            TUN_HEADROOM,
+        )?;
+        reads.count = n;
+        Ok(n)
+    }
+
+    async fn send_batch(&mut self, writes: &mut TunWrites) -> std::io::Result<()> {
+        let result = self
+            .tun
+            .send_multiple(&mut self.gro, writes.packets(), TUN_HEADROOM)
+            .await
+            .map(drop);
+        writes.clear();
+        result
+    }
 }
+
+/// Packets one TUN read yields at most: a 64 KB super-packet of the
+/// smallest MSS.
+const TUN_READ_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 
 pub struct NetDevice {
     tun: AsyncDevice,
     name: String,
     routes: Vec<IpNet>,
+    /// Reads and writes carry a virtio-net header (TSO/GRO).
+    offload: bool,
+    gro: tun_rs::GROTable,
 }
 
 impl NetDevice {
     /// Creates the TUN (call `ensure_absent` first) with the mesh address (/48) and `addresses`, then a
     /// route for every net in `routes` the mesh prefix does not cover.
+    /// With `offload`, reads may be TCP/UDP super-packets and writes are
+    /// coalesced (virtio-net headers, TSO/GRO); a kernel that refuses gets
+    /// a plain device, said once in the log.
     pub fn create(
         name: &str,
         mtu: u16,
         mesh_address: Ipv6Addr,
         addresses: &[IpNet],
         routes: impl IntoIterator<Item = IpNet>,
+        offload: bool,
     ) -> anyhow::Result<NetDevice> {
-        let tun = DeviceBuilder::new()
-            .name(name)
-            .mtu(mtu)
-            .ipv6(mesh_address, MESH_PREFIX_LEN)
-            .build_async()
-            .with_context(|| {
-                format!("cannot create TUN device {name} (needs CAP_NET_ADMIN and /dev/net/tun)")
-            })?;
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .ipv6(mesh_address, MESH_PREFIX_LEN)
+                .offload(offload)
+                .build_async()
+        };
+        let built = match build(offload) {
+            Err(error) if offload => {
+                tracing::warn!(%error, "TUN offload refused: one packet per read and write");
+                build(false)
+            }
+            other => other,
+        };
+        let tun = built.with_context(|| {
+            format!("cannot create TUN device {name} (needs CAP_NET_ADMIN and /dev/net/tun)")
+        })?;
+        let offload = tun.tcp_gso();
         let mut device = NetDevice {
             tun,
             name: name.to_owned(),
             routes: Vec::new(),
+            offload,
+            gro: tun_rs::GROTable::new(),
         };
         quiet_ipv6_autoconfiguration(name);
         for net in addresses {
@@ -111,7 +289,7 @@ impl NetDevice {
             result.with_context(|| format!("cannot add address {net} to {name}"))?;
         }
         device.sync_routes(routes)?;
-        tracing::info!(interface = name, %mesh_address, mtu, "TUN device up");
+        tracing::info!(interface = name, %mesh_address, mtu, offload, "TUN device up");
         Ok(device)
     }
 

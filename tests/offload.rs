@@ -1,6 +1,7 @@
 //! The batched data path end to end: TCP over the mesh delivers exactly
 //! the bytes sent (count and SHA-256), both directions, with IPv4 and IPv6
-//! inside, with segmentation offload (UDP GSO/GRO) as the daemons find it;
+//! inside, with segmentation offload (TUN TSO/GRO, UDP GSO/GRO) as the
+//! daemons find it;
 //! iperf3 runs over each too. scripts/test.sh runs it again with
 //! VEILMESH_OFFLOAD=off in the environment, which the daemons inherit.
 //! Needs root.
