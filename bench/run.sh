@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Benchmark (not a test): iperf3 TCP throughput and ping RTT between two
-# network namespaces over
+# Benchmark (not a test): iperf3 TCP throughput (one stream, then -P 4)
+# and ping RTT between two network namespaces over
 #   1. the raw veth link,
 #   2. wireguard-go (Debian's userspace WireGuard),
-#   3. veilmesh,
-#   4. veilmesh over Tox (BENCH_TOX=0 skips),
+#   3. boringtun-cli 0.7.1 (installed with cargo on first use),
+#   4. relay: a TUN <-> UDP relay with no crypto, one packet per system
+#      call (examples/relay.rs): the per-packet floor,
+#   5. veilmesh,
+#   6. veilmesh over Tox (BENCH_TOX=0 skips),
 # all in the same run, printing Gbit/s, RTT and the ratios. Needs root.
 # BENCH_I2P=1 adds the I2P mode: a private network of i2pd routers (the
 # harness of tests/i2p.rs), veilmesh over I2P against veilmesh over direct
@@ -19,8 +22,10 @@ rounds=${BENCH_ROUNDS:-1}
 umask 077
 
 scripts/install-deps.sh
-cargo build --release --locked --quiet
+command -v boringtun-cli >/dev/null 2>&1 || cargo install boringtun-cli --version 0.7.1 --locked --quiet
+cargo build --release --locked --quiet --bin veilmesh --example relay
 bin=$PWD/target/release/veilmesh
+relay=$PWD/target/release/examples/relay
 
 A=vmbench-$$-a; B=vmbench-$$-b
 work=$(mktemp -d /tmp/veilmesh-bench.XXXXXX)
@@ -40,11 +45,12 @@ ip -n $B addr add 198.18.1.2/24 dev eth0; ip -n $B link set eth0 up
 in_a() { ip netns exec $A "$@"; }
 in_b() { ip netns exec $B "$@"; }
 
-# throughput DEST -> Gbit/s (receiver side), RTT DEST -> avg ms
+# throughput DEST [IPERF ARGS] -> Gbit/s (receiver side), RTT DEST -> avg ms
 throughput() {
-  ip netns exec $B iperf3 -s -1 -B "$1" >/dev/null 2>&1 & local server=$!
+  local dest=$1; shift
+  ip netns exec $B iperf3 -s -1 -B "$dest" >/dev/null 2>&1 & local server=$!
   sleep 0.3
-  in_a iperf3 -c "$1" -t "$seconds" -J > "$work/iperf.json"
+  in_a iperf3 -c "$dest" -t "$seconds" -J "$@" > "$work/iperf.json"
   wait $server || true
   python3 -c 'import json,sys; print("%.3f" % (json.load(open(sys.argv[1]))["end"]["sum_received"]["bits_per_second"]/1e9))' "$work/iperf.json"
 }
@@ -72,6 +78,23 @@ in_b wg set wgb0 private-key "$work/wgb.key" listen-port 51821 \
 ip -n $A addr add 198.19.0.1/24 dev wga0; ip -n $A link set wga0 mtu 1420 up
 ip -n $B addr add 198.19.0.2/24 dev wgb0; ip -n $B link set wgb0 mtu 1420 up
 
+# --- boringtun-cli -------------------------------------------------------
+wg genkey > "$work/bta.key"; wg genkey > "$work/btb.key"
+ip netns exec $A boringtun-cli -f --disable-drop-privileges bta0 >"$work/bta.log" 2>&1 & pids+=($!)
+ip netns exec $B boringtun-cli -f --disable-drop-privileges btb0 >"$work/btb.log" 2>&1 & pids+=($!)
+for _ in $(seq 50); do ip -n $A link show bta0 >/dev/null 2>&1 && ip -n $B link show btb0 >/dev/null 2>&1 && break; sleep 0.1; done
+in_a wg set bta0 private-key "$work/bta.key" listen-port 51824 \
+  peer "$(wg pubkey < "$work/btb.key")" allowed-ips 198.19.4.2/32 endpoint 198.18.1.2:51824
+in_b wg set btb0 private-key "$work/btb.key" listen-port 51824 \
+  peer "$(wg pubkey < "$work/bta.key")" allowed-ips 198.19.4.1/32 endpoint 198.18.1.1:51824
+ip -n $A addr add 198.19.4.1/24 dev bta0; ip -n $A link set bta0 mtu 1420 up
+ip -n $B addr add 198.19.4.2/24 dev btb0; ip -n $B link set btb0 mtu 1420 up
+
+# --- the no-crypto relay ----------------------------------------------------
+ip netns exec $A "$relay" rly0 198.19.3.1/24 51823 198.18.1.2:51823 & pids+=($!)
+ip netns exec $B "$relay" rly0 198.19.3.2/24 51823 198.18.1.1:51823 & pids+=($!)
+for _ in $(seq 50); do ip -n $A link show rly0 >/dev/null 2>&1 && ip -n $B link show rly0 >/dev/null 2>&1 && break; sleep 0.1; done
+
 # --- veilmesh -------------------------------------------------------------
 "$bin" genkey > "$work/a.key"; "$bin" genkey > "$work/b.key"
 for side in a b; do
@@ -98,7 +121,7 @@ for _ in $(seq 50); do "$bin" show --socket "$work/b.sock" >/dev/null 2>&1 && br
 # --- veilmesh over Tox (BENCH_TOX=0 skips) ---------------------------------
 # A second pair of daemons (veil1) that know each other only by Tox ID,
 # bootstrapped to a tox-bootstrapd running in B's namespace.
-paths="veth wireguard-go veilmesh"
+paths="veth wireguard-go boringtun relay veilmesh"
 declare -A tox_id
 if [ "${BENCH_TOX:-1}" = 1 ]; then
   cat > "$work/bsd.conf" <<CONF
@@ -149,43 +172,59 @@ CONF
   paths="$paths veilmesh-tox"
 fi
 
-# Warm up both tunnels (handshakes) before measuring.
-in_a ping -c 2 -i 0.2 -q 198.19.0.2 >/dev/null
-in_a ping -c 2 -i 0.2 -q 198.19.1.2 >/dev/null
+# Warm up the tunnels (handshakes) before measuring.
+for dst in 198.19.0.2 198.19.1.2 198.19.3.2 198.19.4.2; do
+  in_a ping -c 2 -i 0.2 -q $dst >/dev/null
+done
 
-declare -A tput rt rtm
+declare -A tput tput4 rt rtm
+dest_of() {
+  case $1 in
+    veth) echo 198.18.1.2 ;;
+    wireguard-go) echo 198.19.0.2 ;;
+    veilmesh) echo 198.19.1.2 ;;
+    veilmesh-tox) echo 198.19.2.2 ;;
+    relay) echo 198.19.3.2 ;;
+    boringtun) echo 198.19.4.2 ;;
+  esac
+}
 for r in $(seq "$rounds"); do
   for path in $paths; do
-    case $path in
-      veth) dst=198.18.1.2 ;;
-      wireguard-go) dst=198.19.0.2 ;;
-      veilmesh) dst=198.19.1.2 ;;
-      veilmesh-tox) dst=198.19.2.2 ;;
-    esac
+    dst=$(dest_of $path)
     g=$(throughput $dst); read -r t m <<< "$(rtt $dst)"
     tput[$path]="${tput[$path]:-} $g"; rt[$path]="${rt[$path]:-} $t"; rtm[$path]="${rtm[$path]:-} $m"
     echo "round $r: $path: $g Gbit/s, rtt avg $t ms, median $m ms" >&2
+    if [ "$path" != veilmesh-tox ]; then
+      g4=$(throughput $dst -P 4); tput4[$path]="${tput4[$path]:-} $g4"
+      echo "round $r: $path: $g4 Gbit/s with 4 streams" >&2
+    fi
   done
 done
 
 avg() { python3 -c 'import sys; v=[float(x) for x in sys.argv[1:]]; print("%.3f" % (sum(v)/len(v)))' $1; }
-veth_g=$(avg "${tput[veth]}"); wg_g=$(avg "${tput[wireguard-go]}"); vm_g=$(avg "${tput[veilmesh]}")
-veth_r=$(avg "${rt[veth]}"); wg_r=$(avg "${rt[wireguard-go]}"); vm_r=$(avg "${rt[veilmesh]}")
-veth_m=$(avg "${rtm[veth]}"); wg_m=$(avg "${rtm[wireguard-go]}"); vm_m=$(avg "${rtm[veilmesh]}")
 echo
-printf '%-14s %10s %14s %14s\n' path "Gbit/s" "rtt avg ms" "rtt median ms"
-printf '%-14s %10s %14s %14s\n' veth "$veth_g" "$veth_r" "$veth_m"
-printf '%-14s %10s %14s %14s\n' wireguard-go "$wg_g" "$wg_r" "$wg_m"
-printf '%-14s %10s %14s %14s\n' veilmesh "$vm_g" "$vm_r" "$vm_m"
-python3 - "$veth_g" "$wg_g" "$vm_g" "$veth_r" "$wg_r" "$vm_r" "$veth_m" "$wg_m" "$vm_m" <<'PY'
+printf '%-14s %10s %12s %14s %14s\n' path "Gbit/s" "-P 4 Gbit/s" "rtt avg ms" "rtt median ms"
+for path in veth wireguard-go boringtun relay veilmesh; do
+  printf '%-14s %10s %12s %14s %14s\n' $path "$(avg "${tput[$path]}")" "$(avg "${tput4[$path]}")" \
+    "$(avg "${rt[$path]}")" "$(avg "${rtm[$path]}")"
+done
+python3 - "$(avg "${tput[veilmesh]}")" "$(avg "${tput[wireguard-go]}")" "$(avg "${tput[boringtun]}")" \
+  "$(avg "${tput[relay]}")" "$(avg "${tput[veth]}")" "$(avg "${tput4[veilmesh]}")" "$(avg "${tput4[boringtun]}")" \
+  "$(avg "${rtm[veilmesh]}")" "$(avg "${rtm[boringtun]}")" "$(avg "${rtm[veth]}")" "$(avg "${rtm[relay]}")" <<'PY'
 import sys
-veth_g, wg_g, vm_g, veth_r, wg_r, vm_r, veth_m, wg_m, vm_m = map(float, sys.argv[1:])
+vm, wg, bt, relay, veth, vm4, bt4, vm_m, bt_m, veth_m, relay_m = map(float, sys.argv[1:])
+ratio = lambda a, b: "%.2f" % (a / b) if b > 0 else "n/a"
 print()
-print("throughput veilmesh / wireguard-go: %.2f" % (vm_g / wg_g))
-print("throughput veilmesh / veth:         %.2f" % (vm_g / veth_g))
-print("added rtt veilmesh - veth:          %.3f ms avg, %.3f ms median" % (vm_r - veth_r, vm_m - veth_m))
-print("added rtt wireguard-go - veth:      %.3f ms avg, %.3f ms median" % (wg_r - veth_r, wg_m - veth_m))
+print("throughput veilmesh / boringtun-cli:    %s" % ratio(vm, bt))
+print("throughput veilmesh / wireguard-go:     %s" % ratio(vm, wg))
+print("throughput veilmesh / no-crypto relay:  %s" % ratio(vm, relay))
+print("throughput veilmesh / veth:             %s" % ratio(vm, veth))
+print("-P 4: veilmesh / boringtun-cli:         %s" % ratio(vm4, bt4))
+print("median rtt veilmesh - boringtun-cli:    %+.3f ms" % (vm_m - bt_m))
+print("median rtt added over veth: veilmesh %.3f ms, boringtun-cli %.3f ms, relay %.3f ms"
+      % (vm_m - veth_m, bt_m - veth_m, relay_m - veth_m))
 PY
+vm_g=$(avg "${tput[veilmesh]}"); veth_r=$(avg "${rt[veth]}")
 if [ -n "${tput[veilmesh-tox]:-}" ]; then
   tx_g=$(avg "${tput[veilmesh-tox]}"); tx_r=$(avg "${rt[veilmesh-tox]}"); tx_m=$(avg "${rtm[veilmesh-tox]}")
   printf '%-14s %10s %14s %14s\n' veilmesh-tox "$tx_g" "$tx_r" "$tx_m"
