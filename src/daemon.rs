@@ -16,10 +16,10 @@ use veilmesh_tox::ToxTransport;
 use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
 use veilmesh_udp::{UdpConfig, UdpTransport};
 
-use crate::batch::{Run, TxBatch};
 use crate::config::{Config, DEFAULT_STATE_DIR};
 use crate::control::{self, DaemonStatus, Request, Response};
-use crate::core::{Event, FromNetwork, FromTun, Node, ReconfigureReport, BUFFER_SIZE};
+use crate::core::batch::{Run, TunBatchOutput, TunSink, TxBatch};
+use crate::core::{Event, Node, ReconfigureReport, BUFFER_SIZE};
 use crate::hosts::HostsFile;
 use crate::netdev::{NetDevice, Tun, TunReads, TunWrites};
 use crate::notify::Notifier;
@@ -634,10 +634,10 @@ impl<T: Tun> DataPath<T> {
         }
     }
 
-    /// Reads and handles up to `BATCH` packets from the TUN; returns how
-    /// many. Their sealed datagrams gather in runs per path (`batch`),
-    /// each sent in one call when the next packet goes elsewhere, the run
-    /// is full, or the TUN is drained.
+    /// Handles up to `BATCH` reads of the TUN (with offload, each may be a
+    /// super-packet cut into many); returns how many. Their sealed
+    /// datagrams gather in runs per path, each sent in one call (see the
+    /// core's `batch`).
     async fn drain_tun(&mut self) -> anyhow::Result<usize> {
         let now = Instant::now();
         let mut handled = 0;
@@ -648,42 +648,22 @@ impl<T: Tun> DataPath<T> {
                 Err(e) => return Err(e).context("reading from the TUN device"),
             }
             handled += 1;
-            for i in 0..self.tun_reads.len() {
-                if !self.tx.has_room() {
-                    self.send_open_run();
-                }
-                let transports = &self.transports;
-                match self.node.handle_tun_packet(
-                    self.tun_reads.packet(i),
-                    |to| transports.limits(to),
-                    self.tx.space(),
-                    now,
-                ) {
-                    FromTun::Send { to, datagram } => {
-                        let len = datagram.len();
-                        if !self.tx.joins(&to, len) {
-                            self.send_open_run();
-                        }
-                        self.tx.add(&to, len);
-                    }
-                    FromTun::Reply(packet) => write_tun(&self.device, packet).await,
-                    FromTun::Done(_) => {}
-                }
-                self.flush_transmits();
-            }
+            let mut output = TxOutput {
+                transports: &mut self.transports,
+                replies: &mut self.tun_writes,
+            };
+            let packets = (0..self.tun_reads.len()).map(|i| self.tun_reads.packet(i));
+            self.node
+                .handle_tun_batch(packets, &mut self.tx, &mut output, now);
+            self.flush_transmits();
         }
-        self.send_open_run();
+        let mut output = TxOutput {
+            transports: &mut self.transports,
+            replies: &mut self.tun_writes,
+        };
+        self.node.flush_tun_batch(&mut self.tx, &mut output);
+        write_tun_batch(&mut self.device, &mut self.tun_writes).await;
         Ok(handled)
-    }
-
-    fn send_open_run(&mut self) {
-        let Some(run) = self.tx.take() else { return };
-        if let Err(error) = self.transports.send_run(&run) {
-            for _ in 0..run.count {
-                self.node.record_send_error();
-            }
-            tracing::trace!(to = %run.to, %error, "send failed");
-        }
     }
 
     /// Handles up to `BATCH` waiting datagrams, then writes what they
@@ -704,8 +684,8 @@ impl<T: Tun> DataPath<T> {
         handled
     }
 
-    /// Decrypts what one receive call got into the TUN batch (written by
-    /// `write_tun_batch` once the batch is full or the sockets drained).
+    /// Decrypts what one receive call got into the TUN batch (written
+    /// once it is full, and when the sockets are drained).
     async fn on_received(&mut self, received: io::Result<Received>) {
         let got = match received {
             Ok(got) => got,
@@ -716,20 +696,12 @@ impl<T: Tun> DataPath<T> {
             }
         };
         let now = Instant::now();
-        for datagram in got.datagrams(&self.net_buf) {
-            if self.tun_writes.is_full() {
-                write_tun_batch(&mut self.device, &mut self.tun_writes).await;
-            }
-            let Some(space) = self.tun_writes.space() else {
-                continue;
-            };
-            if let FromNetwork::ToTun(packet) =
-                self.node.handle_datagram(&got.from, datagram, space, now)
-            {
-                // The core decrypts to the start of `space`.
-                let len = packet.len();
-                self.tun_writes.commit(len);
-            }
+        let mut datagrams = got.datagrams(&self.net_buf);
+        while !self
+            .node
+            .handle_datagram_batch(&got.from, &mut datagrams, &mut self.tun_writes, now)
+        {
+            write_tun_batch(&mut self.device, &mut self.tun_writes).await;
         }
         self.flush_transmits();
     }
@@ -766,18 +738,44 @@ impl<T: Tun> DataPath<T> {
     }
 }
 
+/// The transports as the core's TUN batches see them; ICMP errors it
+/// makes join the TUN writes.
+struct TxOutput<'a> {
+    transports: &'a mut Transports,
+    replies: &'a mut TunWrites,
+}
+
+impl TunBatchOutput for TxOutput<'_> {
+    fn limits(&self, to: &PeerAddr) -> DatagramLimits {
+        self.transports.limits(to)
+    }
+
+    fn send(&mut self, run: Run<'_>) -> bool {
+        match self.transports.send_run(&run) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::trace!(to = %run.to, %error, "send failed");
+                false
+            }
+        }
+    }
+
+    fn reply(&mut self, packet: &[u8]) {
+        // Only when 64 packets wait already; an ICMP error may be lost.
+        let Some(space) = self.replies.space() else {
+            return;
+        };
+        space[..packet.len()].copy_from_slice(packet);
+        self.replies.commit(packet.len());
+    }
+}
+
 async fn write_tun_batch(tun: &mut impl Tun, writes: &mut TunWrites) {
     if writes.is_empty() {
         return;
     }
     if let Err(error) = tun.send_batch(writes).await {
         tracing::debug!(%error, "TUN write failed");
-    }
-}
-
-async fn write_tun(tun: &impl Tun, packet: &[u8]) {
-    if let Err(error) = tun.send(packet).await {
-        tracing::debug!(%error, len = packet.len(), "TUN write failed");
     }
 }
 

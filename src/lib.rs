@@ -1,7 +1,6 @@
 //! veilmesh: a mesh VPN daemon. The binary in `main.rs` is a thin CLI over
 //! these modules; the integration tests and benchmarks use them too.
 
-mod batch;
 pub mod config;
 pub mod control;
 /// The sans-IO core, its own crate (`crates/core`): no runtime, no sockets.

@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use ipnet::{IpNet, Ipv6Net};
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+pub use crate::core::batch::TunSink;
+
 use crate::identity::{MESH_PREFIX, MESH_PREFIX_LEN};
 
 /// Fails if a network interface of that name exists in this namespace.
@@ -110,21 +112,6 @@ impl TunWrites {
         self.count == 0
     }
 
-    /// Where the next packet goes (`BUFFER_SIZE` bytes), unless full.
-    pub fn space(&mut self) -> Option<&mut [u8]> {
-        let buf = self.bufs.get_mut(self.count)?;
-        buf.resize(TUN_HEADROOM + crate::core::BUFFER_SIZE, 0);
-        Some(&mut buf[TUN_HEADROOM..])
-    }
-
-    /// The packet of `len` bytes at the start of `space` joins the batch.
-    pub fn commit(&mut self, len: usize) {
-        if let Some(buf) = self.bufs.get_mut(self.count) {
-            buf.truncate(TUN_HEADROOM + len);
-            self.count += 1;
-        }
-    }
-
     /// The packets, each after `TUN_HEADROOM`.
     fn packets(&mut self) -> &mut [Vec<u8>] {
         &mut self.bufs[..self.count]
@@ -132,6 +119,23 @@ impl TunWrites {
 
     fn clear(&mut self) {
         self.count = 0;
+    }
+}
+
+impl TunSink for TunWrites {
+    /// Where the next packet goes (`BUFFER_SIZE` bytes), unless full.
+    fn space(&mut self) -> Option<&mut [u8]> {
+        let buf = self.bufs.get_mut(self.count)?;
+        buf.resize(TUN_HEADROOM + crate::core::BUFFER_SIZE, 0);
+        Some(&mut buf[TUN_HEADROOM..])
+    }
+
+    /// The packet of `len` bytes at the start of `space` joins the batch.
+    fn commit(&mut self, len: usize) {
+        if let Some(buf) = self.bufs.get_mut(self.count) {
+            buf.truncate(TUN_HEADROOM + len);
+            self.count += 1;
+        }
     }
 }
 

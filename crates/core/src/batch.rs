@@ -1,12 +1,14 @@
-//! Sealed datagrams on their way out, gathered per path: the core seals
-//! each one straight into this buffer, and runs of equal-sized datagrams
-//! to one path leave in one `Transport::send_batch` (one `sendmsg` with
-//! UDP GSO), as the kernel wants them: back to back, the last may be
-//! shorter.
+//! Batches through the core. Out: sealed datagrams gathered per path in
+//! `TxBatch`: the core seals each TUN packet straight into its buffer, and
+//! runs of equal-sized datagrams to one path leave in one
+//! `Transport::send_batch` (one `sendmsg` with UDP GSO), as the kernel
+//! wants them: back to back, the last may be shorter. In: a `TunSink`
+//! gives the core the place to decrypt each datagram of a receive call
+//! into (the daemon's batch of TUN writes).
 
 use veilmesh_transport::PeerAddr;
 
-use crate::core::BUFFER_SIZE;
+use crate::BUFFER_SIZE;
 
 /// Datagrams in one batch at most: what one UDP GSO send takes.
 pub const MAX_BATCH: usize = 64;
@@ -97,6 +99,28 @@ impl TxBatch {
             count,
         })
     }
+}
+
+/// Where a batch of TUN packets goes besides `TxBatch`: the transports
+/// (and the TUN, for ICMP errors).
+pub trait TunBatchOutput {
+    /// Size limits of datagrams to `to` (`Transport::limits`).
+    fn limits(&self, to: &PeerAddr) -> veilmesh_transport::DatagramLimits;
+    /// A run of sealed datagrams to one path is complete: send it now
+    /// (the buffer is reused after). False if it could not be sent.
+    fn send(&mut self, run: Run<'_>) -> bool;
+    /// A packet for the TUN: an ICMP error the core made.
+    fn reply(&mut self, packet: &[u8]);
+}
+
+/// Where a batch of received datagrams is decrypted to: one place per
+/// packet, each `BUFFER_SIZE` bytes long.
+pub trait TunSink {
+    /// The place for the next packet, the same one until `commit`; None
+    /// when the sink is full (write it out, then hand in the rest).
+    fn space(&mut self) -> Option<&mut [u8]>;
+    /// The packet of `len` bytes at the start of the last `space` is done.
+    fn commit(&mut self, len: usize);
 }
 
 #[cfg(test)]
