@@ -173,6 +173,7 @@ fn a_stream_of_packets_allocates_nothing_once_the_session_is_up() {
     let allocated = ALLOCATIONS.load(Ordering::Relaxed) - before;
 
     assert_eq!(tun.delivered, packets.len(), "every packet arrived");
+    println!("{} packets in {} runs", packets.len(), wire.runs.len());
     assert!(
         wire.runs.len() < packets.len() / 2,
         "{} runs",
