@@ -60,6 +60,39 @@ fn transfer(from: &Netns, to: &Netns, address: &str) -> ((usize, Vec<u8>), (usiz
     (sent, receiver.join().expect("receiver"))
 }
 
+/// The same over an IPv6-only underlay: GSO and GRO on an IPv6 socket
+/// path, no IPv4 address between the hosts at all.
+#[test]
+fn tcp_over_the_mesh_delivers_every_byte_over_an_ipv6_underlay() {
+    require_root();
+    reap_stale();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Netns::new("o6-a"), Netns::new("o6-b"));
+    veth(&a, "eth0", &b, "eth0");
+    a.ip(&["addr", "add", "fd00:198:18::1/64", "dev", "eth0", "nodad"]);
+    b.ip(&["addr", "add", "fd00:198:18::2/64", "dev", "eth0", "nodad"]);
+    let (fa, fb) = (
+        NodeFiles::new(dir.path(), "a"),
+        NodeFiles::new(dir.path(), "b"),
+    );
+    fa.write_config("", &fb.peer_block("b", Some("[fd00:198:18::2]:51820"), &[]));
+    fb.write_config("", &fa.peer_block("a", Some("[fd00:198:18::1]:51820"), &[]));
+    let da = Daemon::start(&a, &fa);
+    let _db = Daemon::start(&b, &fb);
+    let (a_mesh, b_mesh) = (fa.mesh().to_string(), fb.mesh().to_string());
+    let (_, got, out) = a.ping6(&b_mesh, 3);
+    assert!(got >= 2, "{out}");
+    assert_eq!(
+        da.peer("b").path.as_deref(),
+        Some("udp [fd00:198:18::2]:51820")
+    );
+    for (from, to, dest, label) in [(&a, &b, &b_mesh, "a -> b"), (&b, &a, &a_mesh, "b -> a")] {
+        let (sent, received) = transfer(from, to, dest);
+        assert_eq!(received, sent, "{label}: bytes and SHA-256");
+        println!("IPv6 underlay {label}: {} bytes, hashes equal", received.0);
+    }
+}
+
 #[test]
 fn tcp_over_the_mesh_delivers_every_byte_both_ways_over_ipv4_and_ipv6() {
     require_root();
