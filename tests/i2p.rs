@@ -488,6 +488,15 @@ impl Stranger {
     }
 
     fn ask(&mut self, command: &str, expected: &'static str) -> veilmesh_i2p::sam::Reply {
+        self.try_ask(command, expected)
+            .unwrap_or_else(|e| panic!("{}: {e}", command.split(' ').next().unwrap_or("")))
+    }
+
+    fn try_ask(
+        &mut self,
+        command: &str,
+        expected: &'static str,
+    ) -> Result<veilmesh_i2p::sam::Reply, veilmesh_i2p::sam::SamError> {
         use std::io::{BufRead, Write};
         self.control
             .get_mut()
@@ -495,15 +504,25 @@ impl Stranger {
             .unwrap();
         let mut line = String::new();
         self.control.read_line(&mut line).expect("SAM reply");
-        veilmesh_i2p::sam::Reply::parse(&line)
-            .and_then(|reply| reply.expect_ok(expected))
-            .unwrap_or_else(|e| panic!("{}: {e}", command.split(' ').next().unwrap_or("")))
+        veilmesh_i2p::sam::Reply::parse(&line).and_then(|reply| reply.expect_ok(expected))
     }
 
-    /// The full destination behind a `.b32.i2p` address.
+    /// The full destination behind a `.b32.i2p` address. The router finds
+    /// the LeaseSet through the floodfills, which may not have it yet
+    /// (i2pd answers INVALID_KEY): asked again for up to a minute.
     fn look_up(&mut self, address: &str) -> String {
-        let reply = self.ask(&veilmesh_i2p::sam::naming_lookup(address), "NAMING REPLY");
-        reply.require("VALUE").unwrap().to_owned()
+        let command = veilmesh_i2p::sam::naming_lookup(address);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_ask(&command, "NAMING REPLY") {
+                Ok(reply) => return reply.require("VALUE").unwrap().to_owned(),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("stranger: lookup of {address}: {e}; again in 2 s");
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(e) => panic!("stranger: lookup of {address}: {e}"),
+            }
+        }
     }
 
     fn send(&self, destination: &str, payload: &[u8]) {
