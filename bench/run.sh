@@ -229,6 +229,22 @@ if [ -n "${tput[veilmesh-tox]:-}" ]; then
   tx_g=$(avg "${tput[veilmesh-tox]}"); tx_r=$(avg "${rt[veilmesh-tox]}"); tx_m=$(avg "${rtm[veilmesh-tox]}")
   printf '%-14s %10s %14s %14s\n' veilmesh-tox "$tx_g" "$tx_r" "$tx_m"
   python3 -c 'import sys; g,u,r,v=map(float,sys.argv[1:]); print("throughput veilmesh tox / udp:      %.2f" % (g/u)); print("added rtt veilmesh tox - veth:      %.3f ms avg" % (r-v))' "$tx_g" "$vm_g" "$tx_r" "$veth_r"
+  # toxcore's own lossy ceiling in the same run: two Tox friends of a
+  # C probe (bench/tox_probe.c), one sending flat out, over the same
+  # bootstrap node and veth.
+  cc -O2 -o "$work/tox_probe" bench/tox_probe.c $(pkg-config --cflags --libs toxcore)
+  ip netns exec $B "$work/tox_probe" recv 198.18.1.2 33447 "$bsd_key" > "$work/probe.out" 2> "$work/probe.err" &
+  probe=$!; pids+=($probe)
+  for _ in $(seq 50); do [ -s "$work/probe.out" ] && break; sleep 0.1; done
+  in_a "$work/tox_probe" send 198.18.1.2 33447 "$bsd_key" "$(head -1 "$work/probe.out")" "$seconds" \
+    2>> "$work/probe.err" || true
+  wait $probe || true
+  ceiling=$(sed -n 2p "$work/probe.out")
+  if [ -n "$ceiling" ]; then
+    python3 -c 'import sys; g,c=map(float,sys.argv[1:]); print("toxcore lossy ceiling (tox_probe):  %.3f Gbit/s" % c); print("throughput veilmesh tox / ceiling:  %.2f" % (g/c))' "$tx_g" "$ceiling"
+  else
+    echo "tox_probe measured nothing:"; cat "$work/probe.err"
+  fi
 fi
 
 # --- veilmesh over I2P (BENCH_I2P=1) ----------------------------------------

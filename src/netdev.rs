@@ -436,7 +436,11 @@ mod tests {
         space[..3].copy_from_slice(b"abc");
         writes.commit(3);
         let space = writes.space().unwrap();
-        assert_eq!(space.len(), crate::core::BUFFER_SIZE, "the next slot is whole");
+        assert_eq!(
+            space.len(),
+            crate::core::BUFFER_SIZE,
+            "the next slot is whole"
+        );
         space[0] = b'x';
         writes.commit(1);
         let packets = writes.packets();
@@ -456,7 +460,11 @@ mod tests {
         buf.buf_resize(2, 0);
         assert_eq!(buf.as_ref(), b"ab");
         buf.buf_extend_from_slice(b"0123456789");
-        assert_eq!(buf.as_ref(), b"ab0123456789", "beyond the capacity it grows");
+        assert_eq!(
+            buf.as_ref(),
+            b"ab0123456789",
+            "beyond the capacity it grows"
+        );
         assert_eq!(buf.buf_capacity(), 12);
     }
 }

@@ -1209,17 +1209,6 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / 100.0
 }
 
-/// Median RTT in ms of ping's reply lines.
-fn rtt_median_ms(ping_output: &str) -> f64 {
-    let mut rtts: Vec<f64> = ping_output
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
-        .collect();
-    rtts.sort_by(f64::total_cmp);
-    rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// Average RTT in ms from ping's summary line.
 fn rtt_avg_ms(ping_output: &str) -> f64 {
     ping_output

@@ -126,6 +126,17 @@ impl Netns {
     }
 }
 
+/// Median RTT in ms of ping's reply lines.
+pub fn rtt_median_ms(ping_output: &str) -> f64 {
+    let mut rtts: Vec<f64> = ping_output
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    rtts.sort_by(f64::total_cmp);
+    rtts.get(rtts.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// (transmitted, received, full output) of a finished ping.
 pub fn ping_result(out: Output) -> (u32, u32, String) {
     {

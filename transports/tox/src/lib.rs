@@ -2,12 +2,13 @@
 //! packets between Tox friends, found through the Tox DHT and onion, over
 //! direct UDP or TCP relays.
 //!
-//! c-toxcore has no file descriptor to poll, and a `Tox` instance must not
-//! be used from two threads: one dedicated thread owns it, calls
-//! `tox_iterate` (at least every millisecond while traffic flows), and talks
-//! to the event loop through bounded channels.
+//! A `Tox` instance must not be used from two threads: one dedicated thread
+//! owns it, calls `tox_iterate` as soon as a packet reaches toxcore's UDP
+//! socket (see `wake`) and when toxcore asks, and talks to the event loop
+//! through bounded channels.
 
 mod ffi;
+mod wake;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -16,7 +17,7 @@ use std::io;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self as std_mpsc, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -52,7 +53,9 @@ pub const PACKET_ID: u8 = 211;
 pub const MAX_DATAGRAM: usize = ffi::MAX_CUSTOM_PACKET_SIZE - 1;
 /// Packets waiting in either direction before the sender sees backpressure.
 const QUEUE: usize = 1024;
-/// `tox_iterate` period while packets flow; toxcore loses packets otherwise.
+/// `tox_iterate` period while packets flow and the thread cannot wait on
+/// where they arrive (a TCP-relayed friend, or toxcore's UDP socket not
+/// found): it sees them only when it iterates.
 const BUSY_ITERATION: Duration = Duration::from_millis(1);
 /// How long traffic keeps the loop in its busy period.
 const BUSY_FOR: Duration = Duration::from_secs(1);
@@ -200,6 +203,8 @@ pub enum ToxError {
     New(c_int),
     #[error("the Tox thread stopped during start-up")]
     ThreadDied,
+    #[error("cannot create the Tox thread's eventfd: {0}")]
+    EventFd(io::Error),
 }
 
 /// Friend connection state, as `veilmesh show` prints it.
@@ -285,6 +290,8 @@ pub struct ToxTransport {
     commands: SyncSender<([u8; 32], Vec<u8>)>,
     inbound: tokio_mpsc::Receiver<([u8; 32], Vec<u8>)>,
     shared: Arc<Mutex<Shared>>,
+    /// Wakes the Tox thread when datagrams wait for it.
+    bell: Arc<wake::Bell>,
     info: ToxInfo,
     thread: Option<JoinHandle<()>>,
 }
@@ -299,19 +306,20 @@ impl ToxTransport {
         let (inbound_tx, inbound) = tokio_mpsc::channel(QUEUE);
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (ready_tx, ready_rx) = std_mpsc::channel();
+        let bell = Arc::new(wake::Bell::new().map_err(ToxError::EventFd)?);
+        let thread_bell = bell.clone();
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("tox".into())
             .spawn(move || {
-                run_tox(
-                    config,
-                    friends,
-                    state,
-                    command_rx,
-                    inbound_tx,
-                    thread_shared,
-                    ready_tx,
-                )
+                let links = ThreadLinks {
+                    commands: command_rx,
+                    bell: thread_bell,
+                    inbound: inbound_tx,
+                    shared: thread_shared,
+                    ready: ready_tx,
+                };
+                run_tox(config, friends, state, links)
             })
             .map_err(|_| ToxError::ThreadDied)?;
         let info = ready_rx.recv().map_err(|_| ToxError::ThreadDied)??;
@@ -320,6 +328,7 @@ impl ToxTransport {
             commands,
             inbound,
             shared,
+            bell,
             info,
             thread: Some(thread),
         })
@@ -352,6 +361,7 @@ impl Drop for ToxTransport {
         // Closing the command channel tells the thread to save and stop.
         let (closed, _) = std_mpsc::sync_channel(0);
         self.commands = closed;
+        self.bell.ring();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -382,7 +392,10 @@ impl Transport for ToxTransport {
             });
         }
         match self.commands.try_send((pk.0, datagram.to_vec())) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.bell.ring();
+                Ok(())
+            }
             Err(TrySendError::Full(_)) => Err(SendError::Backpressure),
             Err(TrySendError::Disconnected(_)) => Err(SendError::NotReady("tox thread stopped")),
         }
@@ -432,6 +445,7 @@ impl Transport for ToxTransport {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .new_friends = Some(friends_of(contacts));
+        self.bell.ring();
     }
 
     fn describe(&self) -> String {
@@ -601,16 +615,24 @@ unsafe extern "C" fn on_lossy_packet(
     }
 }
 
-/// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
-fn run_tox(
-    config: ToxConfig,
-    friends: Vec<ToxId>,
-    state: Option<Vec<u8>>,
+/// The Tox thread's ends of what ties it to the transport.
+struct ThreadLinks {
     commands: std_mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    bell: Arc<wake::Bell>,
     inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
     shared: Arc<Mutex<Shared>>,
     ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
-) {
+}
+
+/// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
+fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links: ThreadLinks) {
+    let ThreadLinks {
+        commands,
+        bell,
+        inbound,
+        shared,
+        ready,
+    } = links;
     let tox = match new_tox(&config, state.as_deref()) {
         Ok(tox) => tox,
         Err(e) => {
@@ -634,7 +656,18 @@ fn run_tox(
         ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
     }
     connect(tox, &config, &friends, &mut ctx);
-    let _ = ready.send(Ok(self_info(tox)));
+    let info = self_info(tox);
+    let udp_socket = info.udp_port.and_then(wake::find_udp_socket);
+    match (info.udp_port, udp_socket) {
+        (Some(port), None) => tracing::warn!(
+            port,
+            "toxcore's UDP socket not found: packets are seen every {} ms while they flow",
+            BUSY_ITERATION.as_millis()
+        ),
+        (Some(port), Some(_)) => tracing::debug!(port, "waiting on toxcore's UDP socket"),
+        (None, _) => {}
+    }
+    let _ = ready.send(Ok(info));
 
     let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
     let mut pacers: HashMap<[u8; 32], Pacer> = HashMap::new();
@@ -655,39 +688,70 @@ fn run_tox(
             ctx.state_changed = false;
         }
         let busy = ctx.last_traffic.elapsed() < BUSY_FOR;
+        // Packets from a TCP-relayed friend arrive on connections the
+        // thread does not wait on: while traffic flows, it iterates often.
+        let polling = busy
+            && (udp_socket.is_none()
+                || ctx
+                    .shared()
+                    .friends
+                    .values()
+                    .any(|s| *s == FriendState::Tcp));
         // SAFETY: as above.
         let interval =
             Duration::from_millis(u64::from(unsafe { ffi::tox_iteration_interval(tox) }));
-        let wait = if busy {
+        let wait = if polling {
             interval.min(BUSY_ITERATION)
         } else {
             interval
         };
         let deadline = Instant::now() + wait;
-        // Send what is queued until the next iteration is due.
+        // Send what is queued; sleep until a packet arrives (iterate at
+        // once), the event loop queues more, or the next iteration is due.
+        let mut next = None;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match commands.recv_timeout(left) {
-                Ok((pk, datagram)) => {
-                    let now = Instant::now();
-                    ctx.last_traffic = now;
-                    let relayed = ctx.shared().friends.get(&pk) == Some(&FriendState::Tcp);
-                    let pacer = pacers.entry(pk).or_insert_with(|| Pacer::new(now));
-                    if pacer.admit(now, relayed) {
-                        let ok = send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
-                        pacer.sent(ok, now);
-                    } else {
-                        ctx.shared().counters.paced_drops += 1;
+            loop {
+                let command = match next.take() {
+                    Some(command) => Ok(command),
+                    None => commands.try_recv(),
+                };
+                match command {
+                    Ok((pk, datagram)) => {
+                        let now = Instant::now();
+                        ctx.last_traffic = now;
+                        let relayed = ctx.shared().friends.get(&pk) == Some(&FriendState::Tcp);
+                        let pacer = pacers.entry(pk).or_insert_with(|| Pacer::new(now));
+                        if pacer.admit(now, relayed) {
+                            let ok = send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
+                            pacer.sent(ok, now);
+                        } else {
+                            ctx.shared().counters.paced_drops += 1;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        save(tox, &config.state_file);
+                        // SAFETY: last use of `tox`.
+                        unsafe { ffi::tox_kill(tox) };
+                        tracing::info!("tox transport stopped");
+                        return;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    save(tox, &config.state_file);
-                    // SAFETY: last use of `tox`.
-                    unsafe { ffi::tox_kill(tox) };
-                    tracing::info!("tox transport stopped");
-                    return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let woken = bell.sleep(udp_socket, left, || match commands.try_recv() {
+                Ok(command) => {
+                    next = Some(command);
+                    true
                 }
+                Err(TryRecvError::Empty) => false,
+                Err(TryRecvError::Disconnected) => true,
+            });
+            if woken == wake::Woken::Packet {
+                break;
             }
         }
     }
