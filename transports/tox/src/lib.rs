@@ -17,6 +17,7 @@ use std::io;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self as std_mpsc, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -51,8 +52,15 @@ pub const PACKET_ID: u8 = 211;
 /// Largest Noise datagram a Tox packet carries: the custom packet limit
 /// minus the id byte.
 pub const MAX_DATAGRAM: usize = ffi::MAX_CUSTOM_PACKET_SIZE - 1;
-/// Packets waiting in either direction before the sender sees backpressure.
+/// Datagrams waiting for the Tox thread before the sender sees backpressure.
 const QUEUE: usize = 1024;
+/// Received packets go to the event loop in batches (one wake-up per
+/// `tox_iterate`, not per packet) of at most this many; `QUEUE` packets
+/// wait at most, however they are batched.
+const MAX_BATCH: usize = 64;
+
+/// A Tox friend's key and one datagram.
+type Packet = ([u8; 32], Vec<u8>);
 /// `tox_iterate` period while packets flow and the thread cannot wait on
 /// where they arrive (a TCP-relayed friend, or toxcore's UDP socket not
 /// found): it sees them only when it iterates.
@@ -288,7 +296,11 @@ struct Shared {
 
 pub struct ToxTransport {
     commands: SyncSender<([u8; 32], Vec<u8>)>,
-    inbound: tokio_mpsc::Receiver<([u8; 32], Vec<u8>)>,
+    inbound: tokio_mpsc::UnboundedReceiver<Vec<Packet>>,
+    /// The rest of the batch being delivered.
+    pending: std::vec::IntoIter<Packet>,
+    /// Received packets not yet delivered (bounded by `QUEUE`).
+    inbound_queued: Arc<AtomicUsize>,
     shared: Arc<Mutex<Shared>>,
     /// Wakes the Tox thread when datagrams wait for it.
     bell: Arc<wake::Bell>,
@@ -303,7 +315,9 @@ impl ToxTransport {
         let friends = friends_of(contacts);
         let state = read_state(&config.state_file)?;
         let (commands, command_rx) = std_mpsc::sync_channel(QUEUE);
-        let (inbound_tx, inbound) = tokio_mpsc::channel(QUEUE);
+        let (inbound_tx, inbound) = tokio_mpsc::unbounded_channel();
+        let inbound_queued = Arc::new(AtomicUsize::new(0));
+        let thread_queued = inbound_queued.clone();
         let shared = Arc::new(Mutex::new(Shared::default()));
         let (ready_tx, ready_rx) = std_mpsc::channel();
         let bell = Arc::new(wake::Bell::new().map_err(ToxError::EventFd)?);
@@ -316,6 +330,7 @@ impl ToxTransport {
                     commands: command_rx,
                     bell: thread_bell,
                     inbound: inbound_tx,
+                    inbound_queued: thread_queued,
                     shared: thread_shared,
                     ready: ready_tx,
                 };
@@ -327,6 +342,8 @@ impl ToxTransport {
         Ok(ToxTransport {
             commands,
             inbound,
+            pending: Vec::new().into_iter(),
+            inbound_queued,
             shared,
             bell,
             info,
@@ -403,14 +420,16 @@ impl Transport for ToxTransport {
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
         for _ in 0..MAX_DISCARDS_PER_CALL {
-            match self.inbound.poll_recv(cx) {
-                Poll::Ready(Some((pk, data))) => {
-                    if let Some(received) = self.deliver(pk, &data, buf) {
-                        return Poll::Ready(Ok(received));
-                    }
+            let Some((pk, data)) = self.pending.next() else {
+                match self.inbound.poll_recv(cx) {
+                    Poll::Ready(Some(batch)) => self.pending = batch.into_iter(),
+                    // The thread is gone (logged there); nothing will come.
+                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
                 }
-                // The thread is gone (logged there); nothing will come.
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+                continue;
+            };
+            if let Some(received) = self.deliver(pk, &data, buf) {
+                return Poll::Ready(Ok(received));
             }
         }
         cx.waker().wake_by_ref();
@@ -419,8 +438,12 @@ impl Transport for ToxTransport {
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         for _ in 0..MAX_DISCARDS_PER_CALL {
-            let Ok((pk, data)) = self.inbound.try_recv() else {
-                break;
+            let Some((pk, data)) = self.pending.next() else {
+                match self.inbound.try_recv() {
+                    Ok(batch) => self.pending = batch.into_iter(),
+                    Err(_) => break,
+                }
+                continue;
             };
             if let Some(received) = self.deliver(pk, &data, buf) {
                 return Ok(Some(received));
@@ -457,7 +480,8 @@ impl Transport for ToxTransport {
             .count();
         format!(
             "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored, \
-             {} friends deleted, {} packets from unallowed friends, {} send errors, {} paced drops",
+             {} friends deleted, {} packets from unallowed friends, {} send errors, {} paced drops, \
+             {} received dropped (event loop behind)",
             self.info.id,
             self.info.udp_port.map_or("-".into(), |p| p.to_string()),
             shared.friends.len(),
@@ -465,7 +489,8 @@ impl Transport for ToxTransport {
             shared.counters.friends_deleted,
             shared.counters.unallowed_packets,
             shared.counters.send_errors,
-            shared.counters.paced_drops
+            shared.counters.paced_drops,
+            shared.counters.inbound_dropped
         )
     }
 }
@@ -474,6 +499,7 @@ impl ToxTransport {
     /// A received packet into `buf`, unless its friend is no longer
     /// allowed (deleted while the packet waited in the channel).
     fn deliver(&self, pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
+        self.inbound_queued.fetch_sub(1, Ordering::Relaxed);
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             if !shared.allowed.contains(&pk) {
@@ -513,7 +539,14 @@ fn read_state(path: &Path) -> Result<Option<Vec<u8>>, ToxError> {
 /// What the toxcore callbacks reach through `user_data`.
 struct CallbackContext {
     allowed: HashSet<[u8; 32]>,
-    inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
+    /// Friends connected through a TCP relay (paced), as the connection
+    /// callbacks said: checked per packet without the shared lock.
+    relayed: HashSet<[u8; 32]>,
+    /// What this `tox_iterate` received, for the event loop.
+    received: Vec<Packet>,
+    inbound: tokio_mpsc::UnboundedSender<Vec<Packet>>,
+    /// Received packets the event loop has not taken yet.
+    inbound_queued: Arc<AtomicUsize>,
     shared: Arc<Mutex<Shared>>,
     state_changed: bool,
     last_traffic: Instant,
@@ -522,6 +555,25 @@ struct CallbackContext {
 impl CallbackContext {
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands what was received to the event loop in one message.
+    fn flush_received(&mut self) {
+        if self.received.is_empty() {
+            return;
+        }
+        let count = self.received.len();
+        if self.inbound_queued.load(Ordering::Relaxed) + count > QUEUE {
+            self.received.clear();
+            self.shared().counters.inbound_dropped += count as u64;
+            return;
+        }
+        let batch = std::mem::replace(&mut self.received, Vec::with_capacity(MAX_BATCH));
+        self.inbound_queued.fetch_add(count, Ordering::Relaxed);
+        if self.inbound.send(batch).is_err() {
+            // The transport is gone; the thread stops at its next command.
+            self.inbound_queued.fetch_sub(count, Ordering::Relaxed);
+        }
     }
 
     /// Makes `friends` the allowed keys, here and for the event loop.
@@ -579,6 +631,11 @@ unsafe extern "C" fn on_friend_connection(
     if let Some(pk) = friend_key(tox, friend) {
         let state = FriendState::from_ffi(status);
         tracing::info!(friend = %hex(&pk[..4]), %state, "tox friend connection");
+        if state == FriendState::Tcp {
+            ctx.relayed.insert(pk);
+        } else {
+            ctx.relayed.remove(&pk);
+        }
         ctx.shared().friends.insert(pk, state);
     }
 }
@@ -610,8 +667,9 @@ unsafe extern "C" fn on_lossy_packet(
         return;
     }
     ctx.last_traffic = Instant::now();
-    if ctx.inbound.try_send((pk, datagram.to_vec())).is_err() {
-        ctx.shared().counters.inbound_dropped += 1;
+    ctx.received.push((pk, datagram.to_vec()));
+    if ctx.received.len() >= MAX_BATCH {
+        ctx.flush_received();
     }
 }
 
@@ -619,9 +677,42 @@ unsafe extern "C" fn on_lossy_packet(
 struct ThreadLinks {
     commands: std_mpsc::Receiver<([u8; 32], Vec<u8>)>,
     bell: Arc<wake::Bell>,
-    inbound: tokio_mpsc::Sender<([u8; 32], Vec<u8>)>,
+    inbound: tokio_mpsc::UnboundedSender<Vec<Packet>>,
+    inbound_queued: Arc<AtomicUsize>,
     shared: Arc<Mutex<Shared>>,
     ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
+}
+
+/// toxcore 0.2 allocates, mlocks, munlocks and frees two scratch buffers
+/// for every packet it encrypts or decrypts (`crypto_malloc` in
+/// crypto_core.c): where memory locking is allowed, that is four
+/// VMA-splitting system calls per packet, 42 % of the Tox thread's time at
+/// full speed (perf), and toxcore's own lossy ceiling here doubles (0.52 ->
+/// 1.0 Gbit/s, bench/tox_probe.c) without them. What those buffers hold are
+/// veilmesh datagrams, already Noise-encrypted end to end: locking them
+/// protects nothing. So the Tox thread gives up CAP_IPC_LOCK (its own
+/// effective set; a daemon that dropped to its user has none) and the
+/// process's soft RLIMIT_MEMLOCK becomes 0 (the daemon locks no memory):
+/// toxcore's mlock fails at once, which it ignores.
+fn forgo_memory_locking() {
+    use caps::{CapSet, Capability};
+    if let Err(error) = caps::drop(None, CapSet::Effective, Capability::CAP_IPC_LOCK) {
+        tracing::debug!(%error, "cannot drop CAP_IPC_LOCK on the Tox thread");
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one live rlimit struct.
+    let set = unsafe {
+        libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) == 0 && {
+            limit.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) == 0
+        }
+    };
+    if !set {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower RLIMIT_MEMLOCK");
+    }
 }
 
 /// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
@@ -630,9 +721,11 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         commands,
         bell,
         inbound,
+        inbound_queued,
         shared,
         ready,
     } = links;
+    forgo_memory_locking();
     let tox = match new_tox(&config, state.as_deref()) {
         Ok(tox) => tox,
         Err(e) => {
@@ -642,7 +735,10 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
     };
     let mut ctx = CallbackContext {
         allowed: HashSet::new(),
+        relayed: HashSet::new(),
+        received: Vec::with_capacity(MAX_BATCH),
         inbound,
+        inbound_queued,
         shared,
         state_changed: true,
         last_traffic: Instant::now() - BUSY_FOR,
@@ -683,6 +779,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         }
         // SAFETY: as above; ctx outlives the call.
         unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
+        ctx.flush_received();
         if ctx.state_changed {
             save(tox, &config.state_file);
             ctx.state_changed = false;
@@ -690,13 +787,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         let busy = ctx.last_traffic.elapsed() < BUSY_FOR;
         // Packets from a TCP-relayed friend arrive on connections the
         // thread does not wait on: while traffic flows, it iterates often.
-        let polling = busy
-            && (udp_socket.is_none()
-                || ctx
-                    .shared()
-                    .friends
-                    .values()
-                    .any(|s| *s == FriendState::Tcp));
+        let polling = busy && (udp_socket.is_none() || !ctx.relayed.is_empty());
         // SAFETY: as above.
         let interval =
             Duration::from_millis(u64::from(unsafe { ffi::tox_iteration_interval(tox) }));
@@ -719,7 +810,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
                     Ok((pk, datagram)) => {
                         let now = Instant::now();
                         ctx.last_traffic = now;
-                        let relayed = ctx.shared().friends.get(&pk) == Some(&FriendState::Tcp);
+                        let relayed = ctx.relayed.contains(&pk);
                         let pacer = pacers.entry(pk).or_insert_with(|| Pacer::new(now));
                         if pacer.admit(now, relayed) {
                             let ok = send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
@@ -837,6 +928,7 @@ fn delete_unallowed_friends(tox: *mut ffi::Tox, ctx: &mut CallbackContext) {
         if unsafe { ffi::tox_friend_delete(tox, number, &mut err) } {
             tracing::info!(friend = %hex(&pk[..4]), "deleted a Tox friend that is not a peer allowed Tox");
             {
+                ctx.relayed.remove(&pk);
                 let mut shared = ctx.shared();
                 shared.friends.remove(&pk);
                 shared.counters.friends_deleted += 1;
@@ -954,9 +1046,14 @@ fn send_packet(
             n
         }
     };
-    let mut packet = Vec::with_capacity(datagram.len() + 1);
-    packet.push(PACKET_ID);
-    packet.extend_from_slice(datagram);
+    // `send` checked the size; a longer one would be refused by toxcore.
+    let mut buf = [0u8; ffi::MAX_CUSTOM_PACKET_SIZE];
+    let Some(packet) = buf.get_mut(..datagram.len() + 1) else {
+        ctx.shared().counters.send_errors += 1;
+        return false;
+    };
+    packet[0] = PACKET_ID;
+    packet[1..].copy_from_slice(datagram);
     let mut err = 0;
     // SAFETY: live instance; packet pointer and length describe one buffer.
     let ok = unsafe {
