@@ -544,6 +544,10 @@ struct CallbackContext {
     relayed: HashSet<[u8; 32]>,
     /// What this `tox_iterate` received, for the event loop.
     received: Vec<Packet>,
+    /// Whether this `tox_iterate` handed a packet over yet. The first goes
+    /// at once, not after toxcore's periodic work (DHT, onion, friends)
+    /// that follows its reading the socket.
+    handed_over: bool,
     inbound: tokio_mpsc::UnboundedSender<Vec<Packet>>,
     /// Received packets the event loop has not taken yet.
     inbound_queued: Arc<AtomicUsize>,
@@ -668,8 +672,9 @@ unsafe extern "C" fn on_lossy_packet(
     }
     ctx.last_traffic = Instant::now();
     ctx.received.push((pk, datagram.to_vec()));
-    if ctx.received.len() >= MAX_BATCH {
+    if !ctx.handed_over || ctx.received.len() >= MAX_BATCH {
         ctx.flush_received();
+        ctx.handed_over = true;
     }
 }
 
@@ -737,6 +742,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         allowed: HashSet::new(),
         relayed: HashSet::new(),
         received: Vec::with_capacity(MAX_BATCH),
+        handed_over: false,
         inbound,
         inbound_queued,
         shared,
@@ -777,6 +783,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
             pacers.retain(|pk, _| ctx.allowed.contains(pk));
             add_friends(tox, &friends, &mut ctx);
         }
+        ctx.handed_over = false;
         // SAFETY: as above; ctx outlives the call.
         unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
         ctx.flush_received();
