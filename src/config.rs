@@ -148,6 +148,7 @@ struct RawPeer {
     i2p: Option<String>,
     transports: Option<Vec<String>>,
     allowed_destinations: Option<Vec<String>>,
+    accept: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -256,6 +257,9 @@ pub struct PeerConfig {
     /// may get answers from. None: anywhere, unless the peer is anonymous
     /// (then our mesh address only).
     pub allowed_destinations: Option<Vec<IpNet>>,
+    /// What the peer may open towards us (stateful: what we open to it may
+    /// always answer). None: anything.
+    pub accept: Option<Vec<crate::core::accept::Rule>>,
 }
 
 impl PeerConfig {
@@ -288,6 +292,7 @@ impl PeerConfig {
             transports: self.transports.clone(),
             persistent_keepalive: self.persistent_keepalive,
             allowed_destinations: self.allowed_destinations.clone(),
+            accept: self.accept.clone(),
         }
     }
 }
@@ -929,6 +934,21 @@ impl Validator<'_> {
                     .collect::<Result<Vec<_>, _>>()
             })
             .transpose()?;
+        let accept = raw
+            .accept
+            .map(|list| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, text)| {
+                        text.trim()
+                            .parse()
+                            .map_err(|e: crate::core::accept::RuleError| {
+                                self.err(format!("{label}.accept[{i}]"), e.to_string())
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
         Ok(PeerConfig {
             name,
             public_key,
@@ -938,6 +958,7 @@ impl Validator<'_> {
             transports,
             allowed_ips,
             allowed_destinations,
+            accept,
             persistent_keepalive: raw.persistent_keepalive.filter(|&s| s > 0),
         })
     }
@@ -1689,6 +1710,42 @@ pub(crate) mod tests {
             &with("[udp]\nenabled = false\n[rendezvous]\ndht = true\n"),
             "rendezvous.dht",
             "[udp] enabled = false",
+        );
+    }
+
+    #[test]
+    fn accept_rules_parse_and_mistakes_are_named() {
+        let peer = |body: &str| {
+            with_peers(&format!(
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n{body}"
+            ))
+        };
+        let cfg = parse(&peer(
+            r#"accept = ["icmp", "tcp/22", "udp/53", "tcp/8000-8100"]"#,
+        ))
+        .unwrap();
+        let rules: Vec<String> = cfg.peers[0]
+            .accept
+            .iter()
+            .flatten()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(rules, ["icmp", "tcp/22", "udp/53", "tcp/8000-8100"]);
+        assert_eq!(parse(&peer("")).unwrap().peers[0].accept, None);
+        // An empty list accepts nothing but answers.
+        assert_eq!(
+            parse(&peer("accept = []")).unwrap().peers[0].accept,
+            Some(vec![])
+        );
+        expect_error(
+            &peer(r#"accept = ["icmp", "tcp/80-22"]"#),
+            "peer[0] \"b\".accept[1]",
+            "`tcp/80-22`: the range runs backwards",
+        );
+        expect_error(
+            &peer(r#"accept = ["ssh"]"#),
+            "peer[0] \"b\".accept[0]",
+            "icmp",
         );
     }
 

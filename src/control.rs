@@ -215,6 +215,14 @@ pub fn render(status: &DaemonStatus) -> String {
         let _ = writeln!(out, "  public key: {}", peer.public_key);
         let _ = writeln!(out, "  mesh address: {}", peer.mesh_address);
         let _ = writeln!(out, "  allowed ips: {}", allowed.join(", "));
+        if let Some(rules) = &peer.accept {
+            let rules = if rules.is_empty() {
+                "nothing (answers to what we open only)".to_owned()
+            } else {
+                rules.join(", ")
+            };
+            let _ = writeln!(out, "  accepts: {rules}");
+        }
         let path = peer.path.as_deref().unwrap_or("(none)");
         match &peer.path_state {
             Some(state) => {
@@ -246,7 +254,8 @@ pub fn render(status: &DaemonStatus) -> String {
         let _ = writeln!(
             out,
             "  dropped: {} spoofed source, {} no route, {} oversize, {} bad packets, {} wrong path, \
-             {} to addresses it may not reach, {} from addresses it may not see",
+             {} to addresses it may not reach, {} from addresses it may not see, \
+             {} not accepted",
             c.spoofed_source,
             c.no_route,
             c.oversize,
@@ -254,6 +263,7 @@ pub fn render(status: &DaemonStatus) -> String {
             c.wrong_path,
             c.refused_destination,
             c.refused_source,
+            c.not_accepted,
         );
     }
     out

@@ -76,6 +76,7 @@ pub fn render(status: &DaemonStatus) -> String {
             ("wrong_path", c.wrong_path),
             ("refused_destination", c.refused_destination),
             ("refused_source", c.refused_source),
+            ("not_accepted", c.not_accepted),
         ] {
             drops.push((
                 format!(",peer=\"{}\",reason=\"{reason}\"", label(&p.name)),
@@ -160,6 +161,7 @@ mod tests {
                     seconds_since_handshake: Some(7),
                     rx_bytes: 1000,
                     tx_bytes: 2000,
+                    accept: None,
                     counters: PeerCounters {
                         spoofed_source: 4,
                         handshakes: 2,

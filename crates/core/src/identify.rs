@@ -211,6 +211,7 @@ mod tests {
             transports: vec![TransportKind::Udp],
             persistent_keepalive: None,
             allowed_destinations: None,
+            accept: None,
         };
         peers.reconfigure(vec![spec], now).unwrap();
         (Gate::new(ours.to_x25519(), now), peers, ours, theirs)

@@ -6,6 +6,7 @@
 //! everything veilmesh decides itself (timer ticks, roaming, statistics)
 //! runs on the `now` passed in.
 
+pub mod accept;
 pub mod batch;
 mod candidates;
 mod identify;
@@ -90,6 +91,10 @@ pub struct PeerCounters {
     /// Packets to the peer from one of our addresses it may not see.
     #[serde(default)]
     pub refused_source: u64,
+    /// Decrypted packets its accept rules refused (and answered with an
+    /// ICMP "administratively prohibited", rate limited).
+    #[serde(default)]
+    pub not_accepted: u64,
     pub rx_packets: u64,
     pub tx_packets: u64,
     /// Noise handshakes completed (either side initiating).
@@ -133,6 +138,8 @@ pub enum DropReason {
     WrongPath,
     /// To or from one of our addresses the peer may not reach or see.
     RefusedAddress,
+    /// Refused by the peer's accept rules.
+    NotAccepted,
     RateLimited,
     Queued,
 }
@@ -368,6 +375,9 @@ impl Node {
             peer.counters.refused_source += 1;
             tracing::trace!(peer = %peer.spec.name, src = %info.src, "source the peer may not see");
             return FromTun::Done(DropReason::RefusedAddress);
+        }
+        if let Some(firewall) = peer.firewall.as_mut() {
+            firewall.outbound(packet, now);
         }
         peer.wake(id, &mut self.peers.awake, now);
         if peer.paths.traffic(now) {
@@ -657,6 +667,16 @@ impl Node {
                 return FromNetwork::Dropped(DropReason::RefusedAddress);
             }
         }
+        let verdict = peer.firewall.as_mut().map(|f| f.inbound(packet, now));
+        if let Some(refused @ (accept::Verdict::Reject | accept::Verdict::Drop)) = verdict {
+            peer.counters.not_accepted += 1;
+            tracing::trace!(peer = %peer.spec.name, "packet refused by the peer's accept rules");
+            if refused == accept::Verdict::Reject && peer.rejections.take(now) {
+                let to = from.clone();
+                self.answer_prohibited(id, to, packet);
+            }
+            return FromNetwork::Dropped(DropReason::NotAccepted);
+        }
         peer.counters.rx_packets += 1;
         if peer.paths.traffic(now) {
             self.timers.fire_by(Timer::Paths, now);
@@ -927,6 +947,47 @@ impl Node {
         }
     }
 
+    /// Answers a packet the peer's accept rules refused with an ICMP
+    /// "administratively prohibited" through the tunnel, from the address
+    /// it was sent to, so the application fails at once.
+    fn answer_prohibited(&mut self, id: PeerId, to: PeerAddr, refused: &[u8]) {
+        let Ok(info) = packet::parse(refused) else {
+            return;
+        };
+        let IpAddr::V6(local_v6) = info.dst else {
+            // ICMPv4 errors come from the original destination anyway.
+            return self.send_error_packet(id, to, refused, &info, self.mesh_address);
+        };
+        self.send_error_packet(id, to, refused, &info, local_v6);
+    }
+
+    fn send_error_packet(
+        &mut self,
+        id: PeerId,
+        to: PeerAddr,
+        refused: &[u8],
+        info: &packet::IpInfo,
+        local_v6: std::net::Ipv6Addr,
+    ) {
+        // Room for the largest ICMP error (IPv6: the minimum MTU).
+        self.message_buf.resize(1280, 0);
+        let Some(len) =
+            packet::administratively_prohibited(refused, info, local_v6, &mut self.message_buf)
+        else {
+            return;
+        };
+        let Some(peer) = self.peers.slots[id].as_mut() else {
+            return;
+        };
+        if let TunnResult::WriteToNetwork(datagram) = peer
+            .tunn_mut(id, &self.keys)
+            .encapsulate(&self.message_buf[..len], &mut self.scratch)
+        {
+            peer.counters.tx_packets += 1;
+            self.transmits.push_back(Transmit::new(to, datagram));
+        }
+    }
+
     /// After a handshake, boringtun releases the packets it held.
     fn flush_queued(&mut self, id: PeerId) {
         let Some(peer) = self.peers.slots[id].as_mut() else {
@@ -1163,6 +1224,11 @@ impl Node {
                         seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
                         rx_bytes: rx_bytes as u64,
                         tx_bytes: tx_bytes as u64,
+                        accept: p
+                            .spec
+                            .accept
+                            .as_ref()
+                            .map(|rules| rules.iter().map(|r| r.to_string()).collect()),
                         counters: p.counters.clone(),
                     }
                 })
@@ -1260,6 +1326,9 @@ pub struct PeerStatus {
     pub seconds_since_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// What it may open towards us; absent: anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept: Option<Vec<String>>,
     pub counters: PeerCounters,
 }
 

@@ -186,6 +186,20 @@ pub fn destination_unreachable(
     }
 }
 
+/// ICMP "communication administratively prohibited" (v4: type 3 code 13;
+/// v6: type 1 code 1) answering `original`.
+pub fn administratively_prohibited(
+    original: &[u8],
+    info: &IpInfo,
+    local_v6: Ipv6Addr,
+    out: &mut [u8],
+) -> Option<usize> {
+    match info.src {
+        IpAddr::V4(_) => icmpv4_error(original, info, 3, 13, 0, out),
+        IpAddr::V6(_) => icmpv6_error(original, info, 1, 1, 0, local_v6, out),
+    }
+}
+
 /// ICMPv6 "packet too big" or ICMPv4 "fragmentation needed" carrying `mtu`.
 pub fn packet_too_big(
     original: &[u8],

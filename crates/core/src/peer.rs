@@ -11,6 +11,7 @@ use boringtun::noise::Tunn;
 use boringtun::x25519;
 use veilmesh_transport::{PeerAddr, TransportKind};
 
+use crate::accept::Firewall;
 use crate::paths::PathSet;
 use crate::routing::RoutingTable;
 use crate::{NodeError, PeerCounters, PeerId, PeerSpec, ReconfigureReport};
@@ -52,6 +53,40 @@ pub(crate) struct Peer {
     /// (as last told, see `update_look_up`).
     pub(crate) looked_up: bool,
     pub(crate) counters: PeerCounters,
+    /// Its accept rules and the flows we opened to it, if it has rules.
+    pub(crate) firewall: Option<Firewall>,
+    /// ICMP "administratively prohibited" answers it may still get.
+    pub(crate) rejections: RejectionBudget,
+}
+
+/// At most `REJECTIONS_PER_SECOND` ICMP answers to refused packets per
+/// peer (bursts of as many): a peer flooding refused ports gets no flood
+/// back.
+#[derive(Debug)]
+pub(crate) struct RejectionBudget {
+    tokens: u32,
+    refilled: Instant,
+}
+
+const REJECTIONS_PER_SECOND: u32 = 10;
+
+impl RejectionBudget {
+    fn new(now: Instant) -> RejectionBudget {
+        RejectionBudget {
+            tokens: REJECTIONS_PER_SECOND,
+            refilled: now,
+        }
+    }
+
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.refilled) >= Duration::from_secs(1) {
+            self.tokens = REJECTIONS_PER_SECOND;
+            self.refilled = now;
+        }
+        let granted = self.tokens > 0;
+        self.tokens = self.tokens.saturating_sub(1);
+        granted
+    }
 }
 
 impl Peer {
@@ -65,8 +100,10 @@ impl Peer {
             listed: false,
             looked_up: false,
             tunn: None,
+            firewall: spec.accept.clone().map(Firewall::new),
             spec,
             counters: PeerCounters::default(),
+            rejections: RejectionBudget::new(now),
         }
     }
 
@@ -199,6 +236,9 @@ impl PeerTable {
                             .set_configured(configured_paths(&spec), now, |p| {
                                 path_allowed(&spec, p)
                             });
+                    }
+                    if spec.accept != peer.spec.accept {
+                        peer.firewall = spec.accept.clone().map(Firewall::new);
                     }
                     peer.spec = spec;
                     peer.select_path(now);

@@ -27,6 +27,8 @@ pub struct PeerSpec {
     /// may get answers from. None: anywhere, unless the peer is anonymous
     /// (then our mesh address only).
     pub allowed_destinations: Option<Vec<IpNet>>,
+    /// What the peer may open towards us (see `accept`). None: anything.
+    pub accept: Option<Vec<crate::accept::Rule>>,
 }
 
 impl PeerSpec {

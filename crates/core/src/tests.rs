@@ -55,6 +55,7 @@ impl Side {
             persistent_keepalive: None,
             transports: veilmesh_transport::TransportKind::ALL.to_vec(),
             allowed_destinations: None,
+            accept: None,
         }
     }
 }
@@ -709,6 +710,7 @@ impl PathSim {
             persistent_keepalive: None,
             transports: vec![TransportKind::Udp, TransportKind::Tox],
             allowed_destinations: None,
+            accept: None,
         };
         let mut nodes = [
             Node::new(&keys[0], vec![peer_config(1)], now).unwrap(),
@@ -1706,4 +1708,70 @@ proptest! {
         let owned: Vec<Vec<u8>> = packets.into_iter().zip(&one_by_one).filter(|(_, &n)| n > 0).map(|(p, _)| p).collect();
         prop_assert_eq!(delivered, owned);
     }
+}
+
+/// An IPv6 TCP segment with only `flags` set (checksum not computed: the
+/// core does not check it).
+fn ipv6_tcp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 60];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&20u16.to_be_bytes());
+    p[6] = 6;
+    p[7] = 64;
+    p[8..24].copy_from_slice(&src.octets());
+    p[24..40].copy_from_slice(&dst.octets());
+    p[40..42].copy_from_slice(&sport.to_be_bytes());
+    p[42..44].copy_from_slice(&dport.to_be_bytes());
+    p[52] = 5 << 4;
+    p[53] = flags;
+    p
+}
+
+/// b accepts only ping and TCP 8080 from a: a connection to 8081 is
+/// refused, counted and answered with "administratively prohibited"
+/// through the tunnel; a connection b opens to a gets its answers.
+#[test]
+fn accept_rules_refuse_what_they_do_not_name_and_answer_it() {
+    let mut m = mesh();
+    let mut a_at_b = m.a.as_peer("a", false, &["10.10.1.1/32"]);
+    a_at_b.accept = Some(vec!["icmp".parse().unwrap(), "tcp/8080".parse().unwrap()]);
+    m.node_b.reconfigure(vec![a_at_b], Instant::now()).unwrap();
+    let (a_mesh, b_mesh) = (m.a.mesh(), m.b.mesh());
+    let (_, at_b) = send_from_a(&mut m, &ipv6_echo(a_mesh, b_mesh, 8));
+    assert_eq!(at_b.len(), 1, "ping passes");
+    let (_, at_b) = send_from_a(&mut m, &ipv6_tcp(a_mesh, b_mesh, 40000, 8080, 0x02));
+    assert_eq!(at_b.len(), 1, "tcp/8080 passes");
+    let (at_a, at_b) = send_from_a(&mut m, &ipv6_tcp(a_mesh, b_mesh, 40001, 8081, 0x02));
+    assert!(at_b.is_empty(), "tcp/8081 refused");
+    assert_eq!(at_a.len(), 1, "a hears why");
+    let answer = &at_a[0];
+    assert_eq!(
+        (answer[6], answer[40], answer[41]),
+        (58, 1, 1),
+        "ICMPv6 admin-prohibited"
+    );
+    assert_eq!(&answer[8..24], &b_mesh.octets(), "from the address a tried");
+    let b_status = m.node_b.status(Instant::now());
+    assert_eq!(b_status.peers[0].counters.not_accepted, 1);
+
+    // b opens a connection to a's 8081: a's answer passes b's rules.
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let syn = ipv6_tcp(b_mesh, a_mesh, 50000, 8081, 0x02);
+    let FromTun::Send { datagram, .. } =
+        m.node_b
+            .handle_tun_packet(&syn, limits, &mut out, Instant::now())
+    else {
+        panic!("b's SYN goes out");
+    };
+    let datagram = datagram.to_vec();
+    let (at_a, _) = pump(&mut m, Some((false, datagram)));
+    assert_eq!(at_a.len(), 1);
+    let (_, at_b) = send_from_a(&mut m, &ipv6_tcp(a_mesh, b_mesh, 8081, 50000, 0x12));
+    assert_eq!(at_b.len(), 1, "the SYN-ACK of b's own connection passes");
+    assert_eq!(
+        m.node_b.status(Instant::now()).peers[0]
+            .counters
+            .not_accepted,
+        1
+    );
 }

@@ -85,6 +85,7 @@ fn spec(name: &str, key: &PrivateKey, endpoint: Option<SocketAddr>) -> PeerSpec 
         transports: vec![TransportKind::Udp],
         persistent_keepalive: None,
         allowed_destinations: None,
+        accept: None,
     }
 }
 
