@@ -721,6 +721,7 @@ impl Node {
         let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
+        peer.paths.spoke();
         match message {
             PeerMessage::Probe { id: probe } => {
                 let observed = match from {

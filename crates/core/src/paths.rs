@@ -182,9 +182,19 @@ pub struct PathSet {
     outstanding: VecDeque<(u64, PeerAddr, Instant)>,
     /// When data last went to or came from the peer (see `IDLE_AFTER`).
     last_traffic: Option<Instant>,
+    /// The peer sent a veilmesh message (a probe, a reply) at least once.
+    /// Until it does it may be a stock WireGuard peer (a phone), which
+    /// never answers probes: unanswered probes then say nothing of the
+    /// path, and must not make it look one way (probed every second).
+    speaks_veilmesh: bool,
 }
 
 impl PathSet {
+    /// The peer sent a veilmesh message: unanswered probes mean something.
+    pub fn spoke(&mut self) {
+        self.speaks_veilmesh = true;
+    }
+
     pub fn new(configured: Vec<PeerAddr>, now: Instant) -> PathSet {
         let mut set = PathSet::default();
         set.set_configured(configured, now, |_| true);
@@ -275,6 +285,7 @@ impl PathSet {
     /// Returns true when probes are due at once: `from` is new, or a punch
     /// waiting for the peer's side to open now may probe in full.
     pub fn heard(&mut self, from: &PeerAddr, now: Instant) -> bool {
+        let speaks = self.speaks_veilmesh;
         if let Some(path) = self.get_mut(from) {
             // Evidence of a one-way path builds up only while the peer is
             // heard: probes lost while it was silent say nothing, and would
@@ -286,9 +297,10 @@ impl PathSet {
             path.rehomed = None;
             // Heard while a probe is overdue: look closer now rather than
             // at the keepalive interval (the path may be one way).
-            let overdue = path
-                .unanswered
-                .is_some_and(|(_, since)| now.saturating_duration_since(since) >= PROBE_INTERVAL);
+            let overdue = speaks
+                && path.unanswered.is_some_and(|(_, since)| {
+                    now.saturating_duration_since(since) >= PROBE_INTERVAL
+                });
             if overdue && path.next_probe > now + PROBE_INTERVAL {
                 path.next_probe = now + PROBE_INTERVAL;
                 return true;
@@ -417,6 +429,9 @@ impl PathSet {
     /// own evidence that our presence there needs renewing (an I2P router
     /// that still sends our replies to where the peer used to be).
     pub fn one_way(&self, now: Instant) -> Option<TransportKind> {
+        if !self.speaks_veilmesh {
+            return None;
+        }
         self.paths
             .iter()
             .find(|p| p.is_one_way(now))
@@ -481,6 +496,7 @@ impl PathSet {
     /// The paths due a probe (or punch) now, and whether with the short TTL.
     fn poll(&mut self, now: Instant, punches_only: bool) -> Vec<(PeerAddr, bool)> {
         let interval = self.interval(now);
+        let speaks = self.speaks_veilmesh;
         let mut due = Vec::new();
         for path in &mut self.paths {
             if path.next_probe > now || (punches_only && path.punch.is_none()) {
@@ -511,7 +527,7 @@ impl PathSet {
             path.rehomed = path.rehomed.filter(|at| now < *at + REHOME_FAST_PROBING);
             let live = path.is_live(now, interval) || path.recently_live(now);
             path.next_probe = now
-                + if path.rehomed.is_some() || path.suspect_one_way(now) {
+                + if path.rehomed.is_some() || speaks && path.suspect_one_way(now) {
                     PROBE_INTERVAL
                 } else if live || path.origin == Origin::Configured && path.last_pong.is_none() {
                     interval
@@ -551,6 +567,7 @@ impl PathSet {
         let Some((_, addr, sent)) = self.outstanding.remove(i) else {
             return false;
         };
+        self.speaks_veilmesh = true;
         let Some(path) = self.get_mut(&addr) else {
             return false;
         };
@@ -898,6 +915,38 @@ mod tests {
 
     /// Heard but unanswered: probed fast, then reported one way, which is
     /// our own evidence for renewing our presence.
+    #[test]
+    fn a_stock_wireguard_peer_is_never_one_way_nor_probed_fast() {
+        let t0 = Instant::now();
+        let udp = PeerAddr::Udp("198.18.0.9:51820".parse().unwrap());
+        let mut set = PathSet::new(vec![udp.clone()], t0);
+        set.traffic(t0);
+        let mut ids = ids();
+        let mut probes = 0;
+        let mut now = t0;
+        while now < t0 + Duration::from_secs(60) {
+            now += Duration::from_millis(250);
+            set.heard(&udp, now);
+            set.traffic(now);
+            probes += set.poll_probes(now, &mut ids).len();
+            assert_eq!(set.one_way(now), None);
+        }
+        assert!(
+            probes <= 5,
+            "{probes} probes in 60 s to a peer that never answers"
+        );
+        // Once it says something, unanswered probes count again.
+        set.spoke();
+        let mut found = false;
+        while now < t0 + Duration::from_secs(120) {
+            now += Duration::from_millis(250);
+            set.heard(&udp, now);
+            set.poll_probes(now, &mut ids);
+            found |= set.one_way(now).is_some();
+        }
+        assert!(found);
+    }
+
     #[test]
     fn a_path_heard_but_deaf_to_our_probes_is_one_way() {
         let t0 = Instant::now();
