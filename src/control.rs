@@ -57,6 +57,9 @@ pub struct DaemonStatus {
     /// The config file the daemon runs from.
     pub config_file: PathBuf,
     pub transports: Vec<String>,
+    /// The transports this node runs (udp, tox, i2p).
+    #[serde(default)]
+    pub running: Vec<String>,
     #[serde(flatten)]
     pub node: NodeStatus,
 }
@@ -244,6 +247,11 @@ pub fn render(status: &DaemonStatus) -> String {
                 p.address, p.origin, p.state
             );
         }
+        let _ = writeln!(
+            out,
+            "  transports: {}",
+            transport_summary(peer, &status.running)
+        );
         let _ = writeln!(out, "  latest handshake: {handshake}");
         let _ = writeln!(
             out,
@@ -269,6 +277,57 @@ pub fn render(status: &DaemonStatus) -> String {
     out
 }
 
+/// Which transport carries the peer and why the others do not, in one
+/// line: "udp in use (live, 0.3 ms); tox standby (live, 1.5 ms); i2p not
+/// allowed for this peer".
+pub fn transport_summary(peer: &crate::core::PeerStatus, running: &[String]) -> String {
+    let in_use = peer.paths.iter().find(|p| p.in_use);
+    ["udp", "tox", "i2p"]
+        .iter()
+        .map(|kind| {
+            let allowed = peer.transports.iter().any(|t| t == kind);
+            let reason = if !running.iter().any(|t| t == kind) {
+                "not run by this node".to_owned()
+            } else if !allowed {
+                "not allowed for this peer".to_owned()
+            } else {
+                let paths: Vec<_> = peer.paths.iter().filter(|p| p.transport == *kind).collect();
+                // Its best path: the one in use, else a live one, else any.
+                let best = paths
+                    .iter()
+                    .find(|p| p.in_use)
+                    .or_else(|| paths.iter().find(|p| p.state == "live"))
+                    .or_else(|| paths.first());
+                match best {
+                    None => "no address of the peer known".to_owned(),
+                    Some(p) => {
+                        let rtt = p
+                            .rtt_ms
+                            .map(|ms| format!(", {ms:.1} ms"))
+                            .unwrap_or_default();
+                        let role = if p.in_use {
+                            "in use"
+                        } else if p.state == "live" {
+                            "standby"
+                        } else {
+                            "not answering"
+                        };
+                        let why = match (role, in_use) {
+                            ("standby", Some(used)) => {
+                                format!(": {} comes first", used.transport)
+                            }
+                            _ => String::new(),
+                        };
+                        format!("{role} ({}{rtt}){why}", p.state)
+                    }
+                }
+            };
+            format!("{kind} {reason}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -287,6 +346,56 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_transport_line_says_what_carries_a_peer_and_why_not_the_rest() {
+        use crate::core::paths::{Origin, PathStatus};
+        let path = |transport: &str, state: &str, rtt: Option<f64>, in_use: bool| PathStatus {
+            address: format!("{transport} x"),
+            transport: transport.into(),
+            origin: Origin::Configured,
+            state: state.into(),
+            rtt_ms: rtt,
+            in_use,
+        };
+        let peer = crate::core::PeerStatus {
+            name: "b".into(),
+            public_key: String::new(),
+            mesh_address: std::net::Ipv6Addr::LOCALHOST,
+            allowed_ips: vec![],
+            path: None,
+            path_state: None,
+            paths: vec![
+                path("tox", "live", Some(1.52), false),
+                path("udp", "live", Some(0.31), true),
+            ],
+            seconds_since_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            transports: vec!["udp".into(), "tox".into()],
+            accept: None,
+            counters: Default::default(),
+        };
+        let running = ["udp".to_string(), "tox".to_string(), "i2p".to_string()];
+        assert_eq!(
+            transport_summary(&peer, &running),
+            "udp in use (live, 0.3 ms); tox standby (live, 1.5 ms): udp comes first; \
+             i2p not allowed for this peer"
+        );
+        let mut quiet = peer.clone();
+        quiet.paths = vec![path("tox", "silent", None, true)];
+        assert_eq!(
+            transport_summary(&quiet, &running[1..]),
+            "udp not run by this node; tox in use (silent); i2p not allowed for this peer"
+        );
+        quiet.paths.clear();
+        quiet.transports.push("i2p".into());
+        assert_eq!(
+            transport_summary(&quiet, &running),
+            "udp no address of the peer known; tox no address of the peer known; \
+             i2p no address of the peer known"
+        );
+    }
 
     #[test]
     fn requests_round_trip_and_garbage_is_rejected() {
@@ -326,6 +435,7 @@ mod tests {
                         interface: "veil0".into(),
                         config_file: secret.clone(),
                         transports: vec![],
+                        running: vec![],
                         node: crate::core::NodeStatus {
                             public_key: String::new(),
                             mesh_address: std::net::Ipv6Addr::LOCALHOST,

@@ -477,6 +477,12 @@ impl<T: Tun> DataPath<T> {
             interface: self.device.name().to_owned(),
             config_file: self.config.file.clone(),
             transports: self.transports.describe(),
+            running: self
+                .transports
+                .all
+                .iter()
+                .map(|t| t.kind().as_str().to_owned())
+                .collect(),
             node: self
                 .node
                 .status_with(Instant::now(), |to| self.transports.path_state(to)),

@@ -143,6 +143,7 @@ mod tests {
             interface: "veil0".into(),
             config_file: "/etc/veilmesh/veil0.toml".into(),
             transports: vec![],
+            running: vec![],
             node: NodeStatus {
                 public_key: "k".into(),
                 mesh_address: "fd60:db4d:ddb5::1".parse().unwrap(),
@@ -152,6 +153,7 @@ mod tests {
                 },
                 peers: vec![PeerStatus {
                     paths: Vec::new(),
+                    transports: vec!["udp".into()],
                     name: name.into(),
                     public_key: "p".into(),
                     mesh_address: "fd60:db4d:ddb5::2".parse().unwrap(),

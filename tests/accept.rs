@@ -103,4 +103,10 @@ fn a_peer_opens_only_what_its_accept_rules_name() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("accepts: icmp, tcp/8080"), "{text}");
     assert!(text.contains(" not accepted"), "{text}");
+    // One line says what carries the peer and why not the others.
+    assert!(
+        text.contains("  transports: udp in use (live, ")
+            && text.contains("; tox not run by this node; i2p not run by this node"),
+        "{text}"
+    );
 }

@@ -1225,6 +1225,12 @@ impl Node {
                         seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
                         rx_bytes: rx_bytes as u64,
                         tx_bytes: tx_bytes as u64,
+                        transports: p
+                            .spec
+                            .transports
+                            .iter()
+                            .map(|k| k.as_str().to_owned())
+                            .collect(),
                         accept: p
                             .spec
                             .accept
@@ -1327,6 +1333,9 @@ pub struct PeerStatus {
     pub seconds_since_handshake: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// The transports it may use, in order of preference.
+    #[serde(default)]
+    pub transports: Vec<String>,
     /// What it may open towards us; absent: anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept: Option<Vec<String>>,

@@ -167,6 +167,9 @@ pub struct ProbeToSend {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PathStatus {
     pub address: String,
+    /// Its transport: udp, tox or i2p.
+    #[serde(default)]
+    pub transport: String,
     pub origin: Origin,
     /// live, punching, silent (answered before, not now) or unverified.
     pub state: String,
@@ -664,6 +667,7 @@ impl PathSet {
             .iter()
             .map(|p| PathStatus {
                 address: p.addr.to_string(),
+                transport: p.addr.kind().as_str().to_owned(),
                 origin: p.origin,
                 state: if p.is_live(now, interval) {
                     "live"
