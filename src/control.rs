@@ -40,6 +40,15 @@ pub enum Request {
         #[serde(default)]
         file: Option<PathBuf>,
     },
+    /// Probe a peer (by name, public key or mesh address) over the path in
+    /// use, or every path (`all`); answered once every probe was answered
+    /// or `timeout_ms` passed.
+    Ping {
+        peer: String,
+        #[serde(default)]
+        all: bool,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +56,24 @@ pub enum Request {
 pub enum Response {
     Status(DaemonStatus),
     Reloaded(ReconfigureReport),
+    Pinged(PingReport),
     Error { message: String },
+}
+
+/// What `veilmesh ping` got: per probe, the path and the round trip.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PingReport {
+    pub peer: String,
+    pub probes: Vec<PingResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PingResult {
+    /// The path, e.g. `udp 198.18.0.2:51820`.
+    pub path: String,
+    pub transport: String,
+    /// None: no answer in time.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Everything `veilmesh show` prints.
@@ -180,6 +206,37 @@ pub fn show(path: &Path) -> anyhow::Result<DaemonStatus> {
         Response::Status(status) => Ok(status),
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }
+}
+
+/// `veilmesh ping`: one round of probes, answered when all came back or
+/// after `timeout_ms`.
+pub fn ping(path: &Path, peer: &str, all: bool, timeout_ms: u64) -> anyhow::Result<PingReport> {
+    let ping = Request::Ping {
+        peer: peer.to_owned(),
+        all,
+        timeout_ms,
+    };
+    match request(path, &ping)? {
+        Response::Pinged(report) => Ok(report),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// One line per probe: "pong from b over udp 198.18.0.2:51820 in 0.42 ms".
+pub fn render_ping(report: &PingReport, timeout_ms: u64) -> String {
+    report
+        .probes
+        .iter()
+        .map(|p| match p.rtt_ms {
+            Some(ms) => format!("pong from {} over {} in {ms:.2} ms\n", report.peer, p.path),
+            None => format!(
+                "no answer from {} over {} within {:.1} s\n",
+                report.peer,
+                p.path,
+                timeout_ms as f64 / 1000.0
+            ),
+        })
+        .collect()
 }
 
 /// The human form of `veilmesh show`, in the spirit of `wg show`.
@@ -444,6 +501,7 @@ mod tests {
                         },
                     }),
                     Request::Reload { .. } => Response::Reloaded(ReconfigureReport::default()),
+                    Request::Ping { .. } => Response::Pinged(PingReport::default()),
                 };
                 got.push(request);
                 let answer = serde_json::to_string(&answer).unwrap();

@@ -358,6 +358,7 @@ pub async fn run_with<T: Tun>(
         tun_writes: TunWrites::new(),
         net_buf: vec![0u8; BUFFER_SIZE],
         tx: TxBatch::new(),
+        pings: Vec::new(),
     };
     path.update_hosts();
     // One timer, moved only when the core's deadline changes.
@@ -366,7 +367,11 @@ pub async fn run_with<T: Tun>(
     tokio::pin!(timer);
     tokio::pin!(stop);
     loop {
-        let deadline = tokio::time::Instant::from_std(path.node.poll_timeout().at);
+        let pings_due = path.pings.iter().map(|p| p.deadline).min();
+        let due = pings_due.map_or(path.node.poll_timeout().at, |p| {
+            p.min(path.node.poll_timeout().at)
+        });
+        let deadline = tokio::time::Instant::from_std(due);
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
         }
@@ -390,6 +395,7 @@ pub async fn run_with<T: Tun>(
                 }
                 path.node.handle_timeout(now);
                 path.flush_transmits();
+                path.answer_pings(now);
             }
             Some(found) = next_found(&mut path.rendezvous) => {
                 path.node.rendezvous(&found.peer, &found.endpoints, Instant::now());
@@ -399,6 +405,7 @@ pub async fn run_with<T: Tun>(
                 Request::Show => {
                     let _ = reply.send(path.show());
                 }
+                Request::Ping { peer, all, timeout_ms } => path.start_ping(&peer, all, timeout_ms, reply),
                 Request::Reload { config, file } => match path.check_reload_file(file.as_deref()) {
                     Ok(()) => path.parse_reload(config, Some(reply)),
                     Err(error) => {
@@ -461,6 +468,16 @@ struct DataPath<T> {
     net_buf: Vec<u8>,
     /// Datagrams sealed from TUN packets, gathered per path.
     tx: TxBatch,
+    /// `veilmesh ping` requests waiting for their probes' answers.
+    pings: Vec<PendingPing>,
+}
+
+/// A `veilmesh ping` request in flight: its probes, in the report's order.
+struct PendingPing {
+    probes: Vec<u64>,
+    report: control::PingReport,
+    deadline: Instant,
+    reply: oneshot::Sender<Response>,
 }
 
 /// The next peer endpoints the rendezvous DHT found; never, without one.
@@ -712,6 +729,67 @@ impl<T: Tun> DataPath<T> {
         self.flush_transmits();
     }
 
+    /// Sends `veilmesh ping`'s probes to the peer named `who`; the answer
+    /// goes out once all are answered or `timeout_ms` passed.
+    fn start_ping(
+        &mut self,
+        who: &str,
+        all: bool,
+        timeout_ms: u64,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let Some(id) = self.node.find_peer(who) else {
+            let message = format!("no peer `{who}` (a name, public key or mesh address)");
+            let _ = reply.send(Response::Error { message });
+            return;
+        };
+        let now = Instant::now();
+        let probes = self.node.ping(id, all, now);
+        self.flush_transmits();
+        if probes.is_empty() {
+            let message = format!("no path to `{who}` known yet");
+            let _ = reply.send(Response::Error { message });
+            return;
+        }
+        let timeout = std::time::Duration::from_millis(timeout_ms).clamp(
+            std::time::Duration::from_millis(10),
+            crate::core::PING_WATCH,
+        );
+        let report = control::PingReport {
+            peer: who.to_owned(),
+            probes: probes
+                .iter()
+                .map(|p| control::PingResult {
+                    path: p.to.to_string(),
+                    transport: p.to.kind().as_str().to_owned(),
+                    rtt_ms: None,
+                })
+                .collect(),
+        };
+        self.pings.push(PendingPing {
+            probes: probes.iter().map(|p| p.probe).collect(),
+            report,
+            deadline: now + timeout,
+            reply,
+        });
+        self.answer_pings(now);
+    }
+
+    /// Answers the pings whose probes all came back, or whose time is up.
+    fn answer_pings(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.pings.len() {
+            let ping = &self.pings[i];
+            let done = ping.report.probes.iter().all(|p| p.rtt_ms.is_some());
+            if done || now >= ping.deadline {
+                let ping = self.pings.swap_remove(i);
+                let _ = ping.reply.send(Response::Pinged(ping.report));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     fn flush_transmits(&mut self) {
         while let Some(t) = self.node.poll_transmit() {
             if let Err(error) = self.transports.send(&t.to, &t.payload, t.ttl) {
@@ -719,12 +797,21 @@ impl<T: Tun> DataPath<T> {
                 tracing::debug!(to = %t.to, %error, "send failed");
             }
         }
+        let mut pinged = false;
         while let Some(event) = self.node.poll_event() {
             match event {
                 Event::RenewPresence(kind) => {
                     if let Some(t) = self.transports.get_mut(kind) {
                         t.renew();
                     }
+                }
+                Event::PingAnswered { probe, rtt } => {
+                    for ping in &mut self.pings {
+                        if let Some(i) = ping.probes.iter().position(|p| *p == probe) {
+                            ping.report.probes[i].rtt_ms = Some(rtt.as_secs_f64() * 1e3);
+                        }
+                    }
+                    pinged = true;
                 }
                 Event::RendezvousWanted(wanted) => {
                     // A reload may re-state the same wish: the DHT task
@@ -740,6 +827,9 @@ impl<T: Tun> DataPath<T> {
                     }
                 }
             }
+        }
+        if pinged {
+            self.answer_pings(Instant::now());
         }
     }
 }

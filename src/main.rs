@@ -50,6 +50,27 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Probe a peer through the running daemon, over the path in use (or
+    /// every path with --all), and print which transport and endpoint
+    /// answered and the round trip. Exits non-zero if nothing answers.
+    Ping {
+        /// The peer: its name, public key or mesh address.
+        peer: String,
+        /// Probe every path to the peer, not only the one in use.
+        #[arg(long)]
+        all: bool,
+        /// Rounds of probes, a second apart.
+        #[arg(short = 'n', long, default_value_t = 3)]
+        count: u32,
+        /// Seconds to wait for the answers of a round (at most 5).
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+        /// Output JSON (one report per round) instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print this node's Tox ID (creating the Tox identity if needed),
     /// e.g. to put in a peer's config before the first start.
     ToxId {
@@ -211,6 +232,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", control::render(&status));
+            }
+        }
+        Command::Ping {
+            peer,
+            all,
+            count,
+            timeout,
+            json,
+            target,
+        } => {
+            let socket = target.control_socket()?;
+            let timeout_ms = (timeout.clamp(0.01, 5.0) * 1000.0) as u64;
+            let mut answered = false;
+            let mut reports = Vec::new();
+            for round in 0..count.max(1) {
+                if round > 0 {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                let report = control::ping(&socket, &peer, all, timeout_ms)?;
+                answered |= report.probes.iter().any(|p| p.rtt_ms.is_some());
+                if !json {
+                    print!("{}", control::render_ping(&report, timeout_ms));
+                }
+                reports.push(report);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            }
+            if !answered {
+                std::process::exit(1);
             }
         }
         Command::ToxId { file } => {

@@ -93,6 +93,20 @@ fn a_peer_opens_only_what_its_accept_rules_name() {
     );
     server.join().unwrap();
 
+    // `veilmesh ping` by name, key and mesh address: the UDP path answers.
+    for who in [String::from("a"), fa.public(), a_mesh.to_string()] {
+        let (ok, out) = veilmesh_ping(&fb, &who, &["--all"]);
+        assert!(
+            ok && out.contains("pong from ") && out.contains(" over udp 198.18.0.1:51820 in "),
+            "{out}"
+        );
+    }
+    let (ok, out) = veilmesh_ping(&fb, "nobody", &[]);
+    assert!(!ok && out.contains("no peer `nobody`"), "{out}");
+    let (ok, out) = veilmesh_ping(&fb, "a", &["--json"]);
+    let reports: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert!(ok && reports[0]["probes"][0]["transport"] == "udp", "{out}");
+
     let to_a = db.peer("a");
     assert_eq!(
         to_a.accept,

@@ -145,6 +145,9 @@ fn two_nodes_reach_each_other_over_tox_only() {
     println!("ping -6 over Tox: median RTT {median:.3} ms ({got}/50)");
     assert!(median < 1.0, "median RTT over Tox {median} ms:\n{out}");
 
+    let (ok, out) = veilmesh_ping(&t.fa, "b", &[]);
+    assert!(ok && out.contains("pong from b over tox "), "{out}");
+
     let status = da.show();
     let to_b = da.peer("b");
     assert!(

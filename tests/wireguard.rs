@@ -105,6 +105,12 @@ fn a_stock_wireguard_peer_is_a_udp_leaf() {
         "{to_leaf:?}"
     );
     assert_eq!(to_leaf.counters.bad_packet, 0, "{:?}", to_leaf.counters);
+    // A stock client never answers veilmesh's probes: ping says so.
+    let (ok, out) = veilmesh_ping(&fv, "phone", &["--timeout", "0.5"]);
+    assert!(
+        !ok && out.contains("no answer from phone over udp"),
+        "{out}"
+    );
     assert!(dv.stop().success());
     let log = dv.log_text();
     let warnings: Vec<&str> = log

@@ -631,3 +631,16 @@ pub fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+/// `veilmesh ping PEER EXTRA...` against the daemon of `files`: (exit
+/// success, stdout).
+pub fn veilmesh_ping(files: &NodeFiles, peer: &str, extra: &[&str]) -> (bool, String) {
+    let socket = files.socket.to_str().unwrap();
+    let mut args = vec![BIN, "ping", peer, "--socket", socket, "-n", "1"];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

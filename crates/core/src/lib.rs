@@ -22,7 +22,7 @@ mod timers;
 
 pub use spec::PeerSpec;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,7 +175,19 @@ pub enum Event {
     RenewPresence(TransportKind),
     /// What the rendezvous DHT should publish and look up changed.
     RendezvousWanted(RendezvousWanted),
+    /// A probe sent by [`Node::ping`] was answered after `rtt`.
+    PingAnswered { probe: u64, rtt: Duration },
 }
+
+/// A probe [`Node::ping`] sent: its id and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PingProbe {
+    pub probe: u64,
+    pub to: PeerAddr,
+}
+
+/// How long [`Node::ping`]'s probes are watched for an answer.
+pub const PING_WATCH: Duration = Duration::from_secs(10);
 
 /// What the rendezvous DHT should do.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -249,6 +261,9 @@ pub struct Node {
     /// What the rendezvous DHT should do changed since the last
     /// `Event::RendezvousWanted`.
     rendezvous_changed: bool,
+    /// Probes of `veilmesh ping` awaiting an answer: when each was sent.
+    pings: HashMap<u64, Instant>,
+    pings_answered: VecDeque<(u64, Duration)>,
     /// The latest `now` handed in, for the per-packet calls that take none.
     last_now: Instant,
     scratch: Vec<u8>,
@@ -294,6 +309,8 @@ impl Node {
             punch_ttl: DEFAULT_PUNCH_TTL,
             presence: Presence::default(),
             rendezvous_changed: true,
+            pings: HashMap::new(),
+            pings_answered: VecDeque::new(),
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
@@ -742,6 +759,10 @@ impl Node {
                     tracing::trace!(peer = %peer.spec.name, probe, "stale probe reply");
                     return;
                 }
+                if let Some(sent) = self.pings.remove(&probe) {
+                    self.pings_answered
+                        .push_back((probe, now.saturating_duration_since(sent)));
+                }
                 peer.select_path(now);
                 if let (PeerAddr::Udp(_), Some(sa)) = (from, observed) {
                     self.observed(sa, now);
@@ -841,7 +862,53 @@ impl Node {
         if std::mem::take(&mut self.rendezvous_changed) {
             return Some(Event::RendezvousWanted(self.rendezvous_wanted()));
         }
+        if let Some((probe, rtt)) = self.pings_answered.pop_front() {
+            return Some(Event::PingAnswered { probe, rtt });
+        }
         None
+    }
+
+    /// The peer named `who` (its name, public key or mesh address).
+    pub fn find_peer(&self, who: &str) -> Option<PeerId> {
+        let address: Option<Ipv6Addr> = who.parse().ok();
+        self.peers.slots.iter().position(|slot| {
+            slot.as_ref().is_some_and(|p| {
+                p.spec.name == who
+                    || p.spec.public_key.to_base64() == who
+                    || Some(p.spec.public_key.mesh_address()) == address
+            })
+        })
+    }
+
+    /// Probes peer `id` now over the path in use, or over every path it
+    /// has (`all`), for `veilmesh ping`. Answers come as
+    /// [`Event::PingAnswered`] within [`PING_WATCH`]. Returns the probes
+    /// sent: none if the peer has no path (yet).
+    pub fn ping(&mut self, id: PeerId, all: bool, now: Instant) -> Vec<PingProbe> {
+        self.last_now = now;
+        self.pings
+            .retain(|_, sent| now.saturating_duration_since(*sent) < PING_WATCH);
+        let Some(peer) = self.peers.slots.get_mut(id).and_then(Option::as_mut) else {
+            return Vec::new();
+        };
+        let mut targets = peer.paths.addresses();
+        if !all {
+            targets.truncate(1);
+        }
+        let mut sent = Vec::new();
+        for to in targets {
+            let probe = self.probe_ids.next();
+            let Some(peer) = self.peers.slots[id].as_mut() else {
+                break;
+            };
+            if !peer.paths.probe_now(&to, probe, now) {
+                continue;
+            }
+            self.pings.insert(probe, now);
+            self.send_peer_message(id, to.clone(), &PeerMessage::Probe { id: probe }, None);
+            sent.push(PingProbe { probe, to });
+        }
+        sent
     }
 
     /// Whom the rendezvous DHT publishes our endpoints for (the peers

@@ -489,6 +489,31 @@ impl PathSet {
             .collect()
     }
 
+    /// A probe `id` going to `to` now, outside the schedule (`veilmesh
+    /// ping`): its reply counts as any other. False if `to` is no path.
+    pub fn probe_now(&mut self, to: &PeerAddr, id: u64, now: Instant) -> bool {
+        if self.get(to).is_none() {
+            return false;
+        }
+        if self.outstanding.len() == MAX_OUTSTANDING {
+            self.outstanding.pop_front();
+        }
+        self.outstanding.push_back((id, to.clone(), now));
+        true
+    }
+
+    /// Every path, the one in use first.
+    pub fn addresses(&self) -> Vec<PeerAddr> {
+        let mut all: Vec<PeerAddr> = self.in_use.iter().cloned().collect();
+        all.extend(
+            self.paths
+                .iter()
+                .map(|p| p.addr.clone())
+                .filter(|a| Some(a) != self.in_use.as_ref()),
+        );
+        all
+    }
+
     /// Like `poll_probes`, for paths being punched only: without a session
     /// the node sends handshake initiations there instead of probes. The
     /// second field: with the short TTL.

@@ -1775,3 +1775,31 @@ fn accept_rules_refuse_what_they_do_not_name_and_answer_it() {
         1
     );
 }
+
+/// `veilmesh ping`: probes over the path in use (or all), answers as events.
+#[test]
+fn ping_probes_the_path_and_reports_the_answer() {
+    let mut m = mesh();
+    let (a_mesh, b_mesh) = (m.a.mesh(), m.b.mesh());
+    send_from_a(&mut m, &ipv6_echo(a_mesh, b_mesh, 8));
+    let b = m.node_a.find_peer("b").expect("by name");
+    assert_eq!(m.node_a.find_peer(&b_mesh.to_string()), Some(b));
+    assert_eq!(
+        m.node_a.find_peer(&m.b.key.public_key().to_base64()),
+        Some(b)
+    );
+    assert_eq!(m.node_a.find_peer("nobody"), None);
+    while m.node_a.poll_event().is_some() {}
+    let probes = m.node_a.ping(b, true, Instant::now());
+    assert_eq!(probes.len(), 1, "{probes:?}");
+    assert_eq!(probes[0].to, m.b.addr);
+    pump(&mut m, None);
+    let mut answered = Vec::new();
+    while let Some(event) = m.node_a.poll_event() {
+        if let Event::PingAnswered { probe, rtt } = event {
+            answered.push(probe);
+            assert!(rtt < Duration::from_secs(1));
+        }
+    }
+    assert_eq!(answered, vec![probes[0].probe]);
+}
