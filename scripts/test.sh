@@ -38,7 +38,7 @@ cargo test --workspace --locked --color never -- --skip "$interop"
 # their transports see the same TUN path as Tox's).
 phase "end-to-end tests without offload"
 VEILMESH_OFFLOAD=off cargo test --locked --color never --test offload --test mesh \
-  --test event_loop --test tox --test reload --test service --test invite --test cli --test accept --test wireguard
+  --test event_loop --test tox --test reload --test service --test invite --test cli --test accept --test wireguard --test netcheck
 # Its own build: with boringtun reading a mock clock, a daemon built in the
 # same cargo run (features unify) would never see its timers fire.
 phase "core in virtual time"

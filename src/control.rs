@@ -49,6 +49,8 @@ pub enum Request {
         all: bool,
         timeout_ms: u64,
     },
+    /// What works right now, per transport.
+    Netcheck,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,7 +59,23 @@ pub enum Response {
     Status(DaemonStatus),
     Reloaded(ReconfigureReport),
     Pinged(PingReport),
+    Netcheck(NetcheckReport),
     Error { message: String },
+}
+
+/// What `veilmesh netcheck` found (a struct: the answer's enum is
+/// internally tagged, which cannot hold a bare list).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetcheckReport {
+    pub transports: Vec<TransportCheck>,
+}
+
+/// One transport as `veilmesh netcheck` found it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TransportCheck {
+    pub transport: String,
+    pub up: bool,
+    pub facts: Vec<String>,
 }
 
 /// What `veilmesh ping` got: per probe, the path and the round trip.
@@ -220,6 +238,28 @@ pub fn ping(path: &Path, peer: &str, all: bool, timeout_ms: u64) -> anyhow::Resu
         Response::Pinged(report) => Ok(report),
         other => bail!("unexpected answer from the daemon: {other:?}"),
     }
+}
+
+/// `veilmesh netcheck`: the daemon's transports as they are now.
+pub fn netcheck(path: &Path) -> anyhow::Result<Vec<TransportCheck>> {
+    match request(path, &Request::Netcheck)? {
+        Response::Netcheck(report) => Ok(report.transports),
+        other => bail!("unexpected answer from the daemon: {other:?}"),
+    }
+}
+
+/// "udp: up" and its facts indented below, per transport.
+pub fn render_netcheck(checks: &[TransportCheck]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for check in checks {
+        let state = if check.up { "up" } else { "DOWN" };
+        let _ = writeln!(out, "{}: {state}", check.transport);
+        for fact in &check.facts {
+            let _ = writeln!(out, "  {fact}");
+        }
+    }
+    out
 }
 
 /// One line per probe: "pong from b over udp 198.18.0.2:51820 in 0.42 ms".
@@ -502,6 +542,7 @@ mod tests {
                     }),
                     Request::Reload { .. } => Response::Reloaded(ReconfigureReport::default()),
                     Request::Ping { .. } => Response::Pinged(PingReport::default()),
+                    Request::Netcheck => Response::Netcheck(NetcheckReport::default()),
                 };
                 got.push(request);
                 let answer = serde_json::to_string(&answer).unwrap();

@@ -406,6 +406,10 @@ pub async fn run_with<T: Tun>(
                     let _ = reply.send(path.show());
                 }
                 Request::Ping { peer, all, timeout_ms } => path.start_ping(&peer, all, timeout_ms, reply),
+                Request::Netcheck => {
+                    let transports = path.netcheck();
+                    let _ = reply.send(Response::Netcheck(control::NetcheckReport { transports }));
+                }
                 Request::Reload { config, file } => match path.check_reload_file(file.as_deref()) {
                     Ok(()) => path.parse_reload(config, Some(reply)),
                     Err(error) => {
@@ -773,6 +777,21 @@ impl<T: Tun> DataPath<T> {
             reply,
         });
         self.answer_pings(now);
+    }
+
+    fn netcheck(&self) -> Vec<control::TransportCheck> {
+        self.transports
+            .all
+            .iter()
+            .map(|t| {
+                let health = t.health();
+                control::TransportCheck {
+                    transport: t.kind().as_str().to_owned(),
+                    up: health.up,
+                    facts: health.facts,
+                }
+            })
+            .collect()
     }
 
     /// Answers the pings whose probes all came back, or whose time is up.

@@ -71,6 +71,17 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// What works right now, per transport the daemon runs: UDP bound
+    /// where, what the STUN servers see, the NAT type; Tox connected to
+    /// its network (over UDP or TCP), friends online; the I2P session.
+    /// Exits non-zero when a transport is down.
+    Netcheck {
+        /// Output JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Print this node's Tox ID (creating the Tox identity if needed),
     /// e.g. to put in a peer's config before the first start.
     ToxId {
@@ -261,6 +272,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&reports)?);
             }
             if !answered {
+                std::process::exit(1);
+            }
+        }
+        Command::Netcheck { json, target } => {
+            let checks = control::netcheck(&target.control_socket()?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", control::render_netcheck(&checks));
+            }
+            if checks.iter().any(|c| !c.up) {
                 std::process::exit(1);
             }
         }

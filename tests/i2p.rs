@@ -742,6 +742,8 @@ fn i2p_only_peers_ping_carry_tcp_and_never_reveal_their_ip() {
     let (path, state) = path_to(&da, "b");
     assert_eq!(path, Some(format!("i2p {addr_b}")));
     assert_eq!(state.as_deref(), Some("destination resolved"));
+    let (ok, out) = veilmesh_netcheck(&fb);
+    assert!(ok && out.contains("i2p: up\n"), "{out}");
     let (ok, out) = veilmesh_ping(&fa, "b", &["--timeout", "5"]);
     assert!(
         ok && out.contains(&format!("pong from b over i2p {addr_b} in ")),

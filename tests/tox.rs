@@ -147,6 +147,12 @@ fn two_nodes_reach_each_other_over_tox_only() {
 
     let (ok, out) = veilmesh_ping(&t.fa, "b", &[]);
     assert!(ok && out.contains("pong from b over tox "), "{out}");
+    let (ok, out) = veilmesh_netcheck(&t.fa);
+    assert!(
+        ok && out.contains("tox: up\n  connected to the Tox network over ")
+            && out.contains("1/1 friends online"),
+        "{out}"
+    );
 
     let status = da.show();
     let to_b = da.peer("b");

@@ -632,6 +632,16 @@ pub fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// `veilmesh netcheck` against the daemon of `files`: (exit success,
+/// stdout and stderr).
+pub fn veilmesh_netcheck(files: &NodeFiles) -> (bool, String) {
+    let out = run(&[BIN, "netcheck", "--socket", files.socket.to_str().unwrap()]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// `veilmesh ping PEER EXTRA...` against the daemon of `files`: (exit
 /// success, stdout).
 pub fn veilmesh_ping(files: &NodeFiles, peer: &str, extra: &[&str]) -> (bool, String) {

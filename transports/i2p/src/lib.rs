@@ -41,7 +41,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use veilmesh_transport::{
-    DatagramLimits, I2pAddress, PeerAddr, Received, SendError, Transport, TransportKind,
+    DatagramLimits, Health, I2pAddress, PeerAddr, Received, SendError, Transport, TransportKind,
 };
 
 pub use dest::{parse_peer_address, Destination, PrivateKeys};
@@ -500,6 +500,20 @@ impl Transport for I2pTransport {
             }
         }
         Ok(None)
+    }
+
+    fn health(&self) -> Health {
+        let shared = self.inner.lock();
+        let mut facts = vec![shared.state.clone()];
+        if let Some(address) = shared.address {
+            facts.push(format!("destination {address}"));
+        }
+        // i2pd answers SESSION CREATE once the session's tunnels are built
+        // and its LeaseSet is published: a live session is reachable.
+        Health {
+            up: shared.live.is_some(),
+            facts,
+        }
     }
 
     fn describe(&self) -> String {

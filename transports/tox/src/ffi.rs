@@ -28,6 +28,7 @@ pub const ERR_FRIEND_ADD_ALREADY_SENT: c_int = 5;
 
 pub type FriendRequestCb = unsafe extern "C" fn(*mut Tox, *const u8, *const u8, usize, *mut c_void);
 pub type FriendConnectionCb = unsafe extern "C" fn(*mut Tox, u32, Tox_Connection, *mut c_void);
+pub type SelfConnectionCb = unsafe extern "C" fn(*mut Tox, Tox_Connection, *mut c_void);
 pub type FriendLossyCb = unsafe extern "C" fn(*mut Tox, u32, *const u8, usize, *mut c_void);
 
 extern "C" {
@@ -102,6 +103,7 @@ extern "C" {
     pub fn tox_callback_friend_request(tox: *mut Tox, callback: FriendRequestCb);
     pub fn tox_callback_friend_connection_status(tox: *mut Tox, callback: FriendConnectionCb);
     pub fn tox_callback_friend_lossy_packet(tox: *mut Tox, callback: FriendLossyCb);
+    pub fn tox_callback_self_connection_status(tox: *mut Tox, callback: SelfConnectionCb);
 }
 
 #[cfg(test)]

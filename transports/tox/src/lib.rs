@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc as tokio_mpsc;
 use veilmesh_transport::{
-    Contact, DatagramLimits, PeerAddr, Received, SendError, ToxPublicKey, Transport, TransportKind,
+    Contact, DatagramLimits, Health, PeerAddr, Received, SendError, ToxPublicKey, Transport,
+    TransportKind,
 };
 pub use veilmesh_transport::{ToxId, ToxIdError};
 
@@ -285,6 +286,8 @@ impl ToxInfo {
 
 #[derive(Default)]
 struct Shared {
+    /// Our own connection to the Tox network (the DHT, or a TCP relay).
+    network: Option<FriendState>,
     friends: HashMap<[u8; 32], FriendState>,
     /// The keys of the configured peers allowed Tox, as the Tox thread
     /// applies them: packets still on their way from another are dropped.
@@ -471,6 +474,28 @@ impl Transport for ToxTransport {
         self.bell.ring();
     }
 
+    fn health(&self) -> Health {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let network = shared.network.unwrap_or(FriendState::None);
+        let online = shared
+            .friends
+            .values()
+            .filter(|s| **s != FriendState::None)
+            .count();
+        let mut facts = vec![match network {
+            FriendState::None => "not connected to the Tox network".to_owned(),
+            state => format!("connected to the Tox network over {state}"),
+        }];
+        facts.push(format!("{online}/{} friends online", shared.friends.len()));
+        if let Some(port) = self.info.udp_port {
+            facts.push(format!("udp port {port}"));
+        }
+        Health {
+            up: network != FriendState::None,
+            facts,
+        }
+    }
+
     fn describe(&self) -> String {
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let online = shared
@@ -624,6 +649,18 @@ unsafe extern "C" fn on_friend_request(
     }
 }
 
+unsafe extern "C" fn on_self_connection(
+    _tox: *mut ffi::Tox,
+    status: ffi::Tox_Connection,
+    user_data: *mut c_void,
+) {
+    // SAFETY: see on_friend_request.
+    let ctx = unsafe { &mut *(user_data as *mut CallbackContext) };
+    let state = FriendState::from_ffi(status);
+    tracing::info!(%state, "connection to the Tox network");
+    ctx.shared().network = Some(state);
+}
+
 unsafe extern "C" fn on_friend_connection(
     tox: *mut ffi::Tox,
     friend: u32,
@@ -756,6 +793,7 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         ffi::tox_callback_friend_request(tox, on_friend_request);
         ffi::tox_callback_friend_connection_status(tox, on_friend_connection);
         ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
+        ffi::tox_callback_self_connection_status(tox, on_self_connection);
     }
     connect(tox, &config, &friends, &mut ctx);
     let info = self_info(tox);

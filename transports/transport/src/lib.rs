@@ -10,6 +10,16 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::task::{Context, Poll};
 
+/// What `veilmesh netcheck` reports of a transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Working now: bound, connected to its network, session up.
+    pub up: bool,
+    /// What was found, one fact each: "bound on port 51820", "DHT
+    /// connected over UDP", "STUN 198.18.0.3:3478 sees 203.0.113.5:40000".
+    pub facts: Vec<String>,
+}
+
 /// The kinds of transport veilmesh knows, in the default order of preference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TransportKind {
@@ -355,6 +365,10 @@ pub trait Transport: Send {
     /// One-line human description of the transport's own state (bound port,
     /// session, ...), for `veilmesh show`.
     fn describe(&self) -> String;
+
+    /// Whether the transport works right now, and what says so, for
+    /// `veilmesh netcheck`.
+    fn health(&self) -> Health;
 
     /// The transport's view of one path, e.g. a Tox friend's connection
     /// state; None where it has nothing to add.

@@ -18,7 +18,9 @@ use std::os::fd::AsRawFd;
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use veilmesh_transport::{DatagramLimits, PeerAddr, Received, SendError, Transport, TransportKind};
+use veilmesh_transport::{
+    DatagramLimits, Health, PeerAddr, Received, SendError, Transport, TransportKind,
+};
 
 /// Socket buffers large enough to absorb a burst of full-size packets while
 /// the event loop is busy encrypting; the kernel default (~200 KiB) overflows
@@ -525,6 +527,24 @@ impl Transport for UdpTransport {
             }
         }
         Ok(None)
+    }
+
+    fn health(&self) -> Health {
+        let mut facts = vec![format!("bound on {}", self.local)];
+        if let Ok(state) = self.nat.lock() {
+            for (server, mapped) in state.client.mappings() {
+                facts.push(match mapped {
+                    Some(m) => format!("STUN {server} sees us at {m}"),
+                    None => format!("STUN {server}: no answer"),
+                });
+            }
+            if state.client.has_servers() {
+                let nat = state.client.nat_type(&state.interface_endpoints);
+                facts.push(format!("NAT: {nat}"));
+            }
+        }
+        // A bound socket is up; STUN only tells how others reach it.
+        Health { up: true, facts }
     }
 
     fn describe(&self) -> String {

@@ -129,6 +129,11 @@ impl StunClient {
         true
     }
 
+    /// Each server and the endpoint it last saw us at, if it answered.
+    pub fn mappings(&self) -> Vec<(SocketAddr, Option<SocketAddr>)> {
+        self.servers.iter().map(|s| (s.address, s.mapped)).collect()
+    }
+
     pub fn has_servers(&self) -> bool {
         !self.servers.is_empty()
     }
