@@ -44,6 +44,7 @@ impl Harness {
             persistent_keepalive: None,
             transports: TransportKind::ALL.to_vec(),
             allowed_destinations: None,
+            accept: None,
         };
         let node = Node::new(&node_key, vec![config], Instant::now()).unwrap();
         let peer = Tunn::new(
