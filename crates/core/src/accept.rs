@@ -115,6 +115,17 @@ struct Flow {
     theirs: (IpAddr, u16),
 }
 
+impl Flow {
+    /// How long it may answer after its last packet.
+    fn lifetime(&self) -> Duration {
+        match self.proto {
+            PROTO_TCP => TCP_FLOW,
+            PROTO_UDP => UDP_FLOW,
+            _ => ECHO_FLOW,
+        }
+    }
+}
+
 /// The rules of one peer and the flows we opened towards it.
 #[derive(Debug)]
 pub struct Firewall {
@@ -166,24 +177,19 @@ impl Firewall {
         let Some((src, dst, transport)) = inspect(packet) else {
             return;
         };
-        let (flow, lifetime, opens) = match transport {
+        let (flow, opens) = match transport {
             Transport::Ports {
                 proto,
                 src: sport,
                 dst: dport,
                 opens,
             } => {
-                let lifetime = if proto == PROTO_TCP {
-                    TCP_FLOW
-                } else {
-                    UDP_FLOW
-                };
                 let flow = Flow {
                     proto,
                     ours: (src, sport),
                     theirs: (dst, dport),
                 };
-                (flow, lifetime, opens || proto == PROTO_UDP)
+                (flow, opens || proto == PROTO_UDP)
             }
             Transport::EchoRequest { id } => {
                 let flow = Flow {
@@ -191,12 +197,12 @@ impl Firewall {
                     ours: (src, id),
                     theirs: (dst, 0),
                 };
-                (flow, ECHO_FLOW, true)
+                (flow, true)
             }
             _ => return,
         };
         if let Some(expires) = self.flows.get_mut(&flow) {
-            *expires = now + lifetime;
+            *expires = now + flow.lifetime();
             return;
         }
         if !opens {
@@ -209,7 +215,7 @@ impl Firewall {
                 return;
             }
         }
-        self.flows.insert(flow, now + lifetime);
+        self.flows.insert(flow, now + flow.lifetime());
     }
 
     /// A decrypted packet from the peer.
@@ -265,12 +271,7 @@ impl Firewall {
     fn answers(&mut self, flow: Flow, now: Instant) -> bool {
         match self.flows.get_mut(&flow) {
             Some(expires) if *expires > now => {
-                let lifetime = match flow.proto {
-                    PROTO_TCP => TCP_FLOW,
-                    PROTO_UDP => UDP_FLOW,
-                    _ => ECHO_FLOW,
-                };
-                *expires = now + lifetime;
+                *expires = now + flow.lifetime();
                 true
             }
             Some(_) => {

@@ -870,14 +870,21 @@ impl Node {
 
     /// The peer named `who` (its name, public key or mesh address).
     pub fn find_peer(&self, who: &str) -> Option<PeerId> {
-        let address: Option<Ipv6Addr> = who.parse().ok();
-        self.peers.slots.iter().position(|slot| {
-            slot.as_ref().is_some_and(|p| {
-                p.spec.name == who
-                    || p.spec.public_key.to_base64() == who
-                    || Some(p.spec.public_key.mesh_address()) == address
-            })
-        })
+        if let Ok(address) = who.parse::<Ipv6Addr>() {
+            // Its mesh /128 routes to it.
+            let id = *self.peers.routes.lookup(IpAddr::V6(address))?;
+            return self.peers.slots[id]
+                .as_ref()
+                .filter(|p| p.spec.public_key.mesh_address() == address)
+                .map(|_| id);
+        }
+        if let Ok(key) = PublicKey::parse(who) {
+            return self.peers.by_key.get(&key.0).copied();
+        }
+        self.peers
+            .slots
+            .iter()
+            .position(|slot| slot.as_ref().is_some_and(|p| p.spec.name == who))
     }
 
     /// Probes peer `id` now over the path in use, or over every path it
@@ -999,20 +1006,32 @@ impl Node {
         message: &PeerMessage,
         ttl: Option<u8>,
     ) {
-        let Some(peer) = self.peers.slots[id].as_mut() else {
+        let Some(peer) = self.peers.slots[id].as_ref() else {
             return;
         };
         let peer_mesh = peer.spec.public_key.mesh_address();
         peer_messages::encode_packet(message, self.mesh_address, peer_mesh, &mut self.message_buf);
+        self.send_message_buf(id, to, ttl);
+    }
+
+    /// Seals the IP packet in `message_buf` for peer `id` and queues it to
+    /// `to` (with `ttl`, if given); false if nothing was queued (boringtun
+    /// holds it until a handshake completes).
+    fn send_message_buf(&mut self, id: PeerId, to: PeerAddr, ttl: Option<u8>) -> bool {
+        let Some(peer) = self.peers.slots[id].as_mut() else {
+            return false;
+        };
         peer.wake(id, &mut self.peers.awake, self.last_now);
-        if let TunnResult::WriteToNetwork(datagram) = peer
+        let TunnResult::WriteToNetwork(datagram) = peer
             .tunn_mut(id, &self.keys)
             .encapsulate(&self.message_buf, &mut self.scratch)
-        {
-            let mut transmit = Transmit::new(to, datagram);
-            transmit.ttl = ttl;
-            self.transmits.push_back(transmit);
-        }
+        else {
+            return false;
+        };
+        let mut transmit = Transmit::new(to, datagram);
+        transmit.ttl = ttl;
+        self.transmits.push_back(transmit);
+        true
     }
 
     /// Answers a packet the peer's accept rules refused with an ICMP
@@ -1022,37 +1041,23 @@ impl Node {
         let Ok(info) = packet::parse(refused) else {
             return;
         };
-        let IpAddr::V6(local_v6) = info.dst else {
-            // ICMPv4 errors come from the original destination anyway.
-            return self.send_error_packet(id, to, refused, &info, self.mesh_address);
+        // ICMPv4 errors come from the original destination anyway.
+        let local_v6 = match info.dst {
+            IpAddr::V6(dst) => dst,
+            IpAddr::V4(_) => self.mesh_address,
         };
-        self.send_error_packet(id, to, refused, &info, local_v6);
-    }
-
-    fn send_error_packet(
-        &mut self,
-        id: PeerId,
-        to: PeerAddr,
-        refused: &[u8],
-        info: &packet::IpInfo,
-        local_v6: std::net::Ipv6Addr,
-    ) {
         // Room for the largest ICMP error (IPv6: the minimum MTU).
         self.message_buf.resize(1280, 0);
         let Some(len) =
-            packet::administratively_prohibited(refused, info, local_v6, &mut self.message_buf)
+            packet::administratively_prohibited(refused, &info, local_v6, &mut self.message_buf)
         else {
             return;
         };
-        let Some(peer) = self.peers.slots[id].as_mut() else {
-            return;
-        };
-        if let TunnResult::WriteToNetwork(datagram) = peer
-            .tunn_mut(id, &self.keys)
-            .encapsulate(&self.message_buf[..len], &mut self.scratch)
-        {
-            peer.counters.tx_packets += 1;
-            self.transmits.push_back(Transmit::new(to, datagram));
+        self.message_buf.truncate(len);
+        if self.send_message_buf(id, to, None) {
+            if let Some(peer) = self.peers.slots[id].as_mut() {
+                peer.counters.tx_packets += 1;
+            }
         }
     }
 

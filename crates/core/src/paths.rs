@@ -476,10 +476,7 @@ impl PathSet {
         due.into_iter()
             .map(|(to, short_ttl)| {
                 let id = new_id();
-                if self.outstanding.len() == MAX_OUTSTANDING {
-                    self.outstanding.pop_front();
-                }
-                self.outstanding.push_back((id, to.clone(), now));
+                self.await_reply(id, &to, now);
                 if let Some(path) = self.get_mut(&to) {
                     let (count, since) = path.unanswered.unwrap_or((0, now));
                     path.unanswered = Some((count + 1, since));
@@ -495,11 +492,17 @@ impl PathSet {
         if self.get(to).is_none() {
             return false;
         }
+        self.await_reply(id, to, now);
+        true
+    }
+
+    /// Probe `id` went to `to` now: its reply counts (the oldest
+    /// outstanding probe is forgotten beyond `MAX_OUTSTANDING`).
+    fn await_reply(&mut self, id: u64, to: &PeerAddr, now: Instant) {
         if self.outstanding.len() == MAX_OUTSTANDING {
             self.outstanding.pop_front();
         }
         self.outstanding.push_back((id, to.clone(), now));
-        true
     }
 
     /// Every path, the one in use first.
