@@ -390,6 +390,22 @@ struct Validator<'a> {
 }
 
 impl Validator<'_> {
+    /// Parses every entry of the list `field`; an error names the entry
+    /// (`field[i]`).
+    fn each<T, E: std::fmt::Display>(
+        &self,
+        field: &str,
+        list: &[String],
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Result<Vec<T>, ConfigError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, text)| {
+                parse(text).map_err(|e| self.err(format!("{field}[{i}]"), e.to_string()))
+            })
+            .collect()
+    }
+
     fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError {
             file: self.file.to_owned(),
@@ -562,19 +578,11 @@ impl Validator<'_> {
                 format!("{mtu} is below {MIN_MTU}, the minimum IPv6 requires"),
             ));
         }
-        let addresses = raw
-            .addresses
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                text.parse::<IpNet>().map_err(|_| {
-                    self.err(
-                        format!("interface.addresses[{i}]"),
-                        format!("`{text}` is not an address with prefix length, like 10.10.1.1/24"),
-                    )
-                })
+        let addresses = self.each("interface.addresses", &raw.addresses, |text| {
+            text.parse::<IpNet>().map_err(|_| {
+                format!("`{text}` is not an address with prefix length, like 10.10.1.1/24")
             })
-            .collect::<Result<Vec<_>, _>>()?;
+        })?;
         let control_socket = raw
             .control_socket
             .map(|p| self.relative_to_config(&p))
@@ -627,13 +635,7 @@ impl Validator<'_> {
             return Ok(None);
         }
         let nodes = |field: &str, list: &[String]| -> Result<Vec<ToxNode>, ConfigError> {
-            list.iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    text.parse()
-                        .map_err(|m| self.err(format!("tox.{field}[{i}]"), m))
-                })
-                .collect()
+            self.each(&format!("tox.{field}"), list, str::parse)
         };
         let mut bootstrap_nodes = nodes("bootstrap_nodes", &raw.bootstrap_nodes)?;
         let file_text = match raw.bootstrap_nodes_file {
@@ -689,14 +691,7 @@ impl Validator<'_> {
     }
 
     fn udp(&self, raw: RawUdp) -> Result<UdpSettings, ConfigError> {
-        let stun_servers = raw
-            .stun_servers
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                parse_endpoint(text).map_err(|m| self.err(format!("udp.stun_servers[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let stun_servers = self.each("udp.stun_servers", &raw.stun_servers, parse_endpoint)?;
         let punch_ttl = raw.punch_ttl.unwrap_or(crate::core::DEFAULT_PUNCH_TTL);
         if punch_ttl == 0 {
             return Err(self.err(
@@ -838,14 +833,8 @@ impl Validator<'_> {
             .endpoint
             .map(|text| parse_endpoint(&text).map_err(|m| self.err(format!("{label}.endpoint"), m)))
             .transpose()?;
-        let allowed_ips = raw
-            .allowed_ips
-            .iter()
-            .enumerate()
-            .map(|(i, text)| {
-                parse_net(text).map_err(|m| self.err(format!("{label}.allowed_ips[{i}]"), m))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed_ips =
+            self.each(&format!("{label}.allowed_ips"), &raw.allowed_ips, parse_net)?;
         let tox = raw
             .tox
             .map(|text| {
@@ -924,29 +913,14 @@ impl Validator<'_> {
         };
         let allowed_destinations = raw
             .allowed_destinations
-            .map(|list| {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, text)| {
-                        parse_net(text)
-                            .map_err(|m| self.err(format!("{label}.allowed_destinations[{i}]"), m))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
+            .map(|list| self.each(&format!("{label}.allowed_destinations"), &list, parse_net))
             .transpose()?;
         let accept = raw
             .accept
             .map(|list| {
-                list.iter()
-                    .enumerate()
-                    .map(|(i, text)| {
-                        text.trim()
-                            .parse()
-                            .map_err(|e: crate::core::accept::RuleError| {
-                                self.err(format!("{label}.accept[{i}]"), e.to_string())
-                            })
-                    })
-                    .collect::<Result<Vec<_>, _>>()
+                self.each(&format!("{label}.accept"), &list, |text| {
+                    text.trim().parse::<crate::core::accept::Rule>()
+                })
             })
             .transpose()?;
         Ok(PeerConfig {
