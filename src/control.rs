@@ -379,9 +379,10 @@ pub fn render(status: &DaemonStatus) -> String {
 /// allowed for this peer".
 pub fn transport_summary(peer: &crate::core::PeerStatus, running: &[String]) -> String {
     let in_use = peer.paths.iter().find(|p| p.in_use);
-    ["udp", "tox", "i2p"]
+    veilmesh_transport::TransportKind::ALL
         .iter()
         .map(|kind| {
+            let kind = kind.as_str();
             let allowed = peer.transports.iter().any(|t| t == kind);
             let reason = if !running.iter().any(|t| t == kind) {
                 "not run by this node".to_owned()

@@ -367,10 +367,9 @@ pub async fn run_with<T: Tun>(
     tokio::pin!(timer);
     tokio::pin!(stop);
     loop {
-        let pings_due = path.pings.iter().map(|p| p.deadline).min();
-        let due = pings_due.map_or(path.node.poll_timeout().at, |p| {
-            p.min(path.node.poll_timeout().at)
-        });
+        // The core's next timer, or a ping's time being up if sooner.
+        let due =
+            (path.pings.iter().map(|p| p.deadline)).fold(path.node.poll_timeout().at, Instant::min);
         let deadline = tokio::time::Instant::from_std(due);
         if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);

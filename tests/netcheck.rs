@@ -24,14 +24,8 @@ fn netcheck_says_what_works_and_fails_when_a_transport_is_down() {
     let socket = fa.socket.to_str().unwrap();
 
     let out = run(&[BIN, "netcheck", "--socket", socket]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "a transport is down:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = success_and_text(&out);
+    assert_eq!(out.status.code(), Some(1), "a transport is down:\n{text}");
     assert!(
         text.contains("udp: up\n  bound on 0.0.0.0:51820")
             || text.contains("udp: up\n  bound on [::]:51820"),

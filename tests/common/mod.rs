@@ -635,7 +635,12 @@ pub fn tox_id(ns: &Netns, files: &NodeFiles) -> String {
 /// `veilmesh netcheck` against the daemon of `files`: (exit success,
 /// stdout and stderr).
 pub fn veilmesh_netcheck(files: &NodeFiles) -> (bool, String) {
-    let out = run(&[BIN, "netcheck", "--socket", files.socket.to_str().unwrap()]);
+    let socket = files.socket.to_str().unwrap();
+    success_and_text(&run(&[BIN, "netcheck", "--socket", socket]))
+}
+
+/// (exit success, stdout then stderr) of a finished command.
+pub fn success_and_text(out: &Output) -> (bool, String) {
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
@@ -648,9 +653,5 @@ pub fn veilmesh_ping(files: &NodeFiles, peer: &str, extra: &[&str]) -> (bool, St
     let socket = files.socket.to_str().unwrap();
     let mut args = vec![BIN, "ping", peer, "--socket", socket, "-n", "1"];
     args.extend_from_slice(extra);
-    let out = run(&args);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    success_and_text(&run(&args))
 }

@@ -284,6 +284,11 @@ impl ToxInfo {
     }
 }
 
+/// The state shared with the Tox thread; a panic elsewhere leaves it usable.
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[derive(Default)]
 struct Shared {
     /// Our own connection to the Tox network (the DHT, or a TCP relay).
@@ -295,6 +300,15 @@ struct Shared {
     counters: ToxCounters,
     /// A new friend list for the Tox thread to apply (a reload).
     new_friends: Option<Vec<ToxId>>,
+}
+
+impl Shared {
+    fn friends_online(&self) -> usize {
+        self.friends
+            .values()
+            .filter(|s| **s != FriendState::None)
+            .count()
+    }
 }
 
 pub struct ToxTransport {
@@ -359,7 +373,7 @@ impl ToxTransport {
     }
 
     pub fn friend_state(&self, public_key: &ToxPublicKey) -> FriendState {
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = lock(&self.shared);
         shared
             .friends
             .get(&public_key.0)
@@ -368,11 +382,7 @@ impl ToxTransport {
     }
 
     pub fn counters(&self) -> ToxCounters {
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counters
-            .clone()
+        lock(&self.shared).counters.clone()
     }
 }
 
@@ -467,21 +477,14 @@ impl Transport for ToxTransport {
     /// saved), and only their keys are accepted from now on. The Tox
     /// thread picks the list up at its next iteration.
     fn reconfigure(&mut self, contacts: &[Contact]) {
-        self.shared
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .new_friends = Some(friends_of(contacts));
+        lock(&self.shared).new_friends = Some(friends_of(contacts));
         self.bell.ring();
     }
 
     fn health(&self) -> Health {
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = lock(&self.shared);
         let network = shared.network.unwrap_or(FriendState::None);
-        let online = shared
-            .friends
-            .values()
-            .filter(|s| **s != FriendState::None)
-            .count();
+        let online = shared.friends_online();
         let mut facts = vec![match network {
             FriendState::None => "not connected to the Tox network".to_owned(),
             state => format!("connected to the Tox network over {state}"),
@@ -497,12 +500,8 @@ impl Transport for ToxTransport {
     }
 
     fn describe(&self) -> String {
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        let online = shared
-            .friends
-            .values()
-            .filter(|s| **s != FriendState::None)
-            .count();
+        let shared = lock(&self.shared);
+        let online = shared.friends_online();
         format!(
             "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored, \
              {} friends deleted, {} packets from unallowed friends, {} send errors, {} paced drops, \
@@ -526,7 +525,7 @@ impl ToxTransport {
     fn deliver(&self, pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
         self.inbound_queued.fetch_sub(1, Ordering::Relaxed);
         {
-            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shared = lock(&self.shared);
             if !shared.allowed.contains(&pk) {
                 shared.counters.unallowed_packets += 1;
                 return None;
@@ -583,7 +582,7 @@ struct CallbackContext {
 
 impl CallbackContext {
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.shared)
     }
 
     /// Hands what was received to the event loop in one message.
