@@ -64,36 +64,40 @@ t = [float(m.group(1)) for m in re.finditer(r"time=([0-9.]+) ms", sys.stdin.read
 print("%.3f %.3f" % (statistics.mean(t), statistics.median(t)))'
 }
 
+# wait_links A_IF B_IF: until both namespaces have their interface.
+wait_links() {
+  for _ in $(seq 50); do ip -n $A link show "$1" >/dev/null 2>&1 && ip -n $B link show "$2" >/dev/null 2>&1 && return; sleep 0.1; done
+}
+# wg_pair A_IF B_IF PORT NET: a userspace WireGuard's two interfaces (just
+# started) get keys, each other as peer, and NET.1 / NET.2 at MTU 1420.
+wg_pair() {
+  local a_if=$1 b_if=$2 port=$3 net=$4
+  wait_links "$a_if" "$b_if"
+  wg genkey > "$work/$a_if.key"; wg genkey > "$work/$b_if.key"
+  in_a wg set "$a_if" private-key "$work/$a_if.key" listen-port "$port" \
+    peer "$(wg pubkey < "$work/$b_if.key")" allowed-ips "$net.2/32" endpoint "198.18.1.2:$port"
+  in_b wg set "$b_if" private-key "$work/$b_if.key" listen-port "$port" \
+    peer "$(wg pubkey < "$work/$a_if.key")" allowed-ips "$net.1/32" endpoint "198.18.1.1:$port"
+  ip -n $A addr add "$net.1/24" dev "$a_if"; ip -n $A link set "$a_if" mtu 1420 up
+  ip -n $B addr add "$net.2/24" dev "$b_if"; ip -n $B link set "$b_if" mtu 1420 up
+}
+
 # --- wireguard-go ---------------------------------------------------------
-wg genkey > "$work/wga.key"; wg genkey > "$work/wgb.key"
 # wireguard-go keeps its control socket in /var/run/wireguard/NAME.sock, which
 # namespaces share: each side needs its own interface name.
 WG_PROCESS_FOREGROUND=1 ip netns exec $A wireguard-go wga0 >/dev/null 2>&1 & pids+=($!)
 WG_PROCESS_FOREGROUND=1 ip netns exec $B wireguard-go wgb0 >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 50); do ip -n $A link show wga0 >/dev/null 2>&1 && ip -n $B link show wgb0 >/dev/null 2>&1 && break; sleep 0.1; done
-in_a wg set wga0 private-key "$work/wga.key" listen-port 51821 \
-  peer "$(wg pubkey < "$work/wgb.key")" allowed-ips 198.19.0.2/32 endpoint 198.18.1.2:51821
-in_b wg set wgb0 private-key "$work/wgb.key" listen-port 51821 \
-  peer "$(wg pubkey < "$work/wga.key")" allowed-ips 198.19.0.1/32 endpoint 198.18.1.1:51821
-ip -n $A addr add 198.19.0.1/24 dev wga0; ip -n $A link set wga0 mtu 1420 up
-ip -n $B addr add 198.19.0.2/24 dev wgb0; ip -n $B link set wgb0 mtu 1420 up
+wg_pair wga0 wgb0 51821 198.19.0
 
 # --- boringtun-cli -------------------------------------------------------
-wg genkey > "$work/bta.key"; wg genkey > "$work/btb.key"
 ip netns exec $A boringtun-cli -f --disable-drop-privileges bta0 >"$work/bta.log" 2>&1 & pids+=($!)
 ip netns exec $B boringtun-cli -f --disable-drop-privileges btb0 >"$work/btb.log" 2>&1 & pids+=($!)
-for _ in $(seq 50); do ip -n $A link show bta0 >/dev/null 2>&1 && ip -n $B link show btb0 >/dev/null 2>&1 && break; sleep 0.1; done
-in_a wg set bta0 private-key "$work/bta.key" listen-port 51824 \
-  peer "$(wg pubkey < "$work/btb.key")" allowed-ips 198.19.4.2/32 endpoint 198.18.1.2:51824
-in_b wg set btb0 private-key "$work/btb.key" listen-port 51824 \
-  peer "$(wg pubkey < "$work/bta.key")" allowed-ips 198.19.4.1/32 endpoint 198.18.1.1:51824
-ip -n $A addr add 198.19.4.1/24 dev bta0; ip -n $A link set bta0 mtu 1420 up
-ip -n $B addr add 198.19.4.2/24 dev btb0; ip -n $B link set btb0 mtu 1420 up
+wg_pair bta0 btb0 51824 198.19.4
 
 # --- the no-crypto relay ----------------------------------------------------
 ip netns exec $A "$relay" rly0 198.19.3.1/24 51823 198.18.1.2:51823 & pids+=($!)
 ip netns exec $B "$relay" rly0 198.19.3.2/24 51823 198.18.1.1:51823 & pids+=($!)
-for _ in $(seq 50); do ip -n $A link show rly0 >/dev/null 2>&1 && ip -n $B link show rly0 >/dev/null 2>&1 && break; sleep 0.1; done
+wait_links rly0 rly0
 
 # --- veilmesh -------------------------------------------------------------
 "$bin" genkey > "$work/a.key"; "$bin" genkey > "$work/b.key"
