@@ -73,7 +73,8 @@ impl OwnEndpoints {
 
     /// The endpoints a peer gave us (in the session or the DHT) that may be
     /// probed: usable ones, and never one our own TUN routes (a tunnel
-    /// inside the tunnel).
+    /// inside the tunnel). An exit's default route does not count: our own
+    /// sockets carry the mark that keeps them out of it.
     pub(crate) fn usable_peer_endpoints(
         &self,
         routes: &RoutingTable<PeerId>,
@@ -82,7 +83,7 @@ impl OwnEndpoints {
         endpoints
             .iter()
             .map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()))
-            .filter(|sa| self.usable_for_peer(sa) && routes.lookup(sa.ip()).is_none())
+            .filter(|sa| self.usable_for_peer(sa) && routes.lookup_within(sa.ip(), 1).is_none())
             .collect()
     }
 }

@@ -379,7 +379,7 @@ impl Node {
             self.counters.multicast_ignored += 1;
             return FromTun::Done(DropReason::Multicast);
         }
-        let Some(&id) = self.peers.routes.lookup(info.dst) else {
+        let Some(&id) = self.peers.routes.route(info.dst) else {
             self.counters.no_route += 1;
             tracing::trace!(dst = %info.dst, "no peer owns the destination");
             return self.unreachable(packet, &info, Unreachable::NoRoute, out);
@@ -653,7 +653,7 @@ impl Node {
         // Authenticated: the peer may have moved, whatever the payload says.
         peer.initiations = None;
         Self::heard(peer, from, now, &mut self.timers, &self.own);
-        if self.peers.routes.lookup(src) != Some(&id) {
+        if self.peers.routes.route(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.spec.name, %src, "dropped packet with a source outside the peer's allowed IPs");
             return FromNetwork::Dropped(DropReason::Spoofed);
@@ -872,7 +872,7 @@ impl Node {
     pub fn find_peer(&self, who: &str) -> Option<PeerId> {
         if let Ok(address) = who.parse::<Ipv6Addr>() {
             // Its mesh /128 routes to it.
-            let id = *self.peers.routes.lookup(IpAddr::V6(address))?;
+            let id = *self.peers.routes.route(IpAddr::V6(address))?;
             return self.peers.slots[id]
                 .as_ref()
                 .filter(|p| p.spec.public_key.mesh_address() == address)

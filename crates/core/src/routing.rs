@@ -9,6 +9,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::identity::{is_mesh_address, MESH_PREFIX_LEN};
+
 #[derive(Debug, Clone)]
 struct Family<T> {
     /// (prefix length, masked network → value), longest prefix first.
@@ -50,9 +52,10 @@ impl<T> Family<T> {
         self.by_len[slot].1.insert(key, value)
     }
 
-    fn lookup(&self, addr: u128) -> Option<&T> {
+    fn lookup(&self, addr: u128, shortest: u8) -> Option<&T> {
         self.by_len
             .iter()
+            .take_while(|(len, _)| *len >= shortest)
             .find_map(|(len, map)| map.get(&self.mask(addr, *len)))
     }
 
@@ -91,9 +94,27 @@ impl<T> RoutingTable<T> {
     }
 
     pub fn lookup(&self, addr: IpAddr) -> Option<&T> {
+        self.lookup_within(addr, 0)
+    }
+
+    /// Where a packet to or from `addr` belongs: the longest prefix wins,
+    /// except that a mesh address only ever matches a prefix inside the
+    /// mesh /48 (its key's peer): an exit's default route never carries a
+    /// mesh address, and no exit may send from one.
+    pub fn route(&self, addr: IpAddr) -> Option<&T> {
+        let shortest = match addr {
+            IpAddr::V6(v6) if is_mesh_address(&v6) => MESH_PREFIX_LEN,
+            _ => 0,
+        };
+        self.lookup_within(addr, shortest)
+    }
+
+    /// The longest match among routes of at least `shortest` bits: with 1,
+    /// a default route (an exit node's) is not considered.
+    pub fn lookup_within(&self, addr: IpAddr, shortest: u8) -> Option<&T> {
         match addr {
-            IpAddr::V4(a) => self.v4.lookup(u128::from(u32::from(a))),
-            IpAddr::V6(a) => self.v6.lookup(u128::from(a)),
+            IpAddr::V4(a) => self.v4.lookup(u128::from(u32::from(a)), shortest),
+            IpAddr::V6(a) => self.v6.lookup(u128::from(a), shortest),
         }
     }
 
@@ -133,6 +154,27 @@ mod tests {
         assert_eq!(t.lookup(ip("fd60:db4d:ddb5:1::1")), Some(&"peer"));
         assert_eq!(t.lookup(ip("fd60:db4d:ddb5:1::2")), Some(&"mesh"));
         assert_eq!(t.lookup(ip("2001:db8::1")), None);
+    }
+
+    #[test]
+    fn a_lookup_within_a_length_skips_shorter_routes() {
+        let mut t = RoutingTable::default();
+        t.insert(net("0.0.0.0/0"), "exit");
+        t.insert(net("10.0.0.0/8"), "site");
+        assert_eq!(t.lookup_within(ip("10.1.2.3"), 1), Some(&"site"));
+        assert_eq!(t.lookup_within(ip("192.0.2.1"), 1), None);
+        assert_eq!(t.lookup_within(ip("10.1.2.3"), 9), None);
+        assert_eq!(t.lookup_within(ip("192.0.2.1"), 0), Some(&"exit"));
+    }
+
+    #[test]
+    fn a_mesh_address_never_routes_to_a_default_route() {
+        let mut t = RoutingTable::default();
+        t.insert(net("::/0"), "exit");
+        t.insert(net("fd60:db4d:ddb5:1::1/128"), "peer");
+        assert_eq!(t.route(ip("fd60:db4d:ddb5:1::1")), Some(&"peer"));
+        assert_eq!(t.route(ip("fd60:db4d:ddb5:1::2")), None);
+        assert_eq!(t.route(ip("2001:db8::1")), Some(&"exit"));
     }
 
     #[test]

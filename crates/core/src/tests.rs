@@ -486,12 +486,9 @@ proptest! {
     }
 }
 
-fn data_message_from_a(m: &mut Mesh, packet: &[u8]) -> Vec<u8> {
+fn data_message(node: &mut Node, packet: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; BUFFER_SIZE];
-    match m
-        .node_a
-        .handle_tun_packet(packet, limits, &mut out, Instant::now())
-    {
+    match node.handle_tun_packet(packet, limits, &mut out, Instant::now()) {
         FromTun::Send { datagram, .. } => datagram.to_vec(),
         other => panic!("unexpected {other:?}"),
     }
@@ -516,7 +513,7 @@ fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
     assert_eq!(report.added, vec!["c"]);
     assert_eq!(report.unchanged, vec!["b"]);
     // Still a data message (type 4), not a new handshake (type 1).
-    let datagram = data_message_from_a(&mut m, &ping);
+    let datagram = data_message(&mut m.node_a, &ping);
     assert_eq!(message_type(&datagram), Some(DATA));
     assert!(matches!(
         m.node_b
@@ -525,7 +522,7 @@ fn reconfigure_keeps_unchanged_sessions_and_adds_peers() {
     ));
     // And the new peer is routed: its first packet starts a handshake.
     let ping_c = ipv6_echo(m.a.mesh(), c.mesh(), 8);
-    let to_c = data_message_from_a(&mut m, &ping_c);
+    let to_c = data_message(&mut m.node_a, &ping_c);
     assert_eq!(message_type(&to_c), Some(1));
 }
 
@@ -534,7 +531,7 @@ fn reconfigure_forgets_removed_peers_and_moves_routes() {
     let mut m = mesh();
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
-    let from_a = data_message_from_a(&mut m, &ping);
+    let from_a = data_message(&mut m.node_a, &ping);
     // b drops a; a's traffic is no longer accepted.
     let report = m.node_b.reconfigure(vec![], Instant::now()).unwrap();
     assert_eq!(report.removed, vec!["a"]);
@@ -584,7 +581,7 @@ fn over_tox_only_the_peers_own_tox_key_may_carry_its_session() {
     let mut m = mesh();
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
-    let datagram = data_message_from_a(&mut m, &ping);
+    let datagram = data_message(&mut m.node_a, &ping);
     // b has no Tox ID configured for a: a Tox friend cannot deliver a's traffic.
     let stranger = PeerAddr::Tox(ToxPublicKey([9; 32]));
     assert!(matches!(
@@ -618,7 +615,7 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
 
     // Authentic traffic from a over UDP is dropped before decryption, and
     // b does not roam to UDP.
-    let over_udp = data_message_from_a(&mut m, &ping);
+    let over_udp = data_message(&mut m.node_a, &ping);
     assert!(matches!(
         m.node_b
             .handle_datagram(&m.a.addr.clone(), &over_udp, &mut m.buf, Instant::now()),
@@ -639,7 +636,7 @@ fn a_peer_restricted_to_i2p_is_neither_reached_nor_accepted_over_udp() {
     assert_eq!(path_of_a(&m.node_b), Some(format!("i2p {a_dest}")));
 
     // From a's own destination it is delivered, and b answers over I2P.
-    let over_i2p = data_message_from_a(&mut m, &ping);
+    let over_i2p = data_message(&mut m.node_a, &ping);
     assert!(matches!(
         m.node_b.handle_datagram(
             &PeerAddr::I2p(a_dest),
@@ -1188,7 +1185,7 @@ fn mesh_with_a_anonymous_to_b(allowed_destinations: Option<Vec<IpNet>>) -> (Mesh
         .reconfigure(vec![restricted], Instant::now())
         .unwrap();
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    let init = data_message_from_a(&mut m, &ping);
+    let init = data_message(&mut m.node_a, &ping);
     m.node_b
         .handle_datagram(&a_dest, &init, &mut m.buf, Instant::now());
     let response = m.node_b.poll_transmit().expect("handshake response");
@@ -1213,14 +1210,14 @@ fn an_anonymous_peer_reaches_our_mesh_address_only() {
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
     let now = Instant::now();
     let to_lan = lan_packet(true);
-    let datagram = data_message_from_a(&mut m, &to_lan);
+    let datagram = data_message(&mut m.node_a, &to_lan);
     assert!(matches!(
         m.node_b
             .handle_datagram(&a_dest, &datagram, &mut m.buf, now),
         FromNetwork::Dropped(DropReason::RefusedAddress)
     ));
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    let datagram = data_message_from_a(&mut m, &ping);
+    let datagram = data_message(&mut m.node_a, &ping);
     assert!(matches!(
         m.node_b
             .handle_datagram(&a_dest, &datagram, &mut m.buf, now),
@@ -1248,7 +1245,7 @@ fn an_anonymous_peer_reaches_our_tunnel_addresses() {
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
     m.node_b
         .set_tunnel_addresses(["192.168.50.2".parse::<IpAddr>().unwrap()]);
-    let datagram = data_message_from_a(&mut m, &lan_packet(true));
+    let datagram = data_message(&mut m.node_a, &lan_packet(true));
     assert!(matches!(
         m.node_b
             .handle_datagram(&a_dest, &datagram, &mut m.buf, Instant::now()),
@@ -1267,7 +1264,7 @@ fn allowed_destinations_open_more_of_our_addresses_to_an_anonymous_peer() {
     let lan: IpNet = "192.168.50.0/24".parse().unwrap();
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(Some(vec![lan]));
     let to_lan = lan_packet(true);
-    let datagram = data_message_from_a(&mut m, &to_lan);
+    let datagram = data_message(&mut m.node_a, &to_lan);
     assert!(matches!(
         m.node_b
             .handle_datagram(&a_dest, &datagram, &mut m.buf, Instant::now()),
@@ -1351,7 +1348,7 @@ fn unattributed_datagrams_belong_to_the_peer_they_decrypt_for() {
     let raw = PeerAddr::Unattributed(TransportKind::I2p);
     let (mut m, a_dest) = mesh_with_a_anonymous_to_b(None);
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
-    let datagram = data_message_from_a(&mut m, &ping);
+    let datagram = data_message(&mut m.node_a, &ping);
     assert!(matches!(
         m.node_b
             .handle_datagram(&raw, &datagram, &mut m.buf, Instant::now()),
@@ -1391,7 +1388,7 @@ fn unattributed_datagrams_belong_to_the_peer_they_decrypt_for() {
     let mut m = mesh();
     let ping = ipv6_echo(m.a.mesh(), m.b.mesh(), 8);
     send_from_a(&mut m, &ping);
-    let datagram = data_message_from_a(&mut m, &ping);
+    let datagram = data_message(&mut m.node_a, &ping);
     assert!(matches!(
         m.node_b
             .handle_datagram(&raw, &datagram, &mut m.buf, Instant::now()),
@@ -1802,4 +1799,77 @@ fn ping_probes_the_path_and_reports_the_answer() {
         }
     }
     assert_eq!(answered, vec![probes[0].probe]);
+}
+
+/// A uses B as its exit (0.0.0.0/0 and ::/0) and reaches C's site
+/// subnet through C: the longest prefix wins, mesh addresses never go to
+/// the exit, and the exit may send from any address but those.
+#[test]
+fn an_exit_carries_what_no_longer_prefix_claims() {
+    let now = Instant::now();
+    let a = Side::new("198.18.0.1:51820");
+    let b = Side::new("198.18.0.2:51820");
+    let c = Side::new("198.18.0.3:51820");
+    let node_a = Node::new(
+        &a.key,
+        vec![
+            b.as_peer("b", true, &["0.0.0.0/0", "::/0"]),
+            c.as_peer("c", false, &["192.168.60.0/24"]),
+        ],
+        now,
+    )
+    .unwrap();
+    let node_b = Node::new(&b.key, vec![a.as_peer("a", false, &["10.10.1.1/32"])], now).unwrap();
+    let mut m = Mesh {
+        a,
+        b,
+        node_a,
+        node_b,
+        buf: vec![0u8; BUFFER_SIZE],
+    };
+    let a_v4 = Ipv4Addr::new(10, 10, 1, 1);
+    let out_there = ipv4_udp(a_v4, Ipv4Addr::new(203, 0, 113, 5), 100, true);
+    let (_, at_b) = send_from_a(&mut m, &out_there);
+    assert_eq!(at_b, vec![out_there], "the internet goes through the exit");
+
+    let mut out = vec![0u8; BUFFER_SIZE];
+    let to_site = ipv4_udp(a_v4, Ipv4Addr::new(192, 168, 60, 1), 100, true);
+    assert!(
+        matches!(
+            m.node_a.handle_tun_packet(&to_site, limits, &mut out, now),
+            FromTun::Reply(_)
+        ),
+        "C's subnet goes to C (which has no path), not to the exit"
+    );
+    let nobody: Ipv6Addr = "fd60:db4d:ddb5::1234".parse().unwrap();
+    let to_stranger = ipv6_echo(m.a.mesh(), nobody, 8);
+    m.node_a
+        .handle_tun_packet(&to_stranger, limits, &mut out, now);
+    assert_eq!(
+        m.node_a.counters().no_route,
+        1,
+        "no mesh address via an exit"
+    );
+
+    // The exit answers from the internet; it may not speak for C's
+    // subnet nor for a mesh address.
+    let sources = [
+        (Ipv4Addr::new(203, 0, 113, 5).into(), true),
+        (Ipv4Addr::new(192, 168, 60, 1).into(), false),
+    ];
+    for (src, accepted) in sources {
+        let IpAddr::V4(src) = src else { unreachable!() };
+        let answer = ipv4_udp(src, a_v4, 60, true);
+        let datagram = data_message(&mut m.node_b, &answer);
+        let got = m
+            .node_a
+            .handle_datagram(&m.b.addr, &datagram, &mut m.buf, now);
+        assert_eq!(matches!(got, FromNetwork::ToTun(_)), accepted, "from {src}");
+    }
+    let spoofed_mesh = ipv6_echo(nobody, m.a.mesh(), 8);
+    let datagram = data_message(&mut m.node_b, &spoofed_mesh);
+    let got = m
+        .node_a
+        .handle_datagram(&m.b.addr, &datagram, &mut m.buf, now);
+    assert!(matches!(got, FromNetwork::Dropped(DropReason::Spoofed)));
 }
