@@ -30,6 +30,7 @@ pub mod sam;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use veilmesh_transport::{
@@ -578,11 +579,20 @@ fn bind_datagram_socket(local: std::net::IpAddr, bridge: SocketAddr) -> io::Resu
         Some(Protocol::UDP),
     )?;
     socket.set_nonblocking(true)?;
+    mark(socket.as_raw_fd());
     let _ = socket.set_recv_buffer_size(2 << 20);
     let _ = socket.set_send_buffer_size(2 << 20);
     socket.bind(&SocketAddr::new(local, 0).into())?;
     socket.connect(&bridge.into())?;
     UdpSocket::from_std(socket.into())
+}
+
+/// Our mark keeps the bridge connection out of an exit's tunnel (a bridge
+/// on another host); without it the connection still works.
+fn mark(fd: std::os::fd::RawFd) {
+    if let Err(error) = veilmesh_transport::sockets::mark_new_socket(fd) {
+        tracing::debug!(%error, "SAM bridge socket not marked");
+    }
 }
 
 /// This node's I2P address as the key file has it: None until the first
@@ -747,7 +757,12 @@ impl Control {
             .map_err(|_| SessionError::Timeout("name resolution"))??
             .next()
             .ok_or_else(|| SessionError::Resolve(bridge.to_owned()))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        mark(socket.as_raw_fd());
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
             .await
             .map_err(|_| SessionError::Timeout("the TCP connection"))??;
         stream.set_nodelay(true)?;

@@ -794,9 +794,13 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
         ffi::tox_callback_self_connection_status(tox, on_self_connection);
     }
-    connect(tox, &config, &friends, &mut ctx);
     let info = self_info(tox);
     let udp_socket = info.udp_port.and_then(wake::find_udp_socket);
+    // Before the first packet: our mark keeps it out of an exit's tunnel.
+    if let Some(Err(error)) = udp_socket.map(veilmesh_transport::sockets::mark_new_socket) {
+        tracing::debug!(%error, "toxcore's UDP socket not marked");
+    }
+    connect(tox, &config, &friends, &mut ctx);
     match (info.udp_port, udp_socket) {
         (Some(port), None) => tracing::warn!(
             port,

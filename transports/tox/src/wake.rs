@@ -7,11 +7,11 @@
 //! bound to `tox_self_get_udp_port()`; found once, the thread waits on it
 //! and iterates as soon as a packet arrives.
 
-use std::fs;
-use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::time::Duration;
+
+use veilmesh_transport::sockets;
 
 /// The event loop's side: tells a sleeping Tox thread that datagrams wait.
 /// One `eventfd` write per sleep, not per datagram.
@@ -105,11 +105,8 @@ impl Bell {
 /// closed: toxcore owns it until `tox_kill`.
 pub(crate) fn find_udp_socket(port: u16) -> Option<RawFd> {
     let mut found = None;
-    for entry in fs::read_dir("/proc/self/fd").ok()?.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        if is_udp_socket_on(fd, port) {
+    for fd in sockets::own_descriptors() {
+        if sockets::is_datagram_socket(fd) && sockets::bound_port(fd) == Some(port) {
             if found.is_some() {
                 return None; // two candidates: guessing could poll the wrong one
             }
@@ -117,49 +114,6 @@ pub(crate) fn find_udp_socket(port: u16) -> Option<RawFd> {
         }
     }
     found
-}
-
-fn is_udp_socket_on(fd: RawFd, port: u16) -> bool {
-    let mut kind: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `kind`; a
-    // descriptor that is not a socket (or closed meanwhile) fails cleanly.
-    let ok = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if ok != 0 || kind != libc::SOCK_DGRAM {
-        return false;
-    }
-    let mut addr = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into the storage.
-    if unsafe { libc::getsockname(fd, addr.as_mut_ptr().cast(), &mut len) } != 0 {
-        return false;
-    }
-    // SAFETY: zero-initialised, then filled by the kernel.
-    let addr = unsafe { addr.assume_init() };
-    let bound = match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says this is a sockaddr_in.
-            let v4 =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            u16::from_be(v4.sin_port)
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says this is a sockaddr_in6.
-            let v6 =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            u16::from_be(v6.sin6_port)
-        }
-        _ => return false,
-    };
-    bound == port
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //! about sessions, routing or keys: the daemon's core owns those, so a peer can
 //! move between transports without a new handshake.
 
+pub mod sockets;
+
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};

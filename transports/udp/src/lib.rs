@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use veilmesh_transport::{
-    DatagramLimits, Health, PeerAddr, Received, SendError, Transport, TransportKind,
+    sockets, DatagramLimits, Health, PeerAddr, Received, SendError, Transport, TransportKind,
 };
 
 /// Socket buffers large enough to absorb a burst of full-size packets while
@@ -407,6 +407,9 @@ fn bind_socket(domain: Domain, port: u16) -> io::Result<Socket> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
+    if let Err(error) = sockets::mark_new_socket(socket.as_raw_fd()) {
+        tracing::debug!(%error, "UDP socket not marked");
+    }
     // Best effort: the kernel caps these at net.core.{r,w}mem_max.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
