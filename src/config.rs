@@ -20,6 +20,9 @@ use veilmesh_transport::{Contact, I2pAddress, PeerAddr, TransportKind};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// The firewall mark of veilmesh's own sockets and the number of the
+/// routing table an exit's default route goes in ("vm").
+pub const DEFAULT_FWMARK: u32 = 0x766d;
 /// 1500 minus the outer IPv6 (40) + UDP (8) + WireGuard data (32) headers.
 pub const DEFAULT_MTU: u16 = 1420;
 /// IPv6 requires every link to carry 1280-byte packets.
@@ -80,6 +83,7 @@ struct RawInterface {
     hosts_file: Option<PathBuf>,
     user: Option<String>,
     offload: Option<bool>,
+    fwmark: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -149,6 +153,7 @@ struct RawPeer {
     transports: Option<Vec<String>>,
     allowed_destinations: Option<Vec<String>>,
     accept: Option<Vec<String>>,
+    exit: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +241,8 @@ pub struct InterfaceConfig {
     pub hosts_file: Option<PathBuf>,
     /// Segmentation offload where the kernel has it (UDP GSO/GRO).
     pub offload: bool,
+    /// Mark of our own sockets, and the table of an exit's default route.
+    pub fwmark: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +267,9 @@ pub struct PeerConfig {
     /// What the peer may open towards us (stateful: what we open to it may
     /// always answer). None: anything.
     pub accept: Option<Vec<crate::core::accept::Rule>>,
+    /// Said explicitly: the peer may carry our traffic to the internet
+    /// (required of an I2P-only peer with a default route).
+    pub exit: bool,
 }
 
 impl PeerConfig {
@@ -316,6 +326,23 @@ impl Config {
         self.peers
             .iter()
             .flat_map(|p| p.allowed_ips.iter().copied())
+    }
+
+    /// Addresses an exit never carries: the Tox nodes toxcore may reach
+    /// over TCP, whose sockets cannot be marked before they connect.
+    pub fn exit_bypass(&self) -> Vec<IpAddr> {
+        let Some(tox) = &self.tox else {
+            return Vec::new();
+        };
+        let mut addrs: Vec<IpAddr> = tox
+            .bootstrap
+            .iter()
+            .chain(&tox.tcp_relays)
+            .filter_map(|node| node.host.parse().ok())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
     }
 
     /// Files the transports write while running (Tox state, I2P key).
@@ -493,16 +520,35 @@ impl Validator<'_> {
             by_name.insert(peer.name.clone(), index);
             peers.push(peer);
         }
-        if let Some(overlap) = first_overlap(peers.iter().map(PeerConfig::all_allowed_ips)) {
-            let label = peer_label(overlap.later.peer, &peers[overlap.later.peer].name);
-            let other_label = peer_label(overlap.earlier.peer, &peers[overlap.earlier.peer].name);
+        if let Some(twice) = first_shared_prefix(peers.iter().map(PeerConfig::all_allowed_ips)) {
+            let label = peer_label(twice.later, &peers[twice.later].name);
+            let other_label = peer_label(twice.earlier, &peers[twice.earlier].name);
             return Err(self.err(
                 format!("{label}.allowed_ips"),
                 format!(
-                    "{} overlaps {} of {other_label}; every address must route to exactly one peer",
-                    overlap.later.net, overlap.earlier.net
+                    "{} is also routed to {other_label}; two peers cannot own the same prefix \
+                     (a prefix inside another one is fine: the longest wins)",
+                    twice.net
                 ),
             ));
+        }
+        let has_v4_address = interface
+            .addresses
+            .iter()
+            .any(|n| matches!(n, IpNet::V4(_)));
+        if let Some((index, peer)) = peers.iter().enumerate().find(|(_, p)| {
+            p.allowed_ips
+                .iter()
+                .any(|n| matches!(n, IpNet::V4(v4) if v4.prefix_len() == 0))
+        }) {
+            if !has_v4_address {
+                return Err(self.err(
+                    format!("{}.allowed_ips", peer_label(index, &peer.name)),
+                    "0.0.0.0/0 sends this node's IPv4 traffic through the peer, which needs an \
+                     IPv4 source address on the tunnel: add one to [interface] addresses, like \
+                     \"10.99.0.2/32\" (and to this node's allowed_ips on the exit)",
+                ));
+            }
         }
         Ok(Config {
             file: self.file.to_owned(),
@@ -610,6 +656,16 @@ impl Validator<'_> {
                 Ok(addr)
             })
             .transpose()?;
+        let fwmark = match raw.fwmark {
+            None => DEFAULT_FWMARK,
+            Some(0) => {
+                return Err(self.err(
+                    "interface.fwmark",
+                    "0 is no mark: choose another number (the default is 30317)",
+                ))
+            }
+            Some(mark) => mark,
+        };
         let hosts_file = match raw.hosts_file {
             None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
             Some(p) if p.as_os_str().is_empty() => None,
@@ -627,6 +683,7 @@ impl Validator<'_> {
             addresses,
             control_socket,
             offload: raw.offload.unwrap_or(true),
+            fwmark,
         })
     }
 
@@ -923,8 +980,29 @@ impl Validator<'_> {
                 })
             })
             .transpose()?;
+        let exit = raw.exit.unwrap_or(false);
+        let default_route = allowed_ips.iter().find(|net| net.prefix_len() == 0);
+        match default_route {
+            None if exit => {
+                return Err(self.err(
+                    format!("{label}.exit"),
+                    "is true, but allowed_ips has neither 0.0.0.0/0 nor ::/0",
+                ))
+            }
+            Some(net) if !exit && crate::core::spec::is_anonymous(&transports) => {
+                return Err(self.err(
+                    format!("{label}.allowed_ips"),
+                    format!(
+                        "{net} makes this I2P-only peer an exit (an outproxy for this node's \
+                         traffic); set exit = true if that is meant (README: \"Exit nodes\")"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         Ok(PeerConfig {
             name,
+            exit,
             public_key,
             endpoint,
             tox,
@@ -1032,78 +1110,38 @@ fn parse_net(text: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("`{text}` is not an IP network like 192.168.50.0/24"))
 }
 
-/// One prefix of one peer: `position` in its `all_allowed_ips()`.
-#[derive(Debug, Clone, Copy)]
-struct PeerPrefix {
+/// A prefix two peers both claim: `earlier` and `later` in file order.
+#[derive(Debug, PartialEq, Eq)]
+struct SharedPrefix {
     net: IpNet,
-    peer: usize,
-    position: usize,
+    earlier: usize,
+    later: usize,
 }
 
-#[derive(Debug)]
-struct Overlap {
-    later: PeerPrefix,
-    earlier: PeerPrefix,
-}
-
-/// The overlap of two peers' prefixes that a pairwise check in file order
-/// would report first (the later peer as early as possible, then the
-/// earlier one, then their prefixes in order), in O(P log P) for P
-/// prefixes: sorted by network address and then length, a prefix overlaps
-/// exactly the still-open prefixes that contain it, and those form one
-/// nested chain (at most 129 deep, unless the same prefix repeats).
-fn first_overlap<P: IntoIterator<Item = IpNet>>(
+/// The first prefix (in file order) that a peer claims after an earlier
+/// peer did. Nested prefixes are no conflict: the longest one wins.
+fn first_shared_prefix<P: IntoIterator<Item = IpNet>>(
     peers: impl IntoIterator<Item = P>,
-) -> Option<Overlap> {
-    let mut prefixes: Vec<PeerPrefix> = peers
-        .into_iter()
-        .enumerate()
-        .flat_map(|(peer, nets)| {
-            nets.into_iter()
-                .enumerate()
-                .map(move |(position, net)| PeerPrefix {
-                    net: net.trunc(),
-                    peer,
-                    position,
-                })
-        })
-        .collect();
-    let sort_key = |p: &PeerPrefix| match p.net {
-        IpNet::V4(n) => (false, u128::from(u32::from(n.network())), n.prefix_len()),
-        IpNet::V6(n) => (true, u128::from(n.network()), n.prefix_len()),
-    };
-    prefixes.sort_unstable_by_key(sort_key);
-    let order = |o: &Overlap| {
-        (
-            o.later.peer,
-            o.earlier.peer,
-            o.later.position,
-            o.earlier.position,
-        )
-    };
-    let mut open: Vec<PeerPrefix> = Vec::new();
-    let mut first: Option<Overlap> = None;
-    for prefix in prefixes {
-        while open
-            .last()
-            .is_some_and(|top| !top.net.contains(&prefix.net.network()))
-        {
-            open.pop();
-        }
-        for container in open.iter().filter(|c| c.peer != prefix.peer) {
-            let (later, earlier) = if prefix.peer > container.peer {
-                (prefix, *container)
-            } else {
-                (*container, prefix)
-            };
-            let found = Overlap { later, earlier };
-            if first.as_ref().is_none_or(|f| order(&found) < order(f)) {
-                first = Some(found);
+) -> Option<SharedPrefix> {
+    let mut owner: HashMap<IpNet, usize> = HashMap::new();
+    for (peer, nets) in peers.into_iter().enumerate() {
+        for net in nets {
+            let net = net.trunc();
+            match owner.get(&net) {
+                Some(&earlier) if earlier != peer => {
+                    return Some(SharedPrefix {
+                        net,
+                        earlier,
+                        later: peer,
+                    })
+                }
+                _ => {
+                    owner.insert(net, peer);
+                }
             }
         }
-        open.push(prefix);
     }
-    first
+    None
 }
 
 #[cfg(test)]
@@ -1251,68 +1289,75 @@ pub(crate) mod tests {
         );
     }
 
-    proptest::proptest! {
-        /// The sweep finds the same overlap as checking every pair of
-        /// peers in file order (prefixes drawn from a small space so that
-        /// most configs have several).
-        #[test]
-        fn overlap_sweep_agrees_with_pairwise(
-            peers in proptest::collection::vec(
-                proptest::collection::vec((0u32..16, 28u8..=32, proptest::bool::ANY), 0..4),
-                0..8,
-            )
-        ) {
-            let peers: Vec<Vec<IpNet>> = peers
-                .iter()
-                .map(|nets| {
-                    nets.iter()
-                        .map(|&(host, len, v6)| {
-                            if v6 {
-                                IpNet::new(IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, host as u16]), len + 96)
-                            } else {
-                                IpNet::new(IpAddr::from([10, 0, 0, host as u8]), len)
-                            }
-                            .unwrap()
-                            .trunc()
-                        })
-                        .collect()
-                })
-                .collect();
-            let pairwise = (0..peers.len()).find_map(|later| {
-                (0..later).find_map(|earlier| {
-                    peers[later].iter().find_map(|mine| {
-                        peers[earlier]
-                            .iter()
-                            .find(|theirs| mine.contains(&theirs.network()) || theirs.contains(&mine.network()))
-                            .map(|theirs| (later, earlier, *mine, *theirs))
-                    })
-                })
-            });
-            let swept = first_overlap(peers.iter().cloned())
-                .map(|o| (o.later.peer, o.earlier.peer, o.later.net, o.earlier.net));
-            proptest::prop_assert_eq!(swept, pairwise);
-        }
-    }
-
     #[test]
-    fn overlapping_allowed_ips_are_rejected() {
+    fn two_peers_may_not_own_the_same_prefix() {
         expect_error(
             &with_peers(&format!(
-                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nallowed_ips = [\"192.168.0.0/16\"]\n\
-                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"192.168.50.0/24\"]\n"
+                "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nallowed_ips = [\"192.168.50.0/24\"]\n\
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"192.168.50.7/24\"]\n"
             )),
             "peer[1] \"c\".allowed_ips",
-            "192.168.50.0/24 overlaps 192.168.0.0/16 of peer[0] \"b\"",
+            "192.168.50.0/24 is also routed to peer[0] \"b\"",
         );
-        // Claiming the whole mesh prefix swallows the other peer's address.
+        // Nor claim another peer's mesh address.
+        let b_mesh = PublicKey::parse(PUB_B).unwrap().mesh_address();
         expect_error(
             &with_peers(&format!(
                 "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\n\
-                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"fd60:db4d:ddb5::/48\"]\n"
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"{b_mesh}/128\"]\n"
             )),
             "peer[1] \"c\".allowed_ips",
-            "overlaps",
+            "also routed to",
         );
+    }
+
+    #[test]
+    fn nested_prefixes_are_fine_and_the_longest_wins() {
+        let cfg = parse(&with_peers(&format!(
+            "[[peer]]\nname = \"b\"\npublic_key = \"{PUB_B}\"\nallowed_ips = [\"192.168.0.0/16\"]\n\
+             [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"192.168.50.0/24\"]\n"
+        )))
+        .unwrap();
+        assert_eq!(cfg.peers.len(), 2);
+    }
+
+    #[test]
+    fn a_peer_with_a_default_route_is_an_exit() {
+        let exit = |interface: &str, body: &str| {
+            format!(
+                "[interface]\nprivate_key = \"{KEY_A}\"\n{interface}\n[i2p]\nenabled = true\n\
+                 [[peer]]\nname = \"x\"\npublic_key = \"{PUB_B}\"\n{body}\n\
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\nallowed_ips = [\"10.2.0.0/16\"]\n"
+            )
+        };
+        let v4 = "addresses = [\"10.99.0.2/32\"]";
+        let cfg = parse(&exit(v4, "allowed_ips = [\"0.0.0.0/0\", \"::/0\"]")).unwrap();
+        assert!(!cfg.peers[0].exit, "a UDP peer needs no flag");
+        assert_eq!(cfg.interface.fwmark, DEFAULT_FWMARK);
+        expect_error(
+            &exit("", "allowed_ips = [\"0.0.0.0/0\"]"),
+            "peer[0] \"x\".allowed_ips",
+            "IPv4 source address",
+        );
+        assert!(parse(&exit("", "allowed_ips = [\"::/0\"]")).is_ok());
+        expect_error(
+            &exit(v4, "allowed_ips = [\"10.0.0.0/8\"]\nexit = true"),
+            "peer[0] \"x\".exit",
+            "neither 0.0.0.0/0 nor ::/0",
+        );
+        let b32 = format!("{}q.b32.i2p", "b".repeat(51));
+        let anonymous =
+            format!("i2p = \"{b32}\"\ntransports = [\"i2p\"]\nallowed_ips = [\"::/0\"]");
+        expect_error(
+            &exit(v4, &anonymous),
+            "peer[0] \"x\".allowed_ips",
+            "set exit = true if that is meant",
+        );
+        let cfg = parse(&exit(v4, &format!("{anonymous}\nexit = true"))).unwrap();
+        assert!(cfg.peers[0].exit && cfg.peers[0].is_anonymous());
+        expect_error(&exit("fwmark = 0", ""), "interface.fwmark", "no mark");
+        let cfg = parse(&exit("fwmark = 51821", "")).unwrap();
+        assert_eq!(cfg.interface.fwmark, 51821);
     }
 
     #[test]

@@ -187,6 +187,21 @@ fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
     .with_context(|| format!("{}: interface.listen_port", config.file.display()))
 }
 
+/// The UDP sockets libraries opened get our mark too: the DHT's (its
+/// bootstrap queries left before, and went wherever the routes said), and
+/// toxcore's (marked by the Tox thread already; checked here).
+fn mark_library_sockets(config: &Config) {
+    let has_exit = config.peer_subnets().any(|n| n.prefix_len() == 0);
+    match veilmesh_transport::sockets::mark_datagram_sockets(config.interface.fwmark) {
+        Ok(marked) => tracing::debug!(marked, "library sockets marked"),
+        Err(error) if has_exit => tracing::warn!(
+            %error,
+            "cannot mark the transports' UDP sockets: their traffic may enter the exit's tunnel"
+        ),
+        Err(error) => tracing::debug!(%error, "library sockets not marked"),
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM, then tears down what it set up.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let create_tun = |config: &Config, mesh_address| {
@@ -199,6 +214,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             &iface.addresses,
             config.peer_subnets(),
             offload_wanted(config),
+            crate::exit::ExitRouting::new(iface.fwmark, config.exit_bypass()),
         )
     };
     run_with(config, create_tun, std::future::pending()).await
@@ -219,6 +235,9 @@ pub async fn run_with<T: Tun>(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let iface = &config.interface;
+    // Every socket the transports open carries our mark: an exit's default
+    // route never takes them.
+    veilmesh_transport::sockets::use_mark(iface.fwmark);
     // The control socket goes first: it is how a second `up` finds the first.
     let listener = control::bind(&iface.control_socket)?;
     let _socket_file = control::SocketFile(iface.control_socket.clone());
@@ -317,6 +336,8 @@ pub async fn run_with<T: Tun>(
         ),
         None => None,
     };
+
+    mark_library_sockets(&config);
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlRequest>(16);
     let (parsed_tx, mut parsed_rx) = mpsc::channel::<ParsedReload>(4);

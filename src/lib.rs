@@ -6,6 +6,7 @@ pub mod control;
 /// The sans-IO core, its own crate (`crates/core`): no runtime, no sockets.
 pub use veilmesh_core as core;
 pub mod daemon;
+pub mod exit;
 pub mod hosts;
 pub use veilmesh_core::identity;
 pub mod invite;

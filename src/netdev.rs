@@ -17,6 +17,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder};
 
 pub use crate::core::batch::TunSink;
 
+use crate::exit::{exit_families, ExitRouting};
 use crate::identity::{MESH_PREFIX, MESH_PREFIX_LEN};
 
 /// Fails if a network interface of that name exists in this namespace.
@@ -293,7 +294,9 @@ const TUN_READ_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 pub struct NetDevice {
     tun: AsyncDevice,
     name: String,
+    /// Routes in the main table (an exit's default routes are in `exit`).
     routes: Vec<IpNet>,
+    exit: ExitRouting,
     /// Reads and writes carry a virtio-net header (TSO/GRO).
     offload: bool,
     gro: tun_rs::GROTable,
@@ -301,7 +304,8 @@ pub struct NetDevice {
 
 impl NetDevice {
     /// Creates the TUN (call `ensure_absent` first) with the mesh address (/48) and `addresses`, then a
-    /// route for every net in `routes` the mesh prefix does not cover.
+    /// route for every net in `routes` the mesh prefix does not cover; a
+    /// default route (an exit's) goes in table `exit.mark()`.
     /// With `offload`, reads may be TCP/UDP super-packets and writes are
     /// coalesced (virtio-net headers, TSO/GRO); a kernel that refuses gets
     /// a plain device, said once in the log.
@@ -312,6 +316,7 @@ impl NetDevice {
         addresses: &[IpNet],
         routes: impl IntoIterator<Item = IpNet>,
         offload: bool,
+        exit: ExitRouting,
     ) -> anyhow::Result<NetDevice> {
         let build = |offload: bool| {
             DeviceBuilder::new()
@@ -336,6 +341,7 @@ impl NetDevice {
             tun,
             name: name.to_owned(),
             routes: Vec::new(),
+            exit,
             offload,
             gro: tun_rs::GROTable::new(),
         };
@@ -357,7 +363,12 @@ impl NetDevice {
     /// ones just added are taken out again and the old set stays.
     pub fn sync_routes(&mut self, wanted: impl IntoIterator<Item = IpNet>) -> anyhow::Result<()> {
         let mesh = IpNet::V6(mesh_prefix());
-        let mut wanted: Vec<IpNet> = wanted.into_iter().filter(|n| !mesh.contains(n)).collect();
+        let wanted: Vec<IpNet> = wanted.into_iter().collect();
+        self.exit.sync(&exit_families(&wanted), &self.name)?;
+        let mut wanted: Vec<IpNet> = wanted
+            .into_iter()
+            .filter(|n| n.prefix_len() > 0 && !mesh.contains(n))
+            .collect();
         wanted.sort();
         wanted.dedup();
         let mut added = Vec::new();
@@ -399,17 +410,23 @@ fn ip_route(action: &str, net: IpNet, dev: &str) -> anyhow::Result<()> {
         IpAddr::V4(_) => "-4",
         IpAddr::V6(_) => "-6",
     };
+    ip(&[family, "route", action, &net.to_string(), "dev", dev]).map(drop)
+}
+
+/// Runs iproute2's `ip` with `args`; its output, or its error message.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new("ip")
-        .args([family, "route", action, &net.to_string(), "dev", dev])
+        .args(args)
         .output()
         .context("cannot run `ip` (install iproute2)")?;
     if !output.status.success() {
         bail!(
-            "ip route {action} {net}: {}",
+            "ip {}: {}",
+            args.join(" "),
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A TUN has no router to solicit and no multicast listeners to report;

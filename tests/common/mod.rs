@@ -488,6 +488,12 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+
+    /// SIGKILL, as a crash: nothing gets cleaned up.
+    pub fn stop_hard(&mut self) -> ExitStatus {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        self.child.wait().expect("wait")
+    }
 }
 
 impl Drop for Daemon {
