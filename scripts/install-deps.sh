@@ -15,6 +15,7 @@ packages=(
   procps          # sysctl, pgrep
   man-db          # the package check reads the man page
   xz-utils        # dpkg-deb -Zxz
+  zip             # the demo reseeds its private i2pd routers from a zip
   pkg-config      # finds c-toxcore
   libtoxcore-dev  # the Tox transport links c-toxcore
   toxcore-utils   # tox-bootstrapd: a local DHT node / TCP relay in tests
