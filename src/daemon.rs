@@ -799,18 +799,18 @@ impl<T: Tun> DataPath<T> {
         self.answer_pings(now);
     }
 
+    /// Every transport, then the rendezvous DHT if it runs.
     fn netcheck(&self) -> Vec<control::TransportCheck> {
-        self.transports
-            .all
-            .iter()
-            .map(|t| {
-                let health = t.health();
-                control::TransportCheck {
-                    transport: t.kind().as_str().to_owned(),
-                    up: health.up,
-                    facts: health.facts,
-                }
-            })
+        let check = |name: &str, health: veilmesh_transport::Health| control::TransportCheck {
+            transport: name.to_owned(),
+            up: health.up,
+            facts: health.facts,
+        };
+        let transports = self.transports.all.iter();
+        let rendezvous = self.rendezvous.iter();
+        transports
+            .map(|t| check(t.kind().as_str(), t.health()))
+            .chain(rendezvous.map(|r| check("rendezvous", r.health())))
             .collect()
     }
 

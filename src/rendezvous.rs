@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::core::{peer_messages, RendezvousWanted};
 use crate::identity::{PrivateKey, PublicKey};
+use veilmesh_transport::Health;
 
 /// How often a node reads the items of peers it has no session with. Two
 /// such nodes read each other's endpoints within this long of each other,
@@ -115,6 +116,8 @@ pub struct RendezvousConfig {
 pub struct Rendezvous {
     pub wanted: watch::Sender<RendezvousWanted>,
     pub found: mpsc::Receiver<Found>,
+    /// What `veilmesh netcheck` says of the DHT; the task updates it.
+    health: watch::Receiver<Health>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -140,13 +143,53 @@ impl Rendezvous {
             .as_async();
         let (wanted, wanted_rx) = watch::channel(RendezvousWanted::default());
         let (found_tx, found) = mpsc::channel(64);
-        let task = tokio::spawn(run(dht, key.clone(), wanted_rx, found_tx));
+        let (health_tx, health) = watch::channel(Health {
+            up: false,
+            facts: vec!["starting".into()],
+        });
+        let links = Links {
+            wanted: wanted_rx,
+            found: found_tx,
+            health: health_tx,
+        };
+        let task = tokio::spawn(run(dht, key.clone(), links));
         tracing::info!(bootstrap = ?config.bootstrap, "rendezvous DHT started");
         Ok(Rendezvous {
             wanted,
             found,
+            health,
             task,
         })
+    }
+
+    /// Up once the DHT node knows other nodes (it can publish and look up).
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+}
+
+/// The task's ends of the channels.
+struct Links {
+    wanted: watch::Receiver<RendezvousWanted>,
+    found: mpsc::Sender<Found>,
+    health: watch::Sender<Health>,
+}
+
+/// The DHT node as netcheck reports it: where it listens, how many nodes it
+/// knows, what address the others see.
+async fn dht_health(dht: &mainline::async_dht::AsyncDht) -> Health {
+    let known = dht.to_bootstrap().await.len();
+    let info = dht.info().await;
+    let mut facts = vec![
+        format!("DHT node on port {}", info.local_addr().port()),
+        format!("{known} DHT nodes known"),
+    ];
+    if let Some(public) = info.public_address() {
+        facts.push(format!("the DHT sees us at {public}"));
+    }
+    Health {
+        up: known > 0,
+        facts,
     }
 }
 
@@ -156,18 +199,19 @@ fn unix_seconds() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-async fn run(
-    dht: mainline::async_dht::AsyncDht,
-    key: PrivateKey,
-    mut wanted: watch::Receiver<RendezvousWanted>,
-    found: mpsc::Sender<Found>,
-) {
+async fn run(dht: mainline::async_dht::AsyncDht, key: PrivateKey, links: Links) {
+    let Links {
+        mut wanted,
+        found,
+        health,
+    } = links;
     let own = key.public_key();
     let mut published: Option<(Vec<SocketAddr>, Vec<PublicKey>, tokio::time::Instant)> = None;
     let mut last_seq = 0i64;
     // The newest item seen per peer: only newer ones are handed on.
     let mut seen: HashMap<[u8; 32], i64> = HashMap::new();
     loop {
+        health.send_replace(dht_health(&dht).await);
         let current = wanted.borrow_and_update().clone();
         let stale = published.as_ref().is_none_or(|(endpoints, to, at)| {
             *endpoints != current.endpoints

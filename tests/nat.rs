@@ -293,6 +293,8 @@ struct Outcome {
     direct_after: Option<Duration>,
     ping: (u32, u32),
     nat_type: String,
+    /// a's `veilmesh netcheck` output.
+    netcheck: String,
 }
 
 /// Starts both nodes, pings until b answers, then waits for a direct path.
@@ -324,7 +326,9 @@ fn run_pair(tag: &str, nat_a: Nat, nat_b: Nat, expect_direct: bool) -> Outcome {
     }
     assert!(got >= 4, "{tag}: ping over {path}: {got}/{sent}\n{out}");
     let nat_type = da.show().transports.first().cloned().unwrap_or_default();
+    let (_, netcheck) = veilmesh_netcheck(&bed.a.files);
     Outcome {
+        netcheck,
         pair: format!("{}/{}", nat_a.name(), nat_b.name()),
         path,
         first_reply,
@@ -358,6 +362,7 @@ fn print_table(rows: &[(Outcome, bool)]) {
     }
     if let Some((o, _)) = rows.first() {
         println!("a's UDP transport: {}", o.nat_type);
+        println!("a's netcheck:\n{}", o.netcheck);
     }
 }
 
@@ -385,6 +390,20 @@ fn nat_pairs_reach_a_direct_path_where_one_exists() {
     }
     print_table(&rows);
     for (o, expect_direct) in &rows {
+        // Both STUN servers answered long ago, and the hairpin test (at
+        // most 7.5 s after the mapping) has its result.
+        assert!(
+            o.netcheck.contains("udp: up\n") && o.netcheck.contains("NAT: endpoint-"),
+            "{}: {}",
+            o.pair,
+            o.netcheck
+        );
+        assert!(
+            o.netcheck.contains("hairpinning: works") || o.netcheck.contains("hairpinning: fails"),
+            "{}: {}",
+            o.pair,
+            o.netcheck
+        );
         if *expect_direct {
             assert!(
                 o.path.starts_with("udp "),
@@ -487,6 +506,17 @@ fn first_contact_through_the_dht_reaches_a_direct_path() {
     assert!(path.starts_with("udp "), "{path}\n{}", db.log_text());
     let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
     assert!(got >= 4, "{got}/{sent}\n{out}");
+    // The DHT found b: it knows nodes, and netcheck says so.
+    let (ok, netcheck) = veilmesh_netcheck(&bed.a.files);
+    assert!(ok, "{netcheck}");
+    let known = netcheck
+        .lines()
+        .find_map(|l| l.trim().strip_suffix(" DHT nodes known"))
+        .and_then(|n| n.parse::<usize>().ok());
+    assert!(
+        netcheck.contains("rendezvous: up\n") && known.is_some_and(|n| n > 0),
+        "{netcheck}"
+    );
 }
 
 /// The NAT in front of a forgets a's veilmesh mapping and gives a new one

@@ -154,6 +154,9 @@ impl UdpTransport {
         };
         match stun::parse(datagram) {
             Ok(stun::Message::BindingRequest(id)) => {
+                if state.client.hairpin_arrived(from, id) {
+                    return true;
+                }
                 let (since, count) = &mut state.answers_this_second;
                 if now.duration_since(*since) >= Duration::from_secs(1) {
                     *since = now;
@@ -308,7 +311,13 @@ async fn run_stun(socket: Arc<UdpSocket>, nat: Arc<Mutex<NatState>>, dual_stack:
                     interface_endpoints(port, dual_stack, &state.skip_interfaces);
                 state.next_interface_refresh = now + INTERFACE_REFRESH;
             }
-            let requests = state.client.poll_transmits(now, random_transaction_id);
+            let mut requests = state.client.poll_transmits(now, random_transaction_id);
+            let local = state.interface_endpoints.clone();
+            requests.extend(
+                state
+                    .client
+                    .poll_hairpin(now, &local, random_transaction_id),
+            );
             let wake = state
                 .client
                 .poll_timeout()
@@ -544,6 +553,7 @@ impl Transport for UdpTransport {
             if state.client.has_servers() {
                 let nat = state.client.nat_type(&state.interface_endpoints);
                 facts.push(format!("NAT: {nat}"));
+                facts.push(format!("hairpinning: {}", state.client.hairpin()));
             }
         }
         // A bound socket is up; STUN only tells how others reach it.

@@ -40,18 +40,97 @@ impl fmt::Display for NatType {
     }
 }
 
+/// One request retransmitted as RFC 8489 says (one transaction id, the
+/// timeout doubling), given up after `ATTEMPTS`, and asked again after
+/// `REFRESH`.
 #[derive(Debug, Clone)]
-struct Server {
-    address: SocketAddr,
+struct Retransmit {
     pending: Option<TransactionId>,
     attempts: u32,
     next: Instant,
+}
+
+enum Due {
+    NotYet,
+    Send(TransactionId),
+    GaveUp,
+}
+
+impl Retransmit {
+    fn new(now: Instant) -> Retransmit {
+        Retransmit {
+            pending: None,
+            attempts: 0,
+            next: now,
+        }
+    }
+
+    fn poll(&mut self, now: Instant, new_id: impl FnOnce() -> TransactionId) -> Due {
+        if self.next > now {
+            return Due::NotYet;
+        }
+        if self.pending.is_some() && self.attempts >= ATTEMPTS {
+            self.answered(now);
+            return Due::GaveUp;
+        }
+        let id = *self.pending.get_or_insert_with(new_id);
+        self.next = now + FIRST_RTO * 2u32.pow(self.attempts);
+        self.attempts += 1;
+        Due::Send(id)
+    }
+
+    /// Answered (or given up): the next round starts after `REFRESH`.
+    fn answered(&mut self, now: Instant) {
+        self.pending = None;
+        self.attempts = 0;
+        self.next = now + REFRESH;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Server {
+    address: SocketAddr,
+    request: Retransmit,
     mapped: Option<SocketAddr>,
+}
+
+/// Whether our NAT sends a datagram to its own public mapping back to us
+/// ("hairpinning"): then two peers behind it can reach each other at their
+/// public endpoints too. Tested by sending a binding request to our own
+/// mapped endpoint and watching for it to arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hairpin {
+    /// No mapping known yet, or the test is under way.
+    Unknown,
+    /// The mapped endpoint is one of our own addresses: no NAT to test.
+    NotNeeded,
+    Works,
+    Fails,
+}
+
+impl fmt::Display for Hairpin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hairpin::Unknown => "not known yet",
+            Hairpin::NotNeeded => "not needed (public address)",
+            Hairpin::Works => "works (our public endpoint reaches us)",
+            Hairpin::Fails => "fails (peers behind the same NAT need their LAN endpoints)",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct HairpinTest {
+    /// The mapping last tested, and the result for it.
+    target: Option<SocketAddr>,
+    result: Hairpin,
+    request: Retransmit,
 }
 
 #[derive(Debug, Clone)]
 pub struct StunClient {
     servers: Vec<Server>,
+    hairpin: HairpinTest,
 }
 
 impl StunClient {
@@ -61,13 +140,75 @@ impl StunClient {
                 .iter()
                 .map(|&address| Server {
                     address,
-                    pending: None,
-                    attempts: 0,
-                    next: now,
+                    request: Retransmit::new(now),
                     mapped: None,
                 })
                 .collect(),
+            hairpin: HairpinTest {
+                target: None,
+                result: Hairpin::Unknown,
+                request: Retransmit::new(now),
+            },
         }
+    }
+
+    /// The hairpin test's request, when one is due: to our own public
+    /// endpoint, once per mapping (and again every `REFRESH` while it
+    /// fails), never when the mapping is one of our `local` endpoints.
+    pub fn poll_hairpin(
+        &mut self,
+        now: Instant,
+        local: &[SocketAddr],
+        new_id: impl FnOnce() -> TransactionId,
+    ) -> Option<(SocketAddr, [u8; 20])> {
+        let test = &mut self.hairpin;
+        let Some(mapped) = self.servers.iter().find_map(|s| s.mapped) else {
+            test.target = None;
+            test.result = Hairpin::Unknown;
+            return None;
+        };
+        if local.contains(&mapped) {
+            test.target = Some(mapped);
+            test.result = Hairpin::NotNeeded;
+            return None;
+        }
+        if test.target != Some(mapped) {
+            *test = HairpinTest {
+                target: Some(mapped),
+                result: Hairpin::Unknown,
+                request: Retransmit::new(now),
+            };
+        }
+        if test.result == Hairpin::Works {
+            return None;
+        }
+        match test.request.poll(now, new_id) {
+            Due::NotYet => None,
+            Due::GaveUp => {
+                test.result = Hairpin::Fails;
+                None
+            }
+            Due::Send(id) => Some((mapped, stun::binding_request(&id))),
+        }
+    }
+
+    /// A binding request arrived from `from`: true if it is our own hairpin
+    /// test coming back (not to be answered).
+    pub fn hairpin_arrived(&mut self, from: SocketAddr, id: TransactionId) -> bool {
+        let test = &mut self.hairpin;
+        if test.request.pending != Some(id) || test.target != Some(from) {
+            return false;
+        }
+        test.request.pending = None;
+        if test.result != Hairpin::Works {
+            tracing::info!(endpoint = %from, "NAT hairpinning works");
+        }
+        test.result = Hairpin::Works;
+        true
+    }
+
+    pub fn hairpin(&self) -> Hairpin {
+        self.hairpin.result
     }
 
     /// Requests due now: (server, datagram). `new_id` makes transaction ids.
@@ -78,29 +219,30 @@ impl StunClient {
     ) -> Vec<(SocketAddr, [u8; 20])> {
         let mut out = Vec::new();
         for server in &mut self.servers {
-            if server.next > now {
-                continue;
-            }
-            if server.pending.is_some() && server.attempts >= ATTEMPTS {
+            match server.request.poll(now, &mut new_id) {
+                Due::NotYet => {}
                 // No answer this round: the old mapping is no longer known.
-                if server.mapped.take().is_some() {
-                    tracing::info!(server = %server.address, "STUN server stopped answering");
+                Due::GaveUp => {
+                    if server.mapped.take().is_some() {
+                        tracing::info!(server = %server.address, "STUN server stopped answering");
+                    }
                 }
-                server.pending = None;
-                server.attempts = 0;
-                server.next = now + REFRESH;
-                continue;
+                Due::Send(id) => out.push((server.address, stun::binding_request(&id))),
             }
-            let id = *server.pending.get_or_insert_with(&mut new_id);
-            server.next = now + FIRST_RTO * 2u32.pow(server.attempts);
-            server.attempts += 1;
-            out.push((server.address, stun::binding_request(&id)));
         }
         out
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.servers.iter().map(|s| s.next).min()
+        let test = &self.hairpin;
+        let hairpin = matches!(test.result, Hairpin::Unknown | Hairpin::Fails)
+            .then_some(test.request.next)
+            .filter(|_| test.target.is_some());
+        self.servers
+            .iter()
+            .map(|s| s.request.next)
+            .chain(hairpin)
+            .min()
     }
 
     /// A binding response from `from`; false if it answers nothing we asked.
@@ -114,13 +256,11 @@ impl StunClient {
         let Some(server) = self
             .servers
             .iter_mut()
-            .find(|s| s.address == from && s.pending == Some(id))
+            .find(|s| s.address == from && s.request.pending == Some(id))
         else {
             return false;
         };
-        server.pending = None;
-        server.attempts = 0;
-        server.next = now + REFRESH;
+        server.request.answered(now);
         let mapped = mapped.map(|sa| SocketAddr::new(sa.ip().to_canonical(), sa.port()));
         if server.mapped != mapped {
             tracing::info!(server = %from, mapped = ?mapped, "STUN mapping");
@@ -195,6 +335,57 @@ mod tests {
         client.handle_response(servers[0], id(0), Some(sa("198.51.100.1:40000")), later);
         client.handle_response(servers[1], id(1), Some(sa("198.51.100.1:61234")), later);
         assert_eq!(client.nat_type(&[]), NatType::EndpointDependent);
+    }
+
+    #[test]
+    fn hairpinning_is_tested_against_our_own_mapping() {
+        let t0 = Instant::now();
+        let server = sa("203.0.113.10:3478");
+        let mut client = StunClient::new(&[server], t0);
+        let mut make = ids();
+        assert_eq!(
+            client.poll_hairpin(t0, &[], &mut make),
+            None,
+            "no mapping yet"
+        );
+        let first = client.poll_transmits(t0, &mut make);
+        let id: TransactionId = first[0].1[8..20].try_into().unwrap();
+        let mapped = sa("198.51.100.1:40000");
+        client.handle_response(server, id, Some(mapped), t0);
+        // A public address needs no test.
+        assert_eq!(client.poll_hairpin(t0, &[mapped], &mut make), None);
+        assert_eq!(client.hairpin(), Hairpin::NotNeeded);
+        // Behind a NAT: a request to our own mapping, and it comes back.
+        let (to, request) = client.poll_hairpin(t0, &[], &mut make).unwrap();
+        assert_eq!(to, mapped);
+        let hairpin_id: TransactionId = request[8..20].try_into().unwrap();
+        assert!(
+            !client.hairpin_arrived(sa("198.51.100.9:1"), hairpin_id),
+            "from elsewhere"
+        );
+        assert!(client.hairpin_arrived(mapped, hairpin_id));
+        assert_eq!(client.hairpin(), Hairpin::Works);
+        assert_eq!(
+            client.poll_hairpin(t0 + REFRESH, &[], &mut make),
+            None,
+            "tested once"
+        );
+
+        // A new mapping is tested again; no answer in four tries: fails.
+        let mut client = StunClient::new(&[server], t0);
+        let first = client.poll_transmits(t0, &mut make);
+        let id: TransactionId = first[0].1[8..20].try_into().unwrap();
+        client.handle_response(server, id, Some(mapped), t0);
+        let mut now = t0;
+        let mut sent = 0;
+        while client.hairpin() == Hairpin::Unknown && now < t0 + REFRESH {
+            sent += usize::from(client.poll_hairpin(now, &[], &mut make).is_some());
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(
+            (sent, client.hairpin()),
+            (ATTEMPTS as usize, Hairpin::Fails)
+        );
     }
 
     #[test]
