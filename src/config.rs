@@ -16,7 +16,7 @@ use crate::core::PeerSpec;
 use crate::identity::{PrivateKey, PublicKey};
 use veilmesh_i2p::{I2pConfig, SessionOptions};
 use veilmesh_tox::{ToxConfig, ToxId, ToxNode};
-use veilmesh_transport::{Contact, I2pAddress, PeerAddr, TransportKind};
+use veilmesh_transport::{Contact, I2pAddress, PeerAddr, RelayAddr, TransportKind};
 
 pub const DEFAULT_INTERFACE_NAME: &str = "veil0";
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -84,6 +84,7 @@ struct RawInterface {
     user: Option<String>,
     offload: Option<bool>,
     fwmark: Option<u32>,
+    relay: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +155,7 @@ struct RawPeer {
     allowed_destinations: Option<Vec<String>>,
     accept: Option<Vec<String>>,
     exit: Option<bool>,
+    relay: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +245,8 @@ pub struct InterfaceConfig {
     pub offload: bool,
     /// Mark of our own sockets, and the table of an exit's default route.
     pub fwmark: u32,
+    /// Forward sealed datagrams between our own peers.
+    pub relay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +274,8 @@ pub struct PeerConfig {
     /// Said explicitly: the peer may carry our traffic to the internet
     /// (required of an I2P-only peer with a default route).
     pub exit: bool,
+    /// We may reach our other peers through this one.
+    pub relay: bool,
 }
 
 impl PeerConfig {
@@ -288,18 +294,39 @@ impl PeerConfig {
         crate::core::spec::is_anonymous(&self.transports)
     }
 
-    /// What the core needs of this peer: its paths as typed addresses.
-    pub fn spec(&self) -> PeerSpec {
+    /// What the core needs of this peer: its paths as typed addresses,
+    /// with a path through each of `relays` (their keys) unless the peer is
+    /// anonymous or the relay itself. A relay path ranks after direct UDP.
+    pub fn spec(&self, relays: &[PublicKey]) -> PeerSpec {
         let paths = self.endpoint.map(PeerAddr::Udp).into_iter();
-        let paths = paths
+        let mut paths: Vec<PeerAddr> = paths
             .chain(self.tox.map(|id| PeerAddr::Tox(id.public_key())))
-            .chain(self.i2p.map(PeerAddr::I2p));
+            .chain(self.i2p.map(PeerAddr::I2p))
+            .collect();
+        let mut transports = self.transports.clone();
+        if !self.is_anonymous() {
+            let through = relays.iter().filter(|r| **r != self.public_key);
+            paths.extend(through.map(|r| {
+                PeerAddr::Relay(RelayAddr {
+                    relay: r.0,
+                    peer: self.public_key.0,
+                })
+            }));
+            if paths.iter().any(|p| p.kind() == TransportKind::Relay) {
+                let after_udp = transports
+                    .iter()
+                    .position(|k| *k == TransportKind::Udp)
+                    .map_or(0, |i| i + 1);
+                transports.insert(after_udp, TransportKind::Relay);
+            }
+        }
         PeerSpec {
             name: self.name.clone(),
             public_key: self.public_key,
             allowed_ips: self.allowed_ips.clone(),
-            paths: paths.collect(),
-            transports: self.transports.clone(),
+            paths,
+            transports,
+            relay: self.relay,
             persistent_keepalive: self.persistent_keepalive,
             allowed_destinations: self.allowed_destinations.clone(),
             accept: self.accept.clone(),
@@ -318,7 +345,13 @@ pub fn default_control_socket(interface: &str) -> PathBuf {
 impl Config {
     /// The peers, as the core takes them.
     pub fn peer_specs(&self) -> Vec<PeerSpec> {
-        self.peers.iter().map(PeerConfig::spec).collect()
+        let relays: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|p| p.relay)
+            .map(|p| p.public_key)
+            .collect();
+        self.peers.iter().map(|p| p.spec(&relays)).collect()
     }
 
     /// Subnets routed into the TUN: every peer's allowed IPs.
@@ -363,7 +396,7 @@ impl Config {
             .filter_map(|p| match kind {
                 TransportKind::Tox => p.tox.map(Contact::Tox),
                 TransportKind::I2p => p.i2p.map(Contact::I2p),
-                TransportKind::Udp => None,
+                TransportKind::Udp | TransportKind::Relay => None,
             })
             .collect()
     }
@@ -475,6 +508,7 @@ impl Validator<'_> {
                 TransportKind::Udp => udp.enabled,
                 TransportKind::Tox => tox.is_some(),
                 TransportKind::I2p => i2p.is_some(),
+                TransportKind::Relay => false,
             })
             .collect();
         if enabled.is_empty() {
@@ -684,6 +718,7 @@ impl Validator<'_> {
             control_socket,
             offload: raw.offload.unwrap_or(true),
             fwmark,
+            relay: raw.relay.unwrap_or(false),
         })
     }
 
@@ -926,7 +961,7 @@ impl Validator<'_> {
                         ));
                     }
                     let address_field = match kind {
-                        TransportKind::Udp => None,
+                        TransportKind::Udp | TransportKind::Relay => None,
                         TransportKind::Tox => tox.is_none().then_some("tox"),
                         TransportKind::I2p => i2p.is_none().then_some("i2p"),
                     };
@@ -1000,9 +1035,18 @@ impl Validator<'_> {
             }
             _ => {}
         }
+        let relay = raw.relay.unwrap_or(false);
+        if relay && crate::core::spec::is_anonymous(&transports) {
+            return Err(self.err(
+                format!("{label}.relay"),
+                "an I2P-only peer cannot relay: the peers reached through it would talk to it \
+                 over UDP or Tox, and a relay never carries anonymous peers' traffic",
+            ));
+        }
         Ok(PeerConfig {
             name,
             exit,
+            relay,
             public_key,
             endpoint,
             tox,
@@ -1319,6 +1363,51 @@ pub(crate) mod tests {
         )))
         .unwrap();
         assert_eq!(cfg.peers.len(), 2);
+    }
+
+    #[test]
+    fn relay_peers_give_every_other_udp_peer_a_relay_path() {
+        let b32 = format!("{}q.b32.i2p", "b".repeat(51));
+        let pub_d = PrivateKey::parse(KEY_A).unwrap().public_key();
+        let text = |r_extra: &str| {
+            format!(
+                "[interface]\nprivate_key = \"{}\"\nrelay = true\n[i2p]\nenabled = true\n\
+                 [[peer]]\nname = \"r\"\npublic_key = \"{PUB_B}\"\nrelay = true\n{r_extra}\n\
+                 [[peer]]\nname = \"c\"\npublic_key = \"{PUB_C}\"\n\
+                 [[peer]]\nname = \"d\"\npublic_key = \"{pub_d}\"\ni2p = \"{b32}\"\ntransports = [\"i2p\"]\n",
+                PrivateKey::generate().unwrap().to_base64()
+            )
+        };
+        let cfg = parse(&text("")).unwrap();
+        assert!(cfg.interface.relay && cfg.peers[0].relay);
+        let specs = cfg.peer_specs();
+        let relay_paths = |i: usize| -> Vec<PeerAddr> {
+            specs[i]
+                .paths
+                .iter()
+                .filter(|p| p.kind() == TransportKind::Relay)
+                .cloned()
+                .collect()
+        };
+        assert_eq!(relay_paths(0), [], "not through itself");
+        assert_eq!(
+            relay_paths(1),
+            [PeerAddr::Relay(RelayAddr {
+                relay: specs[0].public_key.0,
+                peer: specs[1].public_key.0
+            })]
+        );
+        assert_eq!(
+            specs[1].transports,
+            [TransportKind::Udp, TransportKind::Relay, TransportKind::I2p]
+        );
+        assert_eq!(relay_paths(2), [], "never for an anonymous peer");
+        assert_eq!(specs[2].transports, [TransportKind::I2p]);
+        expect_error(
+            &text(&format!("i2p = \"{b32}\"\ntransports = [\"i2p\"]")),
+            "peer[0] \"r\".relay",
+            "cannot relay",
+        );
     }
 
     #[test]

@@ -303,6 +303,13 @@ pub fn render(status: &DaemonStatus) -> String {
         c.rate_limited,
         c.send_errors,
     );
+    if c.relayed > 0 || c.relay_refused > 0 {
+        let _ = writeln!(
+            out,
+            "  relay: {} datagrams forwarded between peers, {} requests refused",
+            c.relayed, c.relay_refused
+        );
+    }
     for peer in &node.peers {
         let c = &peer.counters;
         let allowed: Vec<String> = peer.allowed_ips.iter().map(|n| n.to_string()).collect();
@@ -378,13 +385,19 @@ pub fn render(status: &DaemonStatus) -> String {
 /// line: "udp in use (live, 0.3 ms); tox standby (live, 1.5 ms); i2p not
 /// allowed for this peer".
 pub fn transport_summary(peer: &crate::core::PeerStatus, running: &[String]) -> String {
+    use veilmesh_transport::TransportKind;
     let in_use = peer.paths.iter().find(|p| p.in_use);
-    veilmesh_transport::TransportKind::ALL
-        .iter()
+    // Relay paths are the core's own: listed when the peer has one.
+    let relay = TransportKind::Relay.as_str();
+    let relayed = peer.transports.iter().any(|t| t == relay);
+    let kinds = TransportKind::ALL.iter().copied();
+    kinds
+        .chain(relayed.then_some(TransportKind::Relay))
         .map(|kind| {
             let kind = kind.as_str();
             let allowed = peer.transports.iter().any(|t| t == kind);
-            let reason = if !running.iter().any(|t| t == kind) {
+            let run = kind == relay || running.iter().any(|t| t == kind);
+            let reason = if !run {
                 "not run by this node".to_owned()
             } else if !allowed {
                 "not allowed for this peer".to_owned()

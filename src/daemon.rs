@@ -244,6 +244,10 @@ pub async fn run_with<T: Tun>(
     let now = Instant::now();
     let mut node = Node::new(&iface.private_key, config.peer_specs(), now)?;
     node.set_punch_ttl(config.udp.punch_ttl);
+    node.set_relay_service(iface.relay);
+    if iface.relay {
+        tracing::info!("relaying between this node's peers that may use UDP");
+    }
     node.set_tunnel_addresses(iface.addresses.iter().map(|net| net.addr()));
     // Before the UDP port: a second `up` of this interface is told so,
     // not that the port is taken.
@@ -784,7 +788,7 @@ impl<T: Tun> DataPath<T> {
             probes: probes
                 .iter()
                 .map(|p| control::PingResult {
-                    path: p.to.to_string(),
+                    path: self.node.describe_path(&p.to),
                     transport: p.to.kind().as_str().to_owned(),
                     rtt_ms: None,
                 })

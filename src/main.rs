@@ -398,6 +398,7 @@ fn make_invite(
         TransportKind::Udp => config.udp.enabled,
         TransportKind::Tox => config.tox.is_some(),
         TransportKind::I2p => config.i2p.is_some(),
+        TransportKind::Relay => false,
     };
     let kinds = match &transports {
         Some(list) => veilmesh::invite::parse_transports(list)

@@ -125,10 +125,17 @@ pub fn render(status: &DaemonStatus) -> String {
             ("send_error", c.send_errors),
             ("rate_limited", c.rate_limited),
             ("unknown_sender", c.unknown_sender),
+            ("relay_refused", c.relay_refused),
         ]
         .into_iter()
         .map(|(reason, v)| (format!(",reason=\"{reason}\""), v))
         .collect(),
+    );
+    family(
+        "relayed_datagrams_total",
+        "counter",
+        "Datagrams this node forwarded between two of its peers (as their relay).",
+        vec![(String::new(), c.relayed)],
     );
     out
 }

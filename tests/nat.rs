@@ -575,3 +575,71 @@ fn a_rebound_nat_mapping_gets_a_direct_path_again() {
     let (sent, got, out) = bed.a.host.ping6(&b_mesh, 5);
     assert!(got >= 4, "{got}/{sent}\n{out}");
 }
+
+/// sym/sym pairs never get a direct path; with a public relay node r
+/// (`[interface] relay = true`, each node marks it `relay = true`) they
+/// reach each other through r, above Tox, and much faster than Tox's TCP
+/// relay: measured here with iperf3, relay first, then Tox once r is cut
+/// off.
+#[test]
+fn a_relay_carries_a_sym_sym_pair_far_faster_than_tox() {
+    let bed = TestBed::new("ry", Nat::Symmetric, Nat::Symmetric, Meeting::Tox);
+    // r on a public network of its own, with one address (a reply from
+    // another address of a multi-homed host would miss the NAT's mapping).
+    let rns = Netns::new("ry-relay");
+    veth(&bed._inet, "rly", &rns, "eth0");
+    bed._inet
+        .ip(&["addr", "add", "198.18.5.1/24", "dev", "rly"]);
+    rns.ip(&["addr", "add", "198.18.5.2/24", "dev", "eth0"]);
+    rns.ip(&["route", "add", "default", "via", "198.18.5.1"]);
+    let fr = NodeFiles::new(bed._dir.path(), "r");
+    let r_block = fr.peer_block("r", Some("198.18.5.2:40000"), &[])
+        + "relay = true\npersistent_keepalive = 25\n";
+    for site in [&bed.a, &bed.b] {
+        let text = std::fs::read_to_string(&site.files.config).unwrap();
+        std::fs::write(&site.files.config, text + "\n" + &r_block).unwrap();
+    }
+    fr.write_config(
+        "listen_port = 40000\nrelay = true",
+        &(bed.a.files.peer_block("a", None, &[]) + &bed.b.files.peer_block("b", None, &[])),
+    );
+    let dr = Daemon::start(&rns, &fr);
+    let started = Instant::now();
+    let da = Daemon::start(&bed.a.host, &bed.a.files);
+    let db = Daemon::start(&bed.b.host, &bed.b.files);
+    let b_mesh = bed.b.files.mesh().to_string();
+    first_reply(&bed.a.host, &b_mesh, started, Duration::from_secs(60), &da);
+    let relayed = wait_for_path(&da, "b", "relay via r", Duration::from_secs(30));
+    assert!(
+        relayed.is_some(),
+        "no relay path: {:#?}\nr's view: {:#?}\n{}",
+        da.peer("b").paths,
+        dr.show().node,
+        dr.log_text()
+    );
+    let over_relay = iperf_mbit(&bed.a.host, &bed.b.host, &b_mesh, 3);
+
+    // r goes away: the pair falls back to Tox (its TCP relay, for sym/sym).
+    let out = rns.exec(&[
+        "iptables", "-w", "-A", "INPUT", "-p", "udp", "--dport", "40000", "-j", "DROP",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let tox = wait_for_path(&da, "b", "tox ", Duration::from_secs(30));
+    assert!(
+        tox.is_some(),
+        "no fallback to Tox: {:#?}",
+        da.peer("b").paths
+    );
+    let over_tox = iperf_mbit(&bed.a.host, &bed.b.host, &b_mesh, 3);
+    println!(
+        "sym/sym: relay via r {over_relay:.0} Mbit/s, Tox {over_tox:.1} Mbit/s ({:.1}x); \
+         r relayed {} datagrams",
+        over_relay / over_tox,
+        dr.show().node.counters.relayed
+    );
+    assert!(
+        over_relay >= 10.0 * over_tox,
+        "relay {over_relay:.1} Mbit/s is not 10x Tox's {over_tox:.1}\n{}",
+        db.log_text()
+    );
+}

@@ -45,6 +45,7 @@ impl Harness {
             transports: TransportKind::ALL.to_vec(),
             allowed_destinations: None,
             accept: None,
+            relay: false,
         };
         let node = Node::new(&node_key, vec![config], Instant::now()).unwrap();
         let peer = Tunn::new(

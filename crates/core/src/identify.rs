@@ -31,7 +31,7 @@ pub(crate) struct Gate {
     private: x25519::StaticSecret,
     public: x25519::PublicKey,
     /// Handshake rate limits, one per transport (`transport_index`).
-    limiters: [Arc<RateLimiter>; 3],
+    limiters: [Arc<RateLimiter>; 4],
     /// Under-load identifications this second.
     identified_under_load: u32,
     /// When the rate limiters' second ends (checked on each tick).
@@ -47,7 +47,7 @@ impl Gate {
         Gate {
             private,
             public,
-            limiters: [limiter(), limiter(), limiter()],
+            limiters: [limiter(), limiter(), limiter(), limiter()],
             identified_under_load: 0,
             second_ends: now + Duration::from_secs(1),
             cookie: [0; 128],
@@ -212,6 +212,7 @@ mod tests {
             persistent_keepalive: None,
             allowed_destinations: None,
             accept: None,
+            relay: false,
         };
         peers.reconfigure(vec![spec], now).unwrap();
         (Gate::new(ours.to_x25519(), now), peers, ours, theirs)

@@ -33,7 +33,7 @@ use boringtun::noise::TunnResult;
 use boringtun::x25519;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use veilmesh_transport::{DatagramLimits, PeerAddr, TransportKind};
+use veilmesh_transport::{DatagramLimits, PeerAddr, RelayAddr, TransportKind};
 
 use crate::identity::{PrivateKey, PublicKey};
 use batch::{TunBatchOutput, TunSink, TxBatch};
@@ -124,6 +124,14 @@ pub struct NodeCounters {
     pub unknown_sender: u64,
     /// Datagrams the transport refused (queue full, socket error).
     pub send_errors: u64,
+    /// Datagrams forwarded between two of our peers (we are their relay).
+    #[serde(default)]
+    pub relayed: u64,
+    /// Relay requests refused (no relay offered, an anonymous peer, over
+    /// the rate, unknown or unreachable target), and relay paths that had
+    /// no way to the relay.
+    #[serde(default)]
+    pub relay_refused: u64,
 }
 
 /// Why a packet went nowhere; each is counted.
@@ -164,6 +172,16 @@ pub enum FromNetwork<'a> {
     /// `poll_transmit` for replies.
     Consumed,
     Dropped(DropReason),
+}
+
+/// What `Node::receive` made of a datagram.
+enum Received {
+    /// The decrypted packet for the TUN is `out[range]`.
+    ToTun(std::ops::Range<usize>),
+    Consumed,
+    Dropped(DropReason),
+    /// A relay handed us this datagram of another peer's.
+    Relayed(PeerAddr, Vec<u8>),
 }
 
 /// What the daemon should do besides sending datagrams, from
@@ -268,9 +286,15 @@ pub struct Node {
     last_now: Instant,
     scratch: Vec<u8>,
     message_buf: Vec<u8>,
+    /// We forward between our peers (`[interface] relay`).
+    relay_service: bool,
 }
 
 /// Room for the largest datagram any transport carries plus Noise overhead.
+/// What carrying a datagram through a relay adds: the relay message (an
+/// IPv6 header, its own header, the target's key, a length) and the
+/// session with the relay.
+pub const RELAY_OVERHEAD: usize = 40 + 4 + 32 + 2 + NOISE_OVERHEAD;
 pub const BUFFER_SIZE: usize = 65_536 + NOISE_OVERHEAD + 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -314,6 +338,7 @@ impl Node {
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
+            relay_service: false,
         };
         node.timers.set(Timer::Tick, Some(now));
         node.timers.set(Timer::Paths, Some(now));
@@ -405,7 +430,12 @@ impl Node {
             tracing::trace!(peer = %peer.spec.name, "no path to peer");
             return self.unreachable(packet, &info, Unreachable::NoPath, out);
         };
-        let limits = limits(&path);
+        let Some(limits) = self.limits_of(&path, &limits) else {
+            return self.unreachable(packet, &info, Unreachable::NoPath, out);
+        };
+        let Some(peer) = self.peers.slots[id].as_mut() else {
+            return FromTun::Done(DropReason::NoRoute);
+        };
         let may_fragment_below = matches!(info.dst, IpAddr::V4(_)) && !info.dont_fragment;
         let carried = if may_fragment_below {
             limits.absolute
@@ -433,6 +463,11 @@ impl Node {
                     }
                 } else {
                     peer.counters.tx_packets += 1;
+                }
+                if path.kind() == TransportKind::Relay {
+                    // Sealed again for the relay on its way out (poll_transmit).
+                    self.transmits.push_back(Transmit::new(path, datagram));
+                    return FromTun::Done(DropReason::Queued);
                 }
                 FromTun::Send { to: path, datagram }
             }
@@ -551,6 +586,25 @@ impl Node {
         out: &'a mut [u8],
         now: Instant,
     ) -> FromNetwork<'a> {
+        match self.receive(from, datagram, out, now) {
+            Received::ToTun(range) => FromNetwork::ToTun(&out[range]),
+            // The relay's message carried a datagram of another peer's.
+            Received::Relayed(via, inner) => self.handle_datagram(&via, &inner, out, now),
+            Received::Consumed => FromNetwork::Consumed,
+            Received::Dropped(why) => FromNetwork::Dropped(why),
+        }
+    }
+
+    /// `handle_datagram`, saying where in `out` a packet for the TUN is
+    /// (which lets a relayed datagram reuse `out`).
+    fn receive(
+        &mut self,
+        from: &PeerAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Received {
+        let out_start = out.as_ptr() as usize;
         self.last_now = now;
         let identified = self.gate.identify(
             from,
@@ -561,10 +615,10 @@ impl Node {
         );
         let id = match identified {
             Ok(id) => id,
-            Err(drop) => return FromNetwork::Dropped(drop),
+            Err(drop) => return Received::Dropped(drop),
         };
         let Some(peer) = self.peers.slots[id].as_mut() else {
-            return FromNetwork::Dropped(DropReason::UnknownPeer);
+            return Received::Dropped(DropReason::UnknownPeer);
         };
         // A datagram whose transport names no sender belongs to the peer
         // it names inside (session index, initiator's key), over that
@@ -576,7 +630,7 @@ impl Node {
                 // No allocation: this runs for every RAW I2P datagram.
                 let Some(own) = peer.spec.path(*kind).cloned() else {
                     peer.counters.wrong_path += 1;
-                    return FromNetwork::Dropped(DropReason::WrongPath);
+                    return Received::Dropped(DropReason::WrongPath);
                 };
                 attributed = own;
                 &attributed
@@ -586,7 +640,7 @@ impl Node {
         if !path_allowed(&peer.spec, from) {
             peer.counters.wrong_path += 1;
             tracing::debug!(peer = %peer.spec.name, %from, "datagram over a path this peer may not use");
-            return FromNetwork::Dropped(DropReason::WrongPath);
+            return Received::Dropped(DropReason::WrongPath);
         }
         let result = peer
             .tunn_mut(id, &self.keys)
@@ -634,7 +688,7 @@ impl Node {
                 }
                 self.transmits.push_back(Transmit::new(from.clone(), reply));
                 self.flush_queued(id);
-                return FromNetwork::Consumed;
+                return Received::Consumed;
             }
             TunnResult::Done => {
                 // A keepalive or cookie; only data messages authenticate the sender.
@@ -642,12 +696,12 @@ impl Node {
                     peer.initiations = None;
                     Self::heard(peer, from, now, &mut self.timers, &self.own);
                 }
-                return FromNetwork::Consumed;
+                return Received::Consumed;
             }
             TunnResult::Err(error) => {
                 peer.counters.bad_packet += 1;
                 log_decapsulate_error(&peer.spec.name, from, &error);
-                return FromNetwork::Dropped(DropReason::BadPacket);
+                return Received::Dropped(DropReason::BadPacket);
             }
         };
         // Authenticated: the peer may have moved, whatever the payload says.
@@ -656,49 +710,61 @@ impl Node {
         if self.peers.routes.route(src) != Some(&id) {
             peer.counters.spoofed_source += 1;
             tracing::debug!(peer = %peer.spec.name, %src, "dropped packet with a source outside the peer's allowed IPs");
-            return FromNetwork::Dropped(DropReason::Spoofed);
+            return Received::Dropped(DropReason::Spoofed);
         }
         if peer_messages::is_peer_message(packet) {
             let message = peer_messages::parse_packet(packet);
             let from_mesh =
                 peer_messages::source(packet) == Some(peer.spec.public_key.mesh_address());
             match message {
+                // Not through a relay again: one hop, and no loops.
+                Ok(PeerMessage::Relayed {
+                    from: origin,
+                    datagram,
+                }) if from_mesh && peer.spec.relay && from.kind() != TransportKind::Relay => {
+                    let via = PeerAddr::Relay(RelayAddr {
+                        relay: peer.spec.public_key.0,
+                        peer: origin,
+                    });
+                    return Received::Relayed(via, datagram);
+                }
                 Ok(message) if from_mesh => self.handle_peer_message(id, from, message, now),
                 Ok(_) => {
                     peer.counters.spoofed_source += 1;
-                    return FromNetwork::Dropped(DropReason::Spoofed);
+                    return Received::Dropped(DropReason::Spoofed);
                 }
                 Err(error) => {
                     peer.counters.bad_packet += 1;
                     tracing::debug!(peer = %peer.spec.name, %error, "bad peer message");
-                    return FromNetwork::Dropped(DropReason::BadPacket);
+                    return Received::Dropped(DropReason::BadPacket);
                 }
             }
-            return FromNetwork::Consumed;
+            return Received::Consumed;
         }
         if needs_address_check(&peer.spec) {
             let dst = packet::parse(packet).ok().map(|info| info.dst);
             if !dst.is_some_and(|d| local_address_allowed(&peer.spec, &self.tunnel_addresses, d)) {
                 peer.counters.refused_destination += 1;
                 tracing::debug!(peer = %peer.spec.name, ?dst, "packet to an address of ours the peer may not reach");
-                return FromNetwork::Dropped(DropReason::RefusedAddress);
+                return Received::Dropped(DropReason::RefusedAddress);
             }
         }
         let verdict = peer.firewall.as_mut().map(|f| f.inbound(packet, now));
         if let Some(refused @ (accept::Verdict::Reject | accept::Verdict::Drop)) = verdict {
             peer.counters.not_accepted += 1;
             tracing::trace!(peer = %peer.spec.name, "packet refused by the peer's accept rules");
-            if refused == accept::Verdict::Reject && peer.rejections.take(now) {
+            if refused == accept::Verdict::Reject && peer.rejections.take(1, now) {
                 let to = from.clone();
                 self.answer_prohibited(id, to, packet);
             }
-            return FromNetwork::Dropped(DropReason::NotAccepted);
+            return Received::Dropped(DropReason::NotAccepted);
         }
         peer.counters.rx_packets += 1;
         if peer.paths.traffic(now) {
             self.timers.fire_by(Timer::Paths, now);
         }
-        FromNetwork::ToTun(packet)
+        let offset = packet.as_ptr() as usize - out_start;
+        Received::ToTun(offset..offset + packet.len())
     }
 
     /// Authenticated traffic over `from`: a new path is probed at once, and
@@ -740,6 +806,14 @@ impl Node {
         };
         peer.paths.spoke();
         match message {
+            PeerMessage::Relay { to, datagram } if from.kind() != TransportKind::Relay => {
+                self.forward_relayed(id, to, &datagram, now);
+            }
+            // From a peer we do not relay through, or through a relay.
+            PeerMessage::Relay { .. } | PeerMessage::Relayed { .. } => {
+                peer.counters.wrong_path += 1;
+                tracing::debug!(peer = %peer.spec.name, "relay message the peer may not send");
+            }
             PeerMessage::Probe { id: probe } => {
                 let observed = match from {
                     PeerAddr::Udp(sa) => Some(*sa),
@@ -1260,7 +1334,118 @@ impl Node {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        loop {
+            let transmit = self.transmits.pop_front()?;
+            let PeerAddr::Relay(via) = transmit.to else {
+                return Some(transmit);
+            };
+            // Sealed for the relay and queued to its path (at the back).
+            self.send_through_relay(via, &transmit.payload);
+        }
+    }
+
+    /// Offers (or stops offering) to relay between our peers.
+    pub fn set_relay_service(&mut self, on: bool) {
+        self.relay_service = on;
+    }
+
+    /// What a path carries: a relay path, what the relay's own path
+    /// carries less the relay message around the datagram. None: the relay
+    /// has no path (or is reached through a relay itself).
+    fn limits_of(
+        &self,
+        path: &PeerAddr,
+        limits: &impl Fn(&PeerAddr) -> DatagramLimits,
+    ) -> Option<DatagramLimits> {
+        let PeerAddr::Relay(via) = path else {
+            return Some(limits(path));
+        };
+        let relay_path = self.relay_path(via)?.1;
+        let outer = limits(&relay_path);
+        Some(DatagramLimits {
+            unfragmented: outer.unfragmented.saturating_sub(RELAY_OVERHEAD),
+            absolute: outer.absolute.saturating_sub(RELAY_OVERHEAD),
+        })
+    }
+
+    /// The relay of `via` and its path, if it has a direct one.
+    fn relay_path(&self, via: &RelayAddr) -> Option<(PeerId, PeerAddr)> {
+        let id = *self.peers.by_key.get(&via.relay)?;
+        let relay = self.peers.slots[id].as_ref()?;
+        let path = relay.path().filter(|p| p.kind() != TransportKind::Relay)?;
+        relay.spec.relay.then_some((id, path))
+    }
+
+    /// Sends `datagram` (sealed for `via.peer`) to `via.relay`, inside our
+    /// session with the relay.
+    fn send_through_relay(&mut self, via: RelayAddr, datagram: &[u8]) {
+        let Some((relay, path)) = self.relay_path(&via) else {
+            self.counters.relay_refused += 1;
+            return;
+        };
+        let Some(dst) = self.peers.slots[relay].as_ref().map(|r| r.spec.public_key) else {
+            return;
+        };
+        let message = PeerMessage::Relay {
+            to: via.peer,
+            datagram: datagram.to_vec(),
+        };
+        peer_messages::encode_packet(
+            &message,
+            self.mesh_address,
+            dst.mesh_address(),
+            &mut self.message_buf,
+        );
+        self.send_message_buf(relay, path, None);
+    }
+
+    /// We are the relay: peer `from_id` asks us to forward `datagram` to
+    /// our peer `to`. Only between configured peers that may use UDP, only
+    /// to a peer we reach directly, at most `RELAY_BYTES_PER_SECOND` per
+    /// sender.
+    fn forward_relayed(&mut self, from_id: PeerId, to: [u8; 32], datagram: &[u8], now: Instant) {
+        let refuse = |counters: &mut NodeCounters, why: &str| {
+            counters.relay_refused += 1;
+            tracing::trace!(why, "relay request refused");
+        };
+        if !self.relay_service {
+            return refuse(&mut self.counters, "this node offers no relay");
+        }
+        let Some(origin) = self.peers.slots[from_id].as_mut() else {
+            return;
+        };
+        if origin.spec.is_anonymous() {
+            return refuse(&mut self.counters, "the sender is anonymous");
+        }
+        if !origin.relay_budget.take(datagram.len() as u64, now) {
+            return refuse(&mut self.counters, "the sender's relay rate is used up");
+        }
+        let origin_key = origin.spec.public_key.0;
+        let Some(&target) = self.peers.by_key.get(&to) else {
+            return refuse(&mut self.counters, "no such peer");
+        };
+        let Some(target_peer) = self.peers.slots[target].as_ref() else {
+            return;
+        };
+        let path = target_peer
+            .path()
+            .filter(|p| p.kind() != TransportKind::Relay);
+        let (Some(path), false, false) = (path, target_peer.spec.is_anonymous(), target == from_id)
+        else {
+            return refuse(
+                &mut self.counters,
+                "the target is anonymous, the sender, or unreachable",
+            );
+        };
+        let dst = target_peer.spec.public_key.mesh_address();
+        let message = PeerMessage::Relayed {
+            from: origin_key,
+            datagram: datagram.to_vec(),
+        };
+        peer_messages::encode_packet(&message, self.mesh_address, dst, &mut self.message_buf);
+        if self.send_message_buf(target, path, None) {
+            self.counters.relayed += 1;
+        }
     }
 
     pub fn status(&self, now: Instant) -> NodeStatus {
@@ -1269,6 +1454,18 @@ impl Node {
 
     /// `status`, with each path described further by `path_state` (the
     /// transports' view, e.g. a Tox friend's connection).
+    /// A path as `show` names it: a relay by its peer's name.
+    pub fn describe_path(&self, addr: &PeerAddr) -> String {
+        let PeerAddr::Relay(via) = addr else {
+            return addr.to_string();
+        };
+        let relay = self.peers.by_key.get(&via.relay);
+        match relay.and_then(|&id| self.peers.slots[id].as_ref()) {
+            Some(relay) => format!("relay via {}", relay.spec.name),
+            None => addr.to_string(),
+        }
+    }
+
     pub fn status_with(
         &self,
         now: Instant,
@@ -1291,9 +1488,9 @@ impl Node {
                         public_key: p.spec.public_key.to_base64(),
                         mesh_address: p.spec.public_key.mesh_address(),
                         allowed_ips: p.spec.all_allowed_ips().collect(),
-                        path: p.paths.in_use().map(|a| a.to_string()),
+                        path: p.paths.in_use().map(|a| self.describe_path(a)),
                         path_state: p.paths.in_use().and_then(&path_state),
-                        paths: p.paths.status(now),
+                        paths: p.paths.status(now, |a| self.describe_path(a)),
                         seconds_since_handshake: since_handshake.map(|d| d.as_secs()),
                         rx_bytes: rx_bytes as u64,
                         tx_bytes: tx_bytes as u64,
@@ -1322,6 +1519,7 @@ pub(crate) fn transport_index(kind: TransportKind) -> usize {
         TransportKind::Udp => 0,
         TransportKind::Tox => 1,
         TransportKind::I2p => 2,
+        TransportKind::Relay => 3,
     }
 }
 

@@ -689,12 +689,13 @@ impl PathSet {
         });
     }
 
-    pub fn status(&self, now: Instant) -> Vec<PathStatus> {
+    /// Each path's state; `describe` names the addresses.
+    pub fn status(&self, now: Instant, describe: impl Fn(&PeerAddr) -> String) -> Vec<PathStatus> {
         let interval = self.interval(now);
         self.paths
             .iter()
             .map(|p| PathStatus {
-                address: p.addr.to_string(),
+                address: describe(&p.addr),
                 transport: p.addr.kind().as_str().to_owned(),
                 origin: p.origin,
                 state: if p.is_live(now, interval) {
@@ -794,7 +795,7 @@ mod tests {
             set.select(now, &ORDER);
         }
         assert_eq!(set.in_use(), Some(&direct));
-        let status = set.status(now);
+        let status = set.status(now, PeerAddr::to_string);
         assert!(status.iter().all(|p| p.state == "live"));
         assert_eq!(status.iter().filter(|p| p.in_use).count(), 1);
     }
@@ -830,7 +831,10 @@ mod tests {
         let idle = count(&mut set, t0 + IDLE_AFTER, 120);
         assert!((14..=18).contains(&idle), "{idle} probes in 120 idle s");
         assert!(set
-            .status(t0 + IDLE_AFTER + Duration::from_secs(120))
+            .status(
+                t0 + IDLE_AFTER + Duration::from_secs(120),
+                PeerAddr::to_string
+            )
             .iter()
             .all(|p| p.state == "live"));
         // Traffic again: every path is probed now.
@@ -940,7 +944,10 @@ mod tests {
         let probes = set.poll_probes(t0, ids());
         let to_victim = probes.iter().find(|p| p.to == victim).unwrap();
         assert!(!set.pong(to_victim.id, &real, t0));
-        assert!(set.status(t0).iter().all(|p| p.state != "live"));
+        assert!(set
+            .status(t0, PeerAddr::to_string)
+            .iter()
+            .all(|p| p.state != "live"));
         let to_real = probes.iter().find(|p| p.to == real).unwrap();
         assert!(set.pong(to_real.id, &real, t0));
     }

@@ -56,35 +56,44 @@ pub(crate) struct Peer {
     /// Its accept rules and the flows we opened to it, if it has rules.
     pub(crate) firewall: Option<Firewall>,
     /// ICMP "administratively prohibited" answers it may still get.
-    pub(crate) rejections: RejectionBudget,
+    pub(crate) rejections: Budget,
+    /// What we relay for this peer (when we are a relay).
+    pub(crate) relay_budget: Budget,
 }
 
-/// At most `REJECTIONS_PER_SECOND` ICMP answers to refused packets per
-/// peer (bursts of as many): a peer flooding refused ports gets no flood
-/// back.
+/// A per-second allowance, refilled whole each second (bursts of a full
+/// second's worth): ICMP answers to refused packets (a peer flooding
+/// refused ports gets no flood back), bytes relayed for a peer.
 #[derive(Debug)]
-pub(crate) struct RejectionBudget {
-    tokens: u32,
+pub(crate) struct Budget {
+    per_second: u64,
+    left: u64,
     refilled: Instant,
 }
 
-const REJECTIONS_PER_SECOND: u32 = 10;
+const REJECTIONS_PER_SECOND: u64 = 10;
+/// What a relay forwards for one peer at most: 50 MB/s (400 Mbit/s).
+pub(crate) const RELAY_BYTES_PER_SECOND: u64 = 50_000_000;
 
-impl RejectionBudget {
-    fn new(now: Instant) -> RejectionBudget {
-        RejectionBudget {
-            tokens: REJECTIONS_PER_SECOND,
+impl Budget {
+    pub(crate) fn new(per_second: u64, now: Instant) -> Budget {
+        Budget {
+            per_second,
+            left: per_second,
             refilled: now,
         }
     }
 
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
+    /// Takes `amount` if that much is left this second.
+    pub(crate) fn take(&mut self, amount: u64, now: Instant) -> bool {
         if now.saturating_duration_since(self.refilled) >= Duration::from_secs(1) {
-            self.tokens = REJECTIONS_PER_SECOND;
+            self.left = self.per_second;
             self.refilled = now;
         }
-        let granted = self.tokens > 0;
-        self.tokens = self.tokens.saturating_sub(1);
+        let granted = self.left >= amount;
+        if granted {
+            self.left -= amount;
+        }
         granted
     }
 }
@@ -103,7 +112,8 @@ impl Peer {
             firewall: spec.accept.clone().map(Firewall::new),
             spec,
             counters: PeerCounters::default(),
-            rejections: RejectionBudget::new(now),
+            rejections: Budget::new(REJECTIONS_PER_SECOND, now),
+            relay_budget: Budget::new(RELAY_BYTES_PER_SECOND, now),
         }
     }
 
@@ -323,11 +333,18 @@ pub(crate) fn initiation_repeated(initiations: &mut Option<(u32, Instant)>, now:
 
 /// The paths the config gives a peer, in its transports' order: only
 /// transports it allows, only where it has an address.
+/// One path per transport the peer may use, in its order, but every relay
+/// it may be reached through.
 pub(crate) fn configured_paths(spec: &PeerSpec) -> Vec<PeerAddr> {
-    spec.transports
-        .iter()
-        .filter_map(|kind| spec.path(*kind).cloned())
-        .collect()
+    let mut paths = Vec::new();
+    for &kind in &spec.transports {
+        if kind == TransportKind::Relay {
+            paths.extend(spec.paths.iter().filter(|p| p.kind() == kind).cloned());
+        } else {
+            paths.extend(spec.path(kind).cloned());
+        }
+    }
+    paths
 }
 
 /// Does this peer's traffic need its addresses checked (see
@@ -364,7 +381,7 @@ pub(crate) fn path_allowed(spec: &PeerSpec, path: &PeerAddr) -> bool {
     spec.allows(path.kind())
         && match path {
             PeerAddr::Udp(_) => true,
-            PeerAddr::Tox(_) | PeerAddr::I2p(_) => spec.paths.contains(path),
+            PeerAddr::Tox(_) | PeerAddr::I2p(_) | PeerAddr::Relay(_) => spec.paths.contains(path),
             PeerAddr::Unattributed(_) => false,
         }
 }

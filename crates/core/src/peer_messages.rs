@@ -23,6 +23,8 @@ pub const MAX_CANDIDATES: usize = 16;
 const PROBE: u8 = 1;
 const PROBE_REPLY: u8 = 2;
 const CANDIDATES: u8 = 3;
+const RELAY: u8 = 5;
+const RELAYED: u8 = 6;
 // Type 4 asked the receiver to renew its presence on a transport. Retired:
 // a peer must not be able to cause that (each renewal is an outage for
 // every peer there, and a timing signal); renewals follow our own
@@ -45,6 +47,11 @@ pub enum PeerMessage {
         endpoints: Vec<SocketAddr>,
         reply: bool,
     },
+    /// To a relay: "forward this datagram (sealed for `to`, opaque to
+    /// you) to your peer `to`" (its public key).
+    Relay { to: [u8; 32], datagram: Vec<u8> },
+    /// From a relay: "your peer `from` sent you this datagram through me".
+    Relayed { from: [u8; 32], datagram: Vec<u8> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,6 +104,21 @@ pub fn encode_packet(message: &PeerMessage, src: Ipv6Addr, dst: Ipv6Addr, out: &
             out.push(u8::from(*reply));
             encode_endpoints(endpoints, out);
         }
+        PeerMessage::Relay { to: key, datagram }
+        | PeerMessage::Relayed {
+            from: key,
+            datagram,
+        } => {
+            out.push(if matches!(message, PeerMessage::Relay { .. }) {
+                RELAY
+            } else {
+                RELAYED
+            });
+            out.extend_from_slice(key);
+            // A datagram fits a u16: it came in one IP packet.
+            out.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
+            out.extend_from_slice(datagram);
+        }
     }
     let payload_len = (out.len() - IPV6_HEADER) as u16;
     out[4..6].copy_from_slice(&payload_len.to_be_bytes());
@@ -131,6 +153,14 @@ fn parse(payload: &[u8]) -> Result<PeerMessage, ParseError> {
         CANDIDATES => PeerMessage::Candidates {
             reply: r.u8()? != 0,
             endpoints: r.endpoints()?,
+        },
+        RELAY => PeerMessage::Relay {
+            to: r.array()?,
+            datagram: r.datagram()?,
+        },
+        RELAYED => PeerMessage::Relayed {
+            from: r.array()?,
+            datagram: r.datagram()?,
         },
         other => return Err(ParseError::UnknownType(other)),
     };
@@ -198,6 +228,12 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
+    /// A u16 length, then that many bytes.
+    fn datagram(&mut self) -> Result<Vec<u8>, ParseError> {
+        let len = u16::from_be_bytes(self.array()?);
+        Ok(self.take(usize::from(len))?.to_vec())
+    }
+
     fn endpoints(&mut self) -> Result<Vec<SocketAddr>, ParseError> {
         let count = usize::from(self.u8()?);
         if count > MAX_CANDIDATES {
@@ -244,6 +280,16 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(endpoints, reply)| PeerMessage::Candidates { endpoints, reply }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..200)
+            )
+                .prop_map(|(to, datagram)| PeerMessage::Relay { to, datagram }),
+            (
+                any::<[u8; 32]>(),
+                proptest::collection::vec(any::<u8>(), 0..200)
+            )
+                .prop_map(|(from, datagram)| PeerMessage::Relayed { from, datagram }),
         ]
     }
 
@@ -289,6 +335,11 @@ mod tests {
         assert_eq!(parse(b"vm\x02\x01"), Err(ParseError::Version(2)));
         assert_eq!(parse(b"vm\x01\x09"), Err(ParseError::UnknownType(9)));
         assert_eq!(parse(b"vm\x01\x04"), Err(ParseError::UnknownType(4)));
+        // A relay datagram's length says more than there is.
+        let mut relay = vec![b'v', b'm', VERSION, RELAY];
+        relay.extend_from_slice(&[7; 32]);
+        relay.extend_from_slice(&[0, 9, 1, 2]);
+        assert_eq!(parse(&relay), Err(ParseError::Truncated));
     }
 
     #[test]

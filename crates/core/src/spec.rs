@@ -29,6 +29,8 @@ pub struct PeerSpec {
     pub allowed_destinations: Option<Vec<IpNet>>,
     /// What the peer may open towards us (see `accept`). None: anything.
     pub accept: Option<Vec<crate::accept::Rule>>,
+    /// We may reach other peers through this one (it relays for us).
+    pub relay: bool,
 }
 
 impl PeerSpec {

@@ -56,6 +56,7 @@ impl Side {
             transports: veilmesh_transport::TransportKind::ALL.to_vec(),
             allowed_destinations: None,
             accept: None,
+            relay: false,
         }
     }
 }
@@ -689,6 +690,56 @@ struct PathSim {
     delivered_to_tun: [usize; 2],
 }
 
+/// Nodes on a simulated network, its clock moved by hand.
+trait Sim {
+    fn nodes(&mut self) -> &mut [Node];
+    fn clock(&mut self) -> &mut Instant;
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]);
+
+    /// Runs timers and delivers everything sent, for `duration`.
+    fn run(&mut self, duration: Duration) {
+        let end = *self.clock() + duration;
+        while *self.clock() < end {
+            *self.clock() += Duration::from_millis(50);
+            let now = *self.clock();
+            for node in self.nodes() {
+                node.handle_timeout(now);
+            }
+            for _ in 0..100 {
+                let mut moved = false;
+                for i in 0..self.nodes().len() {
+                    while let Some(t) = self.nodes()[i].poll_transmit() {
+                        moved = true;
+                        self.deliver(i, &t.to, &t.payload);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Sim for PathSim {
+    fn nodes(&mut self) -> &mut [Node] {
+        &mut self.nodes
+    }
+    fn clock(&mut self) -> &mut Instant {
+        &mut self.now
+    }
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
+        if let Some((receiver, from)) = self.route(sender, to) {
+            let now = self.now;
+            if let FromNetwork::ToTun(_) =
+                self.nodes[receiver].handle_datagram(&from, payload, &mut self.buf, now)
+            {
+                self.delivered_to_tun[receiver] += 1;
+            }
+        }
+    }
+}
+
 impl PathSim {
     fn new() -> PathSim {
         use veilmesh_transport::ToxPublicKey;
@@ -708,6 +759,7 @@ impl PathSim {
             transports: vec![TransportKind::Udp, TransportKind::Tox],
             allowed_destinations: None,
             accept: None,
+            relay: false,
         };
         let mut nodes = [
             Node::new(&keys[0], vec![peer_config(1)], now).unwrap(),
@@ -738,41 +790,6 @@ impl PathSim {
                 Some((receiver, PeerAddr::Udp(self.udp[sender])))
             }
             _ => None,
-        }
-    }
-
-    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
-        if let Some((receiver, from)) = self.route(sender, to) {
-            let now = self.now;
-            if let FromNetwork::ToTun(_) =
-                self.nodes[receiver].handle_datagram(&from, payload, &mut self.buf, now)
-            {
-                self.delivered_to_tun[receiver] += 1;
-            }
-        }
-    }
-
-    /// Runs timers and delivers everything sent, for `duration`.
-    fn run(&mut self, duration: Duration) {
-        let end = self.now + duration;
-        while self.now < end {
-            self.now += Duration::from_millis(50);
-            for i in 0..2 {
-                let now = self.now;
-                self.nodes[i].handle_timeout(now);
-            }
-            for _ in 0..100 {
-                let mut moved = false;
-                for i in 0..2 {
-                    while let Some(t) = self.nodes[i].poll_transmit() {
-                        moved = true;
-                        self.deliver(i, &t.to, &t.payload);
-                    }
-                }
-                if !moved {
-                    break;
-                }
-            }
         }
     }
 
@@ -1872,4 +1889,155 @@ fn an_exit_carries_what_no_longer_prefix_claims() {
         .node_a
         .handle_datagram(&m.b.addr, &datagram, &mut m.buf, now);
     assert!(matches!(got, FromNetwork::Dropped(DropReason::Spoofed)));
+}
+
+/// a and b cannot reach each other over UDP; both reach r, which relays.
+struct RelaySim {
+    nodes: Vec<Node>,
+    udp: Vec<SocketAddr>,
+    now: Instant,
+    buf: Vec<u8>,
+    delivered_to_tun: Vec<usize>,
+}
+
+impl RelaySim {
+    /// `relay_service`: whether r offers to relay.
+    fn new(relay_service: bool) -> RelaySim {
+        let now = Instant::now();
+        let keys: Vec<PrivateKey> = ["relay sim a", "relay sim b", "relay sim r"]
+            .iter()
+            .map(|s| seeded_key(s.as_bytes()))
+            .collect();
+        let udp: Vec<SocketAddr> = ["192.0.2.1:1", "198.51.100.1:1", "203.0.113.1:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let names = ["a", "b", "r"];
+        let spec = |i: usize, relays: &[usize]| {
+            let key = keys[i].public_key();
+            let mut paths = vec![PeerAddr::Udp(udp[i])];
+            paths.extend(relays.iter().filter(|&&r| r != i).map(|&r| {
+                PeerAddr::Relay(RelayAddr {
+                    relay: keys[r].public_key().0,
+                    peer: key.0,
+                })
+            }));
+            PeerSpec {
+                name: names[i].into(),
+                public_key: key,
+                paths,
+                allowed_ips: vec![],
+                persistent_keepalive: None,
+                transports: vec![TransportKind::Udp, TransportKind::Relay],
+                allowed_destinations: None,
+                accept: None,
+                relay: relays.contains(&i),
+            }
+        };
+        let peers_of = |me: usize, relays: &[usize]| -> Vec<PeerSpec> {
+            (0..3)
+                .filter(|&i| i != me)
+                .map(|i| spec(i, relays))
+                .collect()
+        };
+        let mut nodes = vec![
+            Node::new(&keys[0], peers_of(0, &[2]), now).unwrap(),
+            Node::new(&keys[1], peers_of(1, &[2]), now).unwrap(),
+            Node::new(&keys[2], peers_of(2, &[]), now).unwrap(),
+        ];
+        nodes[2].set_relay_service(relay_service);
+        RelaySim {
+            nodes,
+            udp,
+            now,
+            buf: vec![0u8; BUFFER_SIZE],
+            delivered_to_tun: vec![0; 3],
+        }
+    }
+
+    /// A ping from a to b's mesh address, delivered.
+    fn ping(&mut self) {
+        let src = self.nodes[0].mesh_address();
+        let dst = self.nodes[1].mesh_address();
+        let mut out = vec![0u8; BUFFER_SIZE];
+        let packet = ipv6_echo(src, dst, 8);
+        match self.nodes[0].handle_tun_packet(&packet, limits, &mut out, self.now) {
+            FromTun::Send { to, datagram } => {
+                let datagram = datagram.to_vec();
+                self.deliver(0, &to, &datagram);
+            }
+            FromTun::Done(_) => {}
+            FromTun::Reply(_) => panic!("unreachable"),
+        }
+        self.run(Duration::from_millis(100));
+    }
+
+    fn path(&self, node: usize, peer: &str) -> Option<String> {
+        let status = self.nodes[node].status(self.now);
+        status.peers.into_iter().find(|p| p.name == peer)?.path
+    }
+}
+
+impl Sim for RelaySim {
+    fn nodes(&mut self) -> &mut [Node] {
+        &mut self.nodes
+    }
+    fn clock(&mut self) -> &mut Instant {
+        &mut self.now
+    }
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
+        let PeerAddr::Udp(sa) = to else {
+            panic!("only UDP leaves a node, not {to}");
+        };
+        let Some(receiver) = self.udp.iter().position(|u| u == sa) else {
+            return;
+        };
+        // The direct path between a and b is blocked.
+        if sender + receiver == 1 {
+            return;
+        }
+        let from = PeerAddr::Udp(self.udp[sender]);
+        let now = self.now;
+        if let FromNetwork::ToTun(_) =
+            self.nodes[receiver].handle_datagram(&from, payload, &mut self.buf, now)
+        {
+            self.delivered_to_tun[receiver] += 1;
+        }
+    }
+}
+
+#[test]
+fn peers_that_cannot_reach_each_other_talk_through_a_relay() {
+    let mut sim = RelaySim::new(true);
+    sim.ping();
+    sim.run(Duration::from_secs(3));
+    assert_eq!(sim.path(0, "b").as_deref(), Some("relay via r"));
+    assert_eq!(sim.path(1, "a").as_deref(), Some("relay via r"));
+    let before = sim.delivered_to_tun[1];
+    sim.ping();
+    assert_eq!(sim.delivered_to_tun[1], before + 1, "the ping arrived");
+    let relay = sim.nodes[2].counters();
+    assert!(relay.relayed > 0 && relay.relay_refused == 0, "{relay:?}");
+    // The relay saw a's and b's session only as opaque datagrams: it
+    // wrote nothing of theirs to its own TUN.
+    assert_eq!(sim.delivered_to_tun[2], 0);
+    let paths = sim.nodes[0].status(sim.now).peers[0].paths.clone();
+    let relay_path = paths.iter().find(|p| p.transport == "relay").unwrap();
+    assert_eq!(
+        (relay_path.state.as_str(), relay_path.address.as_str()),
+        ("live", "relay via r")
+    );
+    assert!(relay_path.rtt_ms.is_some());
+}
+
+#[test]
+fn a_node_that_offers_no_relay_forwards_nothing() {
+    let mut sim = RelaySim::new(false);
+    sim.ping();
+    sim.run(Duration::from_secs(3));
+    let before = sim.delivered_to_tun[1];
+    sim.ping();
+    assert_eq!(sim.delivered_to_tun[1], before);
+    let relay = sim.nodes[2].counters();
+    assert!(relay.relayed == 0 && relay.relay_refused > 0, "{relay:?}");
 }

@@ -100,6 +100,7 @@ fn spec(name: &str, key: &PrivateKey, endpoint: Option<SocketAddr>) -> PeerSpec 
         persistent_keepalive: None,
         allowed_destinations: None,
         accept: None,
+        relay: false,
     }
 }
 

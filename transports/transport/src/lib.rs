@@ -28,6 +28,10 @@ pub enum TransportKind {
     Udp,
     Tox,
     I2p,
+    /// Through another peer that forwards the sealed datagrams (the core's
+    /// own; no transport of the daemon carries it, and a config cannot
+    /// list it: it follows from `[[peer]] relay = true`).
+    Relay,
 }
 
 impl TransportKind {
@@ -39,6 +43,7 @@ impl TransportKind {
             TransportKind::Udp => "udp",
             TransportKind::Tox => "tox",
             TransportKind::I2p => "i2p",
+            TransportKind::Relay => "relay",
         }
     }
 }
@@ -56,6 +61,24 @@ impl std::str::FromStr for TransportKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| format!("unknown transport `{s}` (expected one of: udp, tox, i2p)"))
+    }
+}
+
+/// A path through a relay: the relay's veilmesh public key, and the key of
+/// the peer at the other end.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayAddr {
+    pub relay: [u8; 32],
+    pub peer: [u8; 32],
+}
+
+impl fmt::Debug for RelayAddr {
+    /// The relay's key, shortened (the core shows its name instead).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.relay[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("…")
     }
 }
 
@@ -200,6 +223,8 @@ pub enum PeerAddr {
     Udp(SocketAddr),
     Tox(ToxPublicKey),
     I2p(I2pAddress),
+    /// Through another peer, which forwards to (or from) this one.
+    Relay(RelayAddr),
     /// Received over a transport that does not say who sent it (I2P RAW
     /// datagrams). Never a path: the core attributes the datagram by what
     /// it decrypts as, and answers the attributed peer's own address.
@@ -212,6 +237,7 @@ impl PeerAddr {
             PeerAddr::Udp(_) => TransportKind::Udp,
             PeerAddr::Tox(_) => TransportKind::Tox,
             PeerAddr::I2p(_) => TransportKind::I2p,
+            PeerAddr::Relay(_) => TransportKind::Relay,
             PeerAddr::Unattributed(kind) => *kind,
         }
     }
@@ -221,7 +247,10 @@ impl PeerAddr {
     pub fn ip(&self) -> Option<IpAddr> {
         match self {
             PeerAddr::Udp(sa) => Some(sa.ip()),
-            PeerAddr::Tox(_) | PeerAddr::I2p(_) | PeerAddr::Unattributed(_) => None,
+            PeerAddr::Tox(_)
+            | PeerAddr::I2p(_)
+            | PeerAddr::Relay(_)
+            | PeerAddr::Unattributed(_) => None,
         }
     }
 }
@@ -232,6 +261,7 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Udp(sa) => write!(f, "udp {sa}"),
             PeerAddr::Tox(pk) => write!(f, "tox {pk:?}"),
             PeerAddr::I2p(d) => write!(f, "i2p {d}"),
+            PeerAddr::Relay(r) => write!(f, "relay via {r:?}"),
             PeerAddr::Unattributed(kind) => write!(f, "{kind} (sender not named)"),
         }
     }
