@@ -1043,6 +1043,13 @@ impl Validator<'_> {
                  over UDP or Tox, and a relay never carries anonymous peers' traffic",
             ));
         }
+        if relay && endpoint.is_none() && tox.is_none() {
+            return Err(self.err(
+                format!("{label}.relay"),
+                "is true, but this node has no way to reach the peer first: give it an \
+                 endpoint (or a Tox ID)",
+            ));
+        }
         Ok(PeerConfig {
             name,
             exit,
@@ -1378,7 +1385,7 @@ pub(crate) mod tests {
                 PrivateKey::generate().unwrap().to_base64()
             )
         };
-        let cfg = parse(&text("")).unwrap();
+        let cfg = parse(&text("endpoint = \"198.51.100.7:51820\"")).unwrap();
         assert!(cfg.interface.relay && cfg.peers[0].relay);
         let specs = cfg.peer_specs();
         let relay_paths = |i: usize| -> Vec<PeerAddr> {
@@ -1408,6 +1415,7 @@ pub(crate) mod tests {
             "peer[0] \"r\".relay",
             "cannot relay",
         );
+        expect_error(&text(""), "peer[0] \"r\".relay", "no way to reach the peer");
     }
 
     #[test]
