@@ -584,16 +584,18 @@ fn a_rebound_nat_mapping_gets_a_direct_path_again() {
 #[test]
 fn a_relay_carries_a_sym_sym_pair_far_faster_than_tox() {
     let bed = TestBed::new("ry", Nat::Symmetric, Nat::Symmetric, Meeting::Tox);
-    // r on a public network of its own, with one address (a reply from
-    // another address of a multi-homed host would miss the NAT's mapping).
+    // r on a public network of its own, with two addresses; the peers use
+    // the second, which is not the kernel's choice of source: r's answers
+    // must leave from it anyway, or the symmetric NATs drop them.
     let rns = Netns::new("ry-relay");
     veth(&bed._inet, "rly", &rns, "eth0");
     bed._inet
         .ip(&["addr", "add", "198.18.5.1/24", "dev", "rly"]);
     rns.ip(&["addr", "add", "198.18.5.2/24", "dev", "eth0"]);
+    rns.ip(&["addr", "add", "198.18.5.3/24", "dev", "eth0"]);
     rns.ip(&["route", "add", "default", "via", "198.18.5.1"]);
     let fr = NodeFiles::new(bed._dir.path(), "r");
-    let r_block = fr.peer_block("r", Some("198.18.5.2:40000"), &[])
+    let r_block = fr.peer_block("r", Some("198.18.5.3:40000"), &[])
         + "relay = true\npersistent_keepalive = 25\n";
     for site in [&bed.a, &bed.b] {
         let text = std::fs::read_to_string(&site.files.config).unwrap();

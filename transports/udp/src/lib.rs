@@ -7,6 +7,7 @@ pub mod nat;
 pub mod offload;
 pub mod stun;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,30 @@ pub struct UdpTransport {
     gso_refused: u32,
     /// Reads may hold several datagrams of one sender.
     gro: bool,
+    /// Which of our addresses each sender reached: answers leave from it.
+    sources: Sources,
+}
+
+/// Senders reach us at one of our addresses; a multi-homed host must
+/// answer from that one, or a NAT in front of the sender drops the answer
+/// (the kernel would pick its default source address). Bounded: a flood
+/// of spoofed senders stops new entries, never old ones.
+#[derive(Default)]
+struct Sources(HashMap<SocketAddr, IpAddr>);
+
+const MAX_SOURCES: usize = 4096;
+
+impl Sources {
+    fn learn(&mut self, from: SocketAddr, local: Option<IpAddr>) {
+        let Some(local) = local else { return };
+        if self.0.len() < MAX_SOURCES || self.0.contains_key(&from) {
+            self.0.insert(from, local);
+        }
+    }
+
+    fn get(&self, to: &SocketAddr) -> Option<IpAddr> {
+        self.0.get(to).copied()
+    }
 }
 
 impl Drop for UdpTransport {
@@ -114,6 +139,11 @@ impl UdpTransport {
         let socket = Arc::new(UdpSocket::from_std(socket.into())?);
         let local = socket.local_addr()?;
         let gro = config.offload && offload::enable_gro(socket.as_raw_fd());
+        if !offload::enable_packet_info(socket.as_raw_fd(), dual_stack) {
+            tracing::info!(
+                "no packet info from the kernel: answers leave from its default source address"
+            );
+        }
         let gso = config.offload;
         tracing::info!(%local, dual_stack, gso, gro, stun_servers = config.stun_servers.len(), "udp transport bound");
         let now = Instant::now();
@@ -135,6 +165,7 @@ impl UdpTransport {
             gso,
             gso_refused: 0,
             gro,
+            sources: Sources::default(),
         })
     }
 
@@ -165,7 +196,8 @@ impl UdpTransport {
                 if *count < STUN_ANSWERS_PER_SECOND {
                     *count += 1;
                     let response = stun::binding_success(&id, from);
-                    let _ = send_now(&self.socket, from, self.dual_stack, &response);
+                    let source = self.sources.get(&from);
+                    let _ = send_now(&self.socket, from, self.dual_stack, &response, source);
                 }
             }
             Ok(stun::Message::BindingSuccess(id, mapped)) => {
@@ -211,10 +243,27 @@ impl UdpTransport {
     }
 
     /// One read through tokio's readiness: WouldBlock clears it.
-    fn read(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
         let fd = self.socket.as_raw_fd();
-        self.socket
-            .try_io(Interest::READABLE, || offload::recv(fd, buf))
+        let read = self
+            .socket
+            .try_io(Interest::READABLE, || offload::recv(fd, buf))?;
+        let from = canonical(read.from);
+        self.sources.learn(from, read.local);
+        Ok((read.len, from, read.segment))
+    }
+
+    /// One datagram, from the address `dest` reached us at; if that
+    /// address is gone, from the kernel's choice (and forgotten).
+    fn send_one(&mut self, dest: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        let source = self.sources.get(&dest);
+        match send_now(&self.socket, dest, self.dual_stack, datagram, source) {
+            Err(e) if source.is_some() && source_gone(&e) => {
+                self.sources.0.remove(&dest);
+                send_now(&self.socket, dest, self.dual_stack, datagram, None)
+            }
+            other => other,
+        }
     }
 
     /// `datagrams` to `dest` in kernel-segmented sends (at most 64
@@ -228,6 +277,7 @@ impl UdpTransport {
     ) -> io::Result<()> {
         let to = socket2::SockAddr::from(socket_addr(dest, self.dual_stack));
         let fd = self.socket.as_raw_fd();
+        let source = self.sources.get(&dest);
         let mut rest = datagrams;
         while !rest.is_empty() {
             let take = rest
@@ -235,7 +285,7 @@ impl UdpTransport {
                 .min(segment * offload::segments_per_send(segment));
             let (chunk, after) = rest.split_at(take);
             if self.gso {
-                match offload::send_segments(fd, &to, chunk, segment) {
+                match offload::send_segments(fd, &to, chunk, segment, source) {
                     Ok(()) => {
                         self.gso_refused = 0;
                         rest = after;
@@ -258,7 +308,7 @@ impl UdpTransport {
                 }
             }
             for datagram in chunk.chunks(segment) {
-                send_now(&self.socket, dest, self.dual_stack, datagram)?;
+                self.send_one(dest, datagram)?;
             }
             rest = after;
         }
@@ -282,11 +332,18 @@ fn send_now(
     to: SocketAddr,
     dual_stack: bool,
     datagram: &[u8],
+    source: Option<IpAddr>,
 ) -> io::Result<()> {
-    let to = socket_addr(to, dual_stack);
-    socket2::SockRef::from(socket)
-        .send_to(datagram, &to.into())
-        .map(drop)
+    let to = socket2::SockAddr::from(socket_addr(to, dual_stack));
+    offload::send_segments(socket.as_raw_fd(), &to, datagram, datagram.len(), source)
+}
+
+/// A send from an address this host no longer has.
+fn source_gone(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EADDRNOTAVAIL)
+    )
 }
 
 fn socket_addr(sa: SocketAddr, dual_stack: bool) -> SocketAddr {
@@ -326,7 +383,7 @@ async fn run_stun(socket: Arc<UdpSocket>, nat: Arc<Mutex<NatState>>, dual_stack:
             (requests, wake)
         };
         for (server, request) in requests {
-            if let Err(error) = send_now(&socket, server, dual_stack, &request) {
+            if let Err(error) = send_now(&socket, server, dual_stack, &request, None) {
                 tracing::debug!(%server, %error, "STUN request not sent");
             }
         }
@@ -480,7 +537,7 @@ impl Transport for UdpTransport {
         let PeerAddr::Udp(dest) = to else {
             return Err(SendError::WrongTransport(to.clone()));
         };
-        send_now(&self.socket, *dest, self.dual_stack, datagram).map_err(send_error)
+        self.send_one(*dest, datagram).map_err(send_error)
     }
 
     fn send_batch(
@@ -663,6 +720,37 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         assert!(node.poll_recv(&mut cx, &mut buf).is_pending());
         assert_eq!(answered(&client), MAX_STUN_PER_CALL);
+    }
+
+    /// 127.0.0.2 is ours too, but not the kernel's choice of source for
+    /// 127.0.0.5 (that is 127.0.0.1): answers and data leave from the
+    /// address the sender reached, with and without segmentation.
+    #[tokio::test]
+    async fn answers_leave_from_the_address_the_sender_reached() {
+        for offload in [false, true] {
+            let mut node = loopback_transport(offload);
+            let client = std::net::UdpSocket::bind("127.0.0.5:0").unwrap();
+            client
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let reached: SocketAddr = ([127, 0, 0, 2], node.local_addr().port()).into();
+            client
+                .send_to(&stun::binding_request(&[1; 12]), reached)
+                .unwrap();
+            client.send_to(b"\x04 data", reached).unwrap();
+            let mut buf = [0u8; 128];
+            poll_fn(|cx| node.poll_recv(cx, &mut buf)).await.unwrap();
+            let mut reply = [0u8; 128];
+            let (_, from) = client.recv_from(&mut reply).unwrap();
+            assert_eq!(from, reached, "the STUN answer");
+            let to = PeerAddr::Udp(client.local_addr().unwrap());
+            node.send(&to, b"one").unwrap();
+            node.send_batch(&to, b"twothree", 3).unwrap();
+            for _ in 0..4 {
+                let (_, from) = client.recv_from(&mut reply).unwrap();
+                assert_eq!(from, reached, "data, offload {offload}");
+            }
+        }
     }
 
     fn loopback_transport(offload: bool) -> UdpTransport {

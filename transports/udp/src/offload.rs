@@ -5,7 +5,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 
 use socket2::SockAddr;
@@ -21,8 +21,43 @@ pub fn segments_per_send(segment: usize) -> usize {
     (MAX_SEND_BYTES / segment.max(1)).clamp(1, MAX_SEGMENTS)
 }
 
-/// Room for one control message carrying an `int` (GRO) or `u16` (GSO).
-const CONTROL_LEN: usize = 64;
+/// Room for the control messages of one call: GRO's `int` or GSO's `u16`,
+/// and a packet-info structure (at most 40 bytes with its header).
+const CONTROL_LEN: usize = 96;
+
+/// Has the kernel say, for every datagram, the local address it was sent
+/// to (IPV6_RECVPKTINFO, which covers IPv4 on a dual-stack socket too, or
+/// IP_PKTINFO): a host with several addresses then answers from the one
+/// the peer used, as its NAT expects. False if the kernel refuses.
+pub fn enable_packet_info(fd: RawFd, ipv6: bool) -> bool {
+    let on: libc::c_int = 1;
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_PKTINFO)
+    };
+    // SAFETY: a valid socket and a pointer to a c_int of the size passed.
+    let result = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    result == 0
+}
+
+/// What one `recv` got: the bytes, the sender, each datagram's size (the
+/// last may be shorter; the whole length when not coalesced), and the
+/// local address it was sent to, if the kernel said.
+pub struct Read {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub segment: usize,
+    pub local: Option<IpAddr>,
+}
 
 /// Turns on UDP_GRO: from then on every read must go through `recv`,
 /// which reports the segment size. False if the kernel refuses.
@@ -41,9 +76,8 @@ pub fn enable_gro(fd: RawFd) -> bool {
     result == 0
 }
 
-/// One `recvmsg` into `buf`: the bytes, the sender, and the size of each
-/// datagram in them (the last may be shorter; `len` when not coalesced).
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
+/// One `recvmsg` into `buf`.
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Read> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -71,26 +105,53 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)>
         .as_socket()
         .ok_or_else(|| io::Error::other("datagram from a non-IP address"))?;
     let mut segment = len;
+    let mut local = None;
     // SAFETY: the control buffer is the one the kernel filled, walked
-    // with the libc macros within `msg_controllen`.
+    // with the libc macros within `msg_controllen`; each payload is read
+    // as the type its level and type say.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == libc::UDP_GRO {
-                let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
-                if size > 0 {
-                    segment = size as usize;
+            let data = libc::CMSG_DATA(cmsg);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::SOL_UDP, libc::UDP_GRO) => {
+                    let size = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                    if size > 0 {
+                        segment = size as usize;
+                    }
                 }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                    local = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr).to_canonical());
+                }
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                    let addr = u32::from_be(info.ipi_spec_dst.s_addr);
+                    local = Some(IpAddr::V4(Ipv4Addr::from(addr)));
+                }
+                _ => {}
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    Ok((len, from, segment.clamp(1, len.max(1))))
+    Ok(Read {
+        len,
+        from,
+        segment: segment.clamp(1, len.max(1)),
+        local,
+    })
 }
 
 /// One `sendmsg` of `data` to `to`, cut by the kernel into datagrams of
-/// `segment` bytes (the last may be shorter). At most `MAX_SEGMENTS`.
-pub fn send_segments(fd: RawFd, to: &SockAddr, data: &[u8], segment: usize) -> io::Result<()> {
+/// `segment` bytes (the last may be shorter; none when `data` is one
+/// datagram), at most `MAX_SEGMENTS`, from our address `source` if given.
+pub fn send_segments(
+    fd: RawFd,
+    to: &SockAddr,
+    data: &[u8],
+    segment: usize,
+    source: Option<IpAddr>,
+) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -102,21 +163,61 @@ pub fn send_segments(fd: RawFd, to: &SockAddr, data: &[u8], segment: usize) -> i
     msg.msg_namelen = to.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
+    let mut used = 0;
+    let mut add = |level: libc::c_int, kind: libc::c_int, payload: &[u8]| {
+        // SAFETY: both control messages together (at most 16 + 40 bytes)
+        // fit CONTROL_LEN; each header and payload is written inside
+        // `control`, at the offset CMSG_SPACE of the ones before gives.
+        unsafe {
+            let cmsg = control.as_mut_ptr().add(used).cast::<libc::cmsghdr>();
+            std::ptr::write_unaligned(
+                cmsg,
+                libc::cmsghdr {
+                    cmsg_len: libc::CMSG_LEN(payload.len() as u32) as _,
+                    cmsg_level: level,
+                    cmsg_type: kind,
+                },
+            );
+            let data = libc::CMSG_DATA(cmsg);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), data, payload.len());
+            used += libc::CMSG_SPACE(payload.len() as u32) as usize;
+        }
+    };
     if data.len() > segment {
         let segment = u16::try_from(segment)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "segment too large"))?;
-        // SAFETY: CMSG_SPACE of a u16 fits CONTROL_LEN; the header and
-        // its data are written inside `control`.
-        unsafe {
-            let space = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
-            msg.msg_control = control.as_mut_ptr().cast();
-            msg.msg_controllen = space as _;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        add(libc::SOL_UDP, libc::UDP_SEGMENT, &segment.to_ne_bytes());
+    }
+    match (source, to.is_ipv6()) {
+        // A dual-stack socket takes IPv4 sources as IPv4-mapped addresses.
+        (Some(source), true) => {
+            let v6 = match source {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            add(libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, as_bytes(&info));
         }
+        (Some(IpAddr::V4(v4)), false) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            add(libc::IPPROTO_IP, libc::IP_PKTINFO, as_bytes(&info));
+        }
+        _ => {}
+    }
+    if used > 0 {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = used as _;
     }
     // SAFETY: `msg` describes valid memory (above).
     let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT) };
@@ -124,6 +225,13 @@ pub fn send_segments(fd: RawFd, to: &SockAddr, data: &[u8], segment: usize) -> i
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The bytes of a plain C structure, for a control message.
+fn as_bytes<T: Copy>(value: &T) -> &[u8] {
+    // SAFETY: T is a plain-old-data libc structure; its bytes are read
+    // only while `value` is borrowed.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 /// What a refused segmented send says about GSO.
