@@ -8,6 +8,8 @@
 #      call (examples/relay.rs): the per-packet floor,
 #   5. veilmesh,
 #   6. veilmesh over Tox (BENCH_TOX=0 skips),
+#   7. veilmesh through a relay node R: a third namespace both reach, the
+#      pair's direct UDP blocked (BENCH_RELAY=0 skips),
 # all in the same run, printing Gbit/s, RTT and the ratios. Needs root.
 # BENCH_I2P=1 adds the I2P mode: a private network of i2pd routers (the
 # harness of tests/i2p.rs), veilmesh over I2P against veilmesh over direct
@@ -27,13 +29,13 @@ cargo build --release --locked --quiet --bin veilmesh --example relay
 bin=$PWD/target/release/veilmesh
 relay=$PWD/target/release/examples/relay
 
-A=vmbench-$$-a; B=vmbench-$$-b
+A=vmbench-$$-a; B=vmbench-$$-b; R=vmbench-$$-r
 work=$(mktemp -d /tmp/veilmesh-bench.XXXXXX)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  ip netns del $A 2>/dev/null || true; ip netns del $B 2>/dev/null || true
+  for n in $A $B $R; do ip netns del $n 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -176,6 +178,71 @@ CONF
   paths="$paths veilmesh-tox"
 fi
 
+# --- veilmesh through a relay (BENCH_RELAY=0 skips) --------------------------
+# A third pair of daemons (veil2, port 51823) whose direct UDP over the
+# A-B link is dropped; R (its own links to A and B) relays for them.
+if [ "${BENCH_RELAY:-1}" = 1 ]; then
+  ip netns add $R; ip -n $R link set lo up
+  ip link add ra netns $R type veth peer name r0 netns $A
+  ip link add rb netns $R type veth peer name r0 netns $B
+  ip -n $R addr add 198.18.3.1/24 dev ra; ip -n $R addr add 198.18.4.1/24 dev rb
+  ip -n $A addr add 198.18.3.2/24 dev r0; ip -n $B addr add 198.18.4.2/24 dev r0
+  for n in $R $A $B; do for l in ra rb r0; do ip -n $n link set $l up 2>/dev/null || true; done; done
+  ip -n $A route add 198.18.4.0/24 via 198.18.3.1; ip -n $B route add 198.18.3.0/24 via 198.18.4.1
+  ip netns exec $R sysctl -qw net.ipv4.ip_forward=0
+  for n in $A $B; do ip netns exec $n iptables -w -A OUTPUT -o eth0 -p udp --dport 51823 -j DROP; done
+  for side in a b r; do "$bin" genkey > "$work/r$side.key"; done
+  pub() { "$bin" pubkey < "$work/r$1.key"; }
+  cat > "$work/rr.toml" <<CONF
+[interface]
+private_key_file = "$work/rr.key"
+name = "veil2"
+listen_port = 51823
+relay = true
+control_socket = "$work/rr.sock"
+hosts_file = ""
+[[peer]]
+name = "a"
+public_key = "$(pub a)"
+endpoint = "198.18.3.2:51823"
+[[peer]]
+name = "b"
+public_key = "$(pub b)"
+endpoint = "198.18.4.2:51823"
+CONF
+  for side in a b; do
+    other=b; addr=198.19.5.1/24; peer_ip=198.19.5.2/32; endpoint=198.18.1.2; r_ip=198.18.3.1
+    [ $side = b ] && { other=a; addr=198.19.5.2/24; peer_ip=198.19.5.1/32; endpoint=198.18.1.1; r_ip=198.18.4.1; }
+    cat > "$work/r$side.toml" <<CONF
+[interface]
+private_key_file = "$work/r$side.key"
+name = "veil2"
+listen_port = 51823
+control_socket = "$work/r$side.sock"
+hosts_file = ""
+addresses = ["$addr"]
+[[peer]]
+name = "$other"
+public_key = "$(pub $other)"
+endpoint = "$endpoint:51823"
+allowed_ips = ["$peer_ip"]
+[[peer]]
+name = "r"
+public_key = "$(pub r)"
+endpoint = "$r_ip:51823"
+relay = true
+CONF
+  done
+  ip netns exec $R "$bin" up --config "$work/rr.toml" 2> "$work/rr.log" & pids+=($!)
+  ip netns exec $A "$bin" up --config "$work/ra.toml" 2> "$work/ra.log" & pids+=($!)
+  ip netns exec $B "$bin" up --config "$work/rb.toml" 2> "$work/rb.log" & pids+=($!)
+  for _ in $(seq 100); do in_a ping -c 1 -W 1 -q 198.19.5.2 >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 50); do
+    "$bin" show --socket "$work/ra.sock" 2>/dev/null | grep -q 'path: relay via r' && break; sleep 0.2
+  done
+  paths="$paths veilmesh-relay"
+fi
+
 # Warm up the tunnels (handshakes) before measuring.
 for dst in 198.19.0.2 198.19.1.2 198.19.3.2 198.19.4.2; do
   in_a ping -c 2 -i 0.2 -q $dst >/dev/null
@@ -188,6 +255,7 @@ dest_of() {
     wireguard-go) echo 198.19.0.2 ;;
     veilmesh) echo 198.19.1.2 ;;
     veilmesh-tox) echo 198.19.2.2 ;;
+    veilmesh-relay) echo 198.19.5.2 ;;
     relay) echo 198.19.3.2 ;;
     boringtun) echo 198.19.4.2 ;;
   esac
@@ -257,6 +325,13 @@ if [ -n "${tput[veilmesh-tox]:-}" ]; then
   else
     echo "tox_probe measured nothing:"; cat "$work/probe.err"
   fi
+fi
+
+if [ -n "${tput[veilmesh-relay]:-}" ]; then
+  ry_g=$(avg "${tput[veilmesh-relay]}"); ry_4=$(avg "${tput4[veilmesh-relay]}"); ry_m=$(avg "${rtm[veilmesh-relay]}")
+  printf '%-14s %10s %12s %14s %14s\n' veilmesh-relay "$ry_g" "$ry_4" "$(avg "${rt[veilmesh-relay]}")" "$ry_m"
+  python3 -c 'import sys; g,u,m,d=map(float,sys.argv[1:]); print("throughput veilmesh relay / direct: %.2f" % (g/u)); print("median rtt relay - direct:          %+.3f ms" % (m-d))' \
+    "$ry_g" "$vm_g" "$ry_m" "$(avg "${rtm[veilmesh]}")"
 fi
 
 # --- veilmesh over I2P (BENCH_I2P=1) ----------------------------------------

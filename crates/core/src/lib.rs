@@ -451,6 +451,9 @@ impl Node {
                 None => FromTun::Done(DropReason::Oversize),
             };
         }
+        if let PeerAddr::Relay(via) = path {
+            return self.tun_packet_through_relay(id, via, packet, out, now);
+        }
         match peer.tunn_mut(id, &self.keys).encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 if message_type(datagram) == Some(HANDSHAKE_INIT) {
@@ -463,11 +466,6 @@ impl Node {
                     }
                 } else {
                     peer.counters.tx_packets += 1;
-                }
-                if path.kind() == TransportKind::Relay {
-                    // Sealed again for the relay on its way out (poll_transmit).
-                    self.transmits.push_back(Transmit::new(path, datagram));
-                    return FromTun::Done(DropReason::Queued);
                 }
                 FromTun::Send { to: path, datagram }
             }
@@ -1379,24 +1377,106 @@ impl Node {
     /// Sends `datagram` (sealed for `via.peer`) to `via.relay`, inside our
     /// session with the relay.
     fn send_through_relay(&mut self, via: RelayAddr, datagram: &[u8]) {
-        let Some((relay, path)) = self.relay_path(&via) else {
+        if let Some((relay, path)) = self.relay_message(&via, datagram) {
+            self.send_message_buf(relay, path, None);
+        }
+    }
+
+    /// Puts the relay message carrying `datagram` to `via.peer` in
+    /// `message_buf`; the relay and its path, if it has one.
+    fn relay_message(&mut self, via: &RelayAddr, datagram: &[u8]) -> Option<(PeerId, PeerAddr)> {
+        let Some((relay, path)) = self.relay_path(via) else {
             self.counters.relay_refused += 1;
-            return;
+            return None;
         };
-        let Some(dst) = self.peers.slots[relay].as_ref().map(|r| r.spec.public_key) else {
-            return;
-        };
-        let message = PeerMessage::Relay {
-            to: via.peer,
-            datagram: datagram.to_vec(),
-        };
-        peer_messages::encode_packet(
-            &message,
+        let dst = self.peers.slots[relay]
+            .as_ref()?
+            .spec
+            .public_key
+            .mesh_address();
+        peer_messages::encode_relay(
+            &via.peer,
+            datagram,
             self.mesh_address,
-            dst.mesh_address(),
+            dst,
             &mut self.message_buf,
         );
-        self.send_message_buf(relay, path, None);
+        Some((relay, path))
+    }
+
+    /// The data path to a peer reached through a relay: sealed for the
+    /// peer (into `scratch`), then for the relay (into `out`), and sent to
+    /// the relay's path like any datagram (so runs to it batch), without
+    /// allocating. A packet that starts a handshake goes the slow way.
+    fn tun_packet_through_relay<'a>(
+        &mut self,
+        id: PeerId,
+        via: RelayAddr,
+        packet: &[u8],
+        out: &'a mut [u8],
+        now: Instant,
+    ) -> FromTun<'a> {
+        let mut sealed = std::mem::take(&mut self.scratch);
+        let inner = self.seal_for(id, packet, &mut sealed, now);
+        let result = match inner {
+            Some(range) => self.seal_for_relay(&via, &sealed[range], out),
+            None => FromTun::Done(DropReason::Queued),
+        };
+        self.scratch = sealed;
+        result
+    }
+
+    /// Seals `packet` for peer `id` into `buf`: where the data message is,
+    /// or None when boringtun held it (its handshake initiation is queued
+    /// to every path that may carry it).
+    fn seal_for(
+        &mut self,
+        id: PeerId,
+        packet: &[u8],
+        buf: &mut [u8],
+        now: Instant,
+    ) -> Option<std::ops::Range<usize>> {
+        let start = buf.as_ptr() as usize;
+        let peer = self.peers.slots[id].as_mut()?;
+        let TunnResult::WriteToNetwork(datagram) =
+            peer.tunn_mut(id, &self.keys).encapsulate(packet, buf)
+        else {
+            return None;
+        };
+        if message_type(datagram) == Some(HANDSHAKE_INIT) {
+            for to in peer.paths.handshake_targets(now) {
+                self.transmits.push_back(Transmit::new(to, datagram));
+            }
+            return None;
+        }
+        peer.counters.tx_packets += 1;
+        let offset = datagram.as_ptr() as usize - start;
+        Some(offset..offset + datagram.len())
+    }
+
+    /// Seals the relay message carrying `datagram` to `via.peer` for the
+    /// relay, into `out`.
+    fn seal_for_relay<'a>(
+        &mut self,
+        via: &RelayAddr,
+        datagram: &[u8],
+        out: &'a mut [u8],
+    ) -> FromTun<'a> {
+        let Some((relay, path)) = self.relay_message(via, datagram) else {
+            return FromTun::Done(DropReason::NoRoute);
+        };
+        let Some(peer) = self.peers.slots[relay].as_mut() else {
+            return FromTun::Done(DropReason::NoRoute);
+        };
+        peer.wake(relay, &mut self.peers.awake, self.last_now);
+        match peer
+            .tunn_mut(relay, &self.keys)
+            .encapsulate(&self.message_buf, out)
+        {
+            // Data, or the relay session's initiation (the message waits).
+            TunnResult::WriteToNetwork(datagram) => FromTun::Send { to: path, datagram },
+            _ => FromTun::Done(DropReason::Queued),
+        }
     }
 
     /// We are the relay: peer `from_id` asks us to forward `datagram` to
