@@ -179,7 +179,7 @@ CONF
 fi
 
 # --- veilmesh through a relay (BENCH_RELAY=0 skips) --------------------------
-# A third pair of daemons (veil2, port 51823) whose direct UDP over the
+# A third pair of daemons (veil2, port 51825) whose direct UDP over the
 # A-B link is dropped; R (its own links to A and B) relays for them.
 if [ "${BENCH_RELAY:-1}" = 1 ]; then
   ip netns add $R; ip -n $R link set lo up
@@ -190,25 +190,25 @@ if [ "${BENCH_RELAY:-1}" = 1 ]; then
   for n in $R $A $B; do for l in ra rb r0; do ip -n $n link set $l up 2>/dev/null || true; done; done
   ip -n $A route add 198.18.4.0/24 via 198.18.3.1; ip -n $B route add 198.18.3.0/24 via 198.18.4.1
   ip netns exec $R sysctl -qw net.ipv4.ip_forward=0
-  for n in $A $B; do ip netns exec $n iptables -w -A OUTPUT -o eth0 -p udp --dport 51823 -j DROP; done
+  for n in $A $B; do ip netns exec $n iptables -w -A OUTPUT -o eth0 -p udp --dport 51825 -j DROP; done
   for side in a b r; do "$bin" genkey > "$work/r$side.key"; done
   pub() { "$bin" pubkey < "$work/r$1.key"; }
   cat > "$work/rr.toml" <<CONF
 [interface]
 private_key_file = "$work/rr.key"
 name = "veil2"
-listen_port = 51823
+listen_port = 51825
 relay = true
 control_socket = "$work/rr.sock"
 hosts_file = ""
 [[peer]]
 name = "a"
 public_key = "$(pub a)"
-endpoint = "198.18.3.2:51823"
+endpoint = "198.18.3.2:51825"
 [[peer]]
 name = "b"
 public_key = "$(pub b)"
-endpoint = "198.18.4.2:51823"
+endpoint = "198.18.4.2:51825"
 CONF
   for side in a b; do
     other=b; addr=198.19.5.1/24; peer_ip=198.19.5.2/32; endpoint=198.18.1.2; r_ip=198.18.3.1
@@ -217,19 +217,19 @@ CONF
 [interface]
 private_key_file = "$work/r$side.key"
 name = "veil2"
-listen_port = 51823
+listen_port = 51825
 control_socket = "$work/r$side.sock"
 hosts_file = ""
 addresses = ["$addr"]
 [[peer]]
 name = "$other"
 public_key = "$(pub $other)"
-endpoint = "$endpoint:51823"
+endpoint = "$endpoint:51825"
 allowed_ips = ["$peer_ip"]
 [[peer]]
 name = "r"
 public_key = "$(pub r)"
-endpoint = "$r_ip:51823"
+endpoint = "$r_ip:51825"
 relay = true
 CONF
   done
