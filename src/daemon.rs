@@ -383,6 +383,7 @@ pub async fn run_with<T: Tun>(
         tun_writes: TunWrites::new(),
         net_buf: vec![0u8; BUFFER_SIZE],
         tx: TxBatch::new(),
+        transmit_tx: TxBatch::new(),
         pings: Vec::new(),
     };
     path.update_hosts();
@@ -496,6 +497,9 @@ struct DataPath<T> {
     net_buf: Vec<u8>,
     /// Datagrams sealed from TUN packets, gathered per path.
     tx: TxBatch,
+    /// Runs of the core's queued transmits (a relay's forwards, many to
+    /// one peer in a row, go out in one call each).
+    transmit_tx: TxBatch,
     /// `veilmesh ping` requests waiting for their probes' answers.
     pings: Vec<PendingPing>,
 }
@@ -818,6 +822,19 @@ impl<T: Tun> DataPath<T> {
             .collect()
     }
 
+    /// Sends the open run of queued transmits, if any.
+    fn send_transmit_run(&mut self) {
+        let Some(run) = self.transmit_tx.take() else {
+            return;
+        };
+        if let Err(error) = self.transports.send_run(&run) {
+            for _ in 0..run.count {
+                self.node.record_send_error();
+            }
+            tracing::debug!(to = %run.to, %error, "send failed");
+        }
+    }
+
     /// Answers the pings whose probes all came back, or whose time is up.
     fn answer_pings(&mut self, now: Instant) {
         let mut i = 0;
@@ -835,11 +852,23 @@ impl<T: Tun> DataPath<T> {
 
     fn flush_transmits(&mut self) {
         while let Some(t) = self.node.poll_transmit() {
-            if let Err(error) = self.transports.send(&t.to, &t.payload, t.ttl) {
-                self.node.record_send_error();
-                tracing::debug!(to = %t.to, %error, "send failed");
+            let len = t.payload.len();
+            if t.ttl.is_some() || len > BUFFER_SIZE {
+                // Alone, and after what was queued before it.
+                self.send_transmit_run();
+                if let Err(error) = self.transports.send(&t.to, &t.payload, t.ttl) {
+                    self.node.record_send_error();
+                    tracing::debug!(to = %t.to, %error, "send failed");
+                }
+                continue;
             }
+            if !self.transmit_tx.has_room() || !self.transmit_tx.joins(&t.to, len) {
+                self.send_transmit_run();
+            }
+            self.transmit_tx.space()[..len].copy_from_slice(&t.payload);
+            self.transmit_tx.add(&t.to, len);
         }
+        self.send_transmit_run();
         let mut pinged = false;
         while let Some(event) = self.node.poll_event() {
             match event {
