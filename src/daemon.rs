@@ -191,7 +191,8 @@ fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
 /// bootstrap queries left before, and went wherever the routes said), and
 /// toxcore's (marked by the Tox thread already; checked here).
 fn mark_library_sockets(config: &Config) {
-    let has_exit = config.peer_subnets().any(|n| n.prefix_len() == 0);
+    let subnets: Vec<_> = config.peer_subnets().collect();
+    let has_exit = !crate::exit::exit_families(&subnets).is_empty();
     match veilmesh_transport::sockets::mark_datagram_sockets(config.interface.fwmark) {
         Ok(marked) => tracing::debug!(marked, "library sockets marked"),
         Err(error) if has_exit => tracing::warn!(

@@ -39,7 +39,8 @@ impl Family {
         }
     }
 
-    fn flag(self) -> &'static str {
+    /// iproute2's family option.
+    pub(crate) fn flag(self) -> &'static str {
         match self {
             Family::V4 => "-4",
             Family::V6 => "-6",
@@ -75,10 +76,6 @@ impl ExitRouting {
             bypass,
             installed: Vec::new(),
         }
-    }
-
-    pub fn mark(&self) -> u32 {
-        self.mark
     }
 
     /// Makes the families with an exit through `dev` exactly `wanted`.

@@ -7,7 +7,7 @@
 //! daemon's file descriptor closes, even after a crash.
 
 use std::io::IoSlice;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::Ipv6Addr;
 use std::path::Path;
 use std::process::Command;
 
@@ -17,7 +17,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder};
 
 pub use crate::core::batch::TunSink;
 
-use crate::exit::{exit_families, ExitRouting};
+use crate::exit::{exit_families, ExitRouting, Family};
 use crate::identity::{MESH_PREFIX, MESH_PREFIX_LEN};
 
 /// Fails if a network interface of that name exists in this namespace.
@@ -305,7 +305,7 @@ pub struct NetDevice {
 impl NetDevice {
     /// Creates the TUN (call `ensure_absent` first) with the mesh address (/48) and `addresses`, then a
     /// route for every net in `routes` the mesh prefix does not cover; a
-    /// default route (an exit's) goes in table `exit.mark()`.
+    /// default route (an exit's) goes in the table `exit` manages.
     /// With `offload`, reads may be TCP/UDP super-packets and writes are
     /// coalesced (virtio-net headers, TSO/GRO); a kernel that refuses gets
     /// a plain device, said once in the log.
@@ -406,10 +406,7 @@ impl Drop for NetDevice {
 }
 
 fn ip_route(action: &str, net: IpNet, dev: &str) -> anyhow::Result<()> {
-    let family = match net.addr() {
-        IpAddr::V4(_) => "-4",
-        IpAddr::V6(_) => "-6",
-    };
+    let family = Family::of(&net).flag();
     ip(&[family, "route", action, &net.to_string(), "dev", dev]).map(drop)
 }
 

@@ -213,8 +213,9 @@ impl UdpTransport {
         true
     }
 
-    /// What the core gets of one read: STUN taken out (of every segment
-    /// of a coalesced read, closing the gaps), None if nothing is left.
+    /// What the core gets of one read (`from` canonical, as `read` gives
+    /// it): STUN taken out (of every segment of a coalesced read, closing
+    /// the gaps), None if nothing is left.
     fn received(
         &self,
         buf: &mut [u8],
@@ -222,7 +223,6 @@ impl UdpTransport {
         len: usize,
         segment: usize,
     ) -> Option<Received> {
-        let from = canonical(from);
         let mut kept = 0;
         let mut start = 0;
         while start < len {
