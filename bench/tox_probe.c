@@ -9,6 +9,11 @@
  *
  * HOST PORT DHT_KEY: the bootstrap node. Both iterate as soon as a packet
  * reaches toxcore's UDP socket (found by its port), as veilmesh does.
+ *
+ * Built with -DVEILMESH_MEMLOCK (and the two functions exported, see
+ * bench/run.sh) it runs toxcore as veilmesh does: libsodium's per-packet
+ * memory locking replaced by stand-ins that lock nothing
+ * (transports/tox/src/memlock.rs).
  */
 #include <errno.h>
 #include <netinet/in.h>
@@ -22,6 +27,19 @@
 #include <tox/tox.h>
 
 #define PACKET_ID 200
+
+#ifdef VEILMESH_MEMLOCK
+int sodium_mlock(void *addr, size_t len) {
+    (void)addr; (void)len;
+    errno = ENOSYS;
+    return -1;
+}
+
+int sodium_munlock(void *addr, size_t len) {
+    if (addr) memset(addr, 0, len);
+    return 0;
+}
+#endif
 
 static double now(void) {
     struct timespec t;

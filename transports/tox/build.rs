@@ -13,4 +13,8 @@ fn main() {
     }
     check.compile("veilmesh_tox_abi_check");
     println!("cargo:rerun-if-changed=src/abi_check.c");
+    // This crate's own test binaries export src/memlock.rs's functions,
+    // as the daemon's does (its build.rs).
+    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=sodium_mlock");
+    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol=sodium_munlock");
 }

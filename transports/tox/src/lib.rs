@@ -8,6 +8,7 @@
 //! through bounded channels.
 
 mod ffi;
+mod memlock;
 mod wake;
 
 use std::collections::{HashMap, HashSet};
@@ -724,17 +725,12 @@ struct ThreadLinks {
     ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
 }
 
-/// toxcore 0.2 allocates, mlocks, munlocks and frees two scratch buffers
-/// for every packet it encrypts or decrypts (`crypto_malloc` in
-/// crypto_core.c): where memory locking is allowed, that is four
-/// VMA-splitting system calls per packet, 42 % of the Tox thread's time at
-/// full speed (perf), and toxcore's own lossy ceiling here doubles (0.52 ->
-/// 1.0 Gbit/s, bench/tox_probe.c) without them. What those buffers hold are
-/// veilmesh datagrams, already Noise-encrypted end to end: locking them
-/// protects nothing. So the Tox thread gives up CAP_IPC_LOCK (its own
-/// effective set; a daemon that dropped to its user has none) and the
-/// process's soft RLIMIT_MEMLOCK becomes 0 (the daemon locks no memory):
-/// toxcore's mlock fails at once, which it ignores.
+/// The fallback where the binary does not export memlock.rs's stand-ins:
+/// the Tox thread gives up CAP_IPC_LOCK (its own effective set; a daemon
+/// that dropped to its user has none) and the process's soft
+/// RLIMIT_MEMLOCK becomes 0 (the daemon locks no memory), so toxcore's
+/// per-packet mlock fails at once (it ignores that), though the madvise
+/// and munlock calls around it stay.
 fn forgo_memory_locking() {
     use caps::{CapSet, Capability};
     if let Err(error) = caps::drop(None, CapSet::Effective, Capability::CAP_IPC_LOCK) {
@@ -766,7 +762,14 @@ fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links
         shared,
         ready,
     } = links;
-    forgo_memory_locking();
+    if memlock::in_effect() {
+        tracing::debug!("toxcore's per-packet memory locking reaches veilmesh's stand-ins");
+    } else {
+        tracing::debug!(
+            "this binary does not export sodium_mlock: toxcore's calls fail at once instead"
+        );
+        forgo_memory_locking();
+    }
     let tox = match new_tox(&config, state.as_deref()) {
         Ok(tox) => tox,
         Err(e) => {
