@@ -189,7 +189,7 @@ fn bind_udp(config: &Config) -> anyhow::Result<UdpTransport> {
 
 /// The UDP sockets libraries opened get our mark too: the DHT's (its
 /// bootstrap queries left before, and went wherever the routes said), and
-/// toxcore's (marked by the Tox thread already; checked here).
+/// toxcore's (marked by the Tox transport at its start already; checked here).
 fn mark_library_sockets(config: &Config) {
     let subnets: Vec<_> = config.peer_subnets().collect();
     let has_exit = !crate::exit::exit_families(&subnets).is_empty();
@@ -454,7 +454,12 @@ pub async fn run_with<T: Tun>(
             }
             readable = tun.readable() => {
                 readable.context("TUN device failed")?;
-                path.drain_tun().await?;
+                if path.drain_tun().await? == BATCH {
+                    // More waits: the network gets a turn first, or a
+                    // flood from this host would starve what peers send
+                    // (and toxcore's iterations).
+                    path.drain_network().await;
+                }
             }
             received = poll_fn(|cx| transports.poll_recv(cx, net_buf)) => {
                 path.on_received(received).await;

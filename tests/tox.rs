@@ -5,7 +5,8 @@
 mod common;
 
 /// Held while a test measures time or saturates the machine: the RTT
-/// bound must not be measured during the other test's 10 s transfer.
+/// bound and the relayed transfer must not be measured during the other
+/// test's 10 s transfer.
 static QUIET: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 use std::time::{Duration, Instant};
@@ -140,7 +141,7 @@ fn two_nodes_reach_each_other_over_tox_only() {
         "ping -6 over Tox: {got}/{sent}, {}",
         out.lines().last().unwrap_or("")
     );
-    // The Tox thread wakes as a packet reaches toxcore's socket; when it
+    // The event loop wakes as a packet reaches toxcore's socket; when it
     // iterated every millisecond the median was 1.6 ms, by construction
     // (a loose bound: the benchmark gives the number). Not while the other
     // test saturates; up to three rounds of 50, as a VM late in a long CI
@@ -199,7 +200,9 @@ fn two_nodes_reach_each_other_over_tox_only() {
         da.show().node
     );
 
+    let quiet = QUIET.lock().unwrap_or_else(|e| e.into_inner());
     let mbit = t.iperf(10);
+    drop(quiet);
     println!("iperf3 TCP 10 s over Tox (UDP): {mbit:.1} Mbit/s");
     assert_eq!(
         friend_state(&da, "b").as_deref(),

@@ -2,10 +2,11 @@
 //! packets between Tox friends, found through the Tox DHT and onion, over
 //! direct UDP or TCP relays.
 //!
-//! A `Tox` instance must not be used from two threads: one dedicated thread
-//! owns it, calls `tox_iterate` as soon as a packet reaches toxcore's UDP
-//! socket (see `wake`) and when toxcore asks, and talks to the event loop
-//! through bounded channels.
+//! toxcore runs on the daemon's event loop, like every other socket: the
+//! loop waits on toxcore's UDP socket (see `wake`) and on a timer for the
+//! iterations toxcore asks for, and `tox_iterate` runs inside `poll_recv`
+//! when either fires. A received packet reaches the TUN without a thread
+//! hand-off, and a sent one leaves in the `send` call.
 
 mod ffi;
 mod memlock;
@@ -14,18 +15,17 @@ mod wake;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::raw::{c_int, c_void};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self as std_mpsc, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc as tokio_mpsc;
+use tokio::io::unix::AsyncFd;
 use veilmesh_transport::{
     Contact, DatagramLimits, Health, PeerAddr, Received, SendError, ToxPublicKey, Transport,
     TransportKind,
@@ -54,21 +54,19 @@ pub const PACKET_ID: u8 = 211;
 /// Largest Noise datagram a Tox packet carries: the custom packet limit
 /// minus the id byte.
 pub const MAX_DATAGRAM: usize = ffi::MAX_CUSTOM_PACKET_SIZE - 1;
-/// Datagrams waiting for the Tox thread before the sender sees backpressure.
-const QUEUE: usize = 1024;
-/// Received packets go to the event loop in batches (one wake-up per
-/// `tox_iterate`, not per packet) of at most this many; `QUEUE` packets
-/// wait at most, however they are batched.
-const MAX_BATCH: usize = 64;
-
-/// A Tox friend's key and one datagram.
-type Packet = ([u8; 32], Vec<u8>);
-/// `tox_iterate` period while packets flow and the thread cannot wait on
-/// where they arrive (a TCP-relayed friend, or toxcore's UDP socket not
-/// found): it sees them only when it iterates.
+/// Received packets waiting for the event loop at most; one `tox_iterate`
+/// reads all toxcore's socket holds, and the loop takes them before it
+/// iterates again.
+const INBOX_PACKETS: usize = 1024;
+/// `tox_iterate` runs at least this often while packets flow and their
+/// arrival cannot be waited on (a TCP-relayed friend, or toxcore's UDP
+/// socket not found): they are seen only when toxcore iterates.
 const BUSY_ITERATION: Duration = Duration::from_millis(1);
 /// How long traffic keeps the loop in its busy period.
 const BUSY_FOR: Duration = Duration::from_secs(1);
+/// Iterations one `poll_recv` runs at most before it lets the event loop
+/// serve the rest (a socket that stays readable cannot hold it).
+const ITERATIONS_PER_POLL: usize = 4;
 const FRIEND_REQUEST_MESSAGE: &[u8] = b"veilmesh";
 /// Over a TCP relay, unpaced lossy packets fill the relay connection and
 /// toxcore drops the friend: at most this many packets per second...
@@ -79,9 +77,6 @@ const TCP_BURST: f64 = 64.0;
 /// maximum; the first successful send resets it.
 const BACKOFF_MIN: Duration = Duration::from_millis(2);
 const BACKOFF_MAX: Duration = Duration::from_millis(200);
-/// Packets one receive call discards at most (from friends no longer
-/// allowed) before it lets the event loop run its timers.
-const MAX_DISCARDS_PER_CALL: usize = 64;
 
 /// Pacing and back-off for one friend.
 struct Pacer {
@@ -211,10 +206,8 @@ pub enum ToxError {
     State { path: PathBuf, source: io::Error },
     #[error("cannot start Tox (tox_new error {0}; is the UDP port range free?)")]
     New(c_int),
-    #[error("the Tox thread stopped during start-up")]
-    ThreadDied,
-    #[error("cannot create the Tox thread's eventfd: {0}")]
-    EventFd(io::Error),
+    #[error("the Tox transport runs on a tokio event loop, and none is running")]
+    NoRuntime,
 }
 
 /// Friend connection state, as `veilmesh show` prints it.
@@ -285,88 +278,214 @@ impl ToxInfo {
     }
 }
 
-/// The state shared with the Tox thread; a panic elsewhere leaves it usable.
-fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-#[derive(Default)]
-struct Shared {
+/// What toxcore's callbacks reach through `user_data`, and what the
+/// transport reports: all of it lives on the event loop's thread.
+struct State {
+    /// Keys of the configured peers allowed Tox: only they become
+    /// friends, and packets from any other are dropped.
+    allowed: HashSet<[u8; 32]>,
+    /// Friends connected through a TCP relay (paced), as the connection
+    /// callbacks said.
+    relayed: HashSet<[u8; 32]>,
     /// Our own connection to the Tox network (the DHT, or a TCP relay).
     network: Option<FriendState>,
     friends: HashMap<[u8; 32], FriendState>,
-    /// The keys of the configured peers allowed Tox, as the Tox thread
-    /// applies them: packets still on their way from another are dropped.
-    allowed: HashSet<[u8; 32]>,
     counters: ToxCounters,
-    /// A new friend list for the Tox thread to apply (a reload).
-    new_friends: Option<Vec<ToxId>>,
+    inbox: Inbox,
+    state_changed: bool,
+    last_traffic: Instant,
 }
 
-impl Shared {
+impl State {
     fn friends_online(&self) -> usize {
         self.friends
             .values()
             .filter(|s| **s != FriendState::None)
             .count()
     }
+
+    /// Makes `friends` the allowed keys; received packets of any other
+    /// still waiting are dropped.
+    fn allow(&mut self, friends: &[ToxId]) {
+        self.allowed = friends.iter().map(|id| id.public_key().0).collect();
+        let dropped = self.inbox.retain(|pk| self.allowed.contains(pk));
+        self.counters.unallowed_packets += dropped as u64;
+    }
+}
+
+/// Packets one or more `tox_iterate`s received, in order, back to back in
+/// one buffer that is reused (no allocation per packet).
+#[derive(Default)]
+struct Inbox {
+    bytes: Vec<u8>,
+    /// Sender and end offset in `bytes` of each packet.
+    packets: Vec<([u8; 32], usize)>,
+    /// The next packet to deliver.
+    next: usize,
+}
+
+impl Inbox {
+    fn len(&self) -> usize {
+        self.packets.len() - self.next
+    }
+
+    fn push(&mut self, from: [u8; 32], datagram: &[u8]) {
+        self.bytes.extend_from_slice(datagram);
+        self.packets.push((from, self.bytes.len()));
+    }
+
+    /// The next packet, until all were taken (then the buffer is reused).
+    fn pop(&mut self) -> Option<([u8; 32], &[u8])> {
+        let Some(&(from, end)) = self.packets.get(self.next) else {
+            self.bytes.clear();
+            self.packets.clear();
+            self.next = 0;
+            return None;
+        };
+        let start = match self.next.checked_sub(1) {
+            Some(previous) => self.packets[previous].1,
+            None => 0,
+        };
+        self.next += 1;
+        Some((from, &self.bytes[start..end]))
+    }
+
+    /// Keeps the waiting packets whose sender passes `keep`; returns how
+    /// many were dropped.
+    fn retain(&mut self, keep: impl Fn(&[u8; 32]) -> bool) -> usize {
+        let mut kept = Inbox::default();
+        let mut dropped = 0;
+        while let Some((from, datagram)) = self.pop() {
+            if keep(&from) {
+                kept.push(from, datagram);
+            } else {
+                dropped += 1;
+            }
+        }
+        *self = kept;
+        dropped
+    }
+}
+
+/// toxcore's UDP socket, as the event loop's reactor watches it. Never
+/// closed here: toxcore owns it until `tox_kill`.
+struct ToxcoreSocket(RawFd);
+
+impl std::os::fd::AsRawFd for ToxcoreSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
 }
 
 pub struct ToxTransport {
-    commands: SyncSender<([u8; 32], Vec<u8>)>,
-    inbound: tokio_mpsc::UnboundedReceiver<Vec<Packet>>,
-    /// The rest of the batch being delivered.
-    pending: std::vec::IntoIter<Packet>,
-    /// Received packets not yet delivered (bounded by `QUEUE`).
-    inbound_queued: Arc<AtomicUsize>,
-    shared: Arc<Mutex<Shared>>,
-    /// Wakes the Tox thread when datagrams wait for it.
-    bell: Arc<wake::Bell>,
+    /// Used only from the thread that owns the transport, one call at a
+    /// time (`&mut self`); killed in `Drop`.
+    tox: *mut ffi::Tox,
+    /// Boxed: toxcore's callbacks get its address for `tox_iterate`.
+    state: Box<State>,
+    /// Readable when a packet reached toxcore: iterate at once. None where
+    /// the socket was not found (or UDP is off): the timer alone drives it.
+    udp: Option<AsyncFd<ToxcoreSocket>>,
+    /// When toxcore wants its next iteration.
+    next_iteration: Pin<Box<tokio::time::Sleep>>,
+    friend_numbers: HashMap<[u8; 32], u32>,
+    pacers: HashMap<[u8; 32], Pacer>,
+    /// A packet being built: the id byte, then the datagram.
+    packet: Box<[u8; ffi::MAX_CUSTOM_PACKET_SIZE]>,
+    state_file: PathBuf,
     info: ToxInfo,
-    thread: Option<JoinHandle<()>>,
 }
 
+// SAFETY: toxcore may be used from any thread as long as calls do not
+// overlap; every call goes through `&mut self` (or `&self` for reads of
+// our own fields), so moving the transport to another thread is sound.
+unsafe impl Send for ToxTransport {}
+
 impl ToxTransport {
-    /// Starts Tox on its own thread and waits until it runs, befriending
-    /// the Tox IDs among `contacts` (and deleting any other friend).
+    /// Starts Tox, bootstraps and befriends the Tox IDs among `contacts`
+    /// (deleting any other friend). Call it inside the event loop's tokio
+    /// runtime: the transport registers toxcore's socket and a timer there.
     pub fn start(config: ToxConfig, contacts: &[Contact]) -> Result<ToxTransport, ToxError> {
+        tokio::runtime::Handle::try_current().map_err(|_| ToxError::NoRuntime)?;
         let friends = friends_of(contacts);
         let state = read_state(&config.state_file)?;
-        let (commands, command_rx) = std_mpsc::sync_channel(QUEUE);
-        let (inbound_tx, inbound) = tokio_mpsc::unbounded_channel();
-        let inbound_queued = Arc::new(AtomicUsize::new(0));
-        let thread_queued = inbound_queued.clone();
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let (ready_tx, ready_rx) = std_mpsc::channel();
-        let bell = Arc::new(wake::Bell::new().map_err(ToxError::EventFd)?);
-        let thread_bell = bell.clone();
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("tox".into())
-            .spawn(move || {
-                let links = ThreadLinks {
-                    commands: command_rx,
-                    bell: thread_bell,
-                    inbound: inbound_tx,
-                    inbound_queued: thread_queued,
-                    shared: thread_shared,
-                    ready: ready_tx,
-                };
-                run_tox(config, friends, state, links)
-            })
-            .map_err(|_| ToxError::ThreadDied)?;
-        let info = ready_rx.recv().map_err(|_| ToxError::ThreadDied)??;
-        tracing::info!(tox_id = %info.id, udp_port = ?info.udp_port, "tox transport running");
-        Ok(ToxTransport {
-            commands,
-            inbound,
-            pending: Vec::new().into_iter(),
-            inbound_queued,
-            shared,
-            bell,
+        if memlock::in_effect() {
+            tracing::debug!("toxcore's per-packet memory locking reaches veilmesh's stand-ins");
+        } else {
+            tracing::debug!(
+                "this binary does not export sodium_mlock: toxcore's calls fail at once instead"
+            );
+            forgo_memory_locking();
+        }
+        let tox = new_tox(&config, state.as_deref())?;
+        let info = self_info(tox);
+        let udp_socket = info.udp_port.and_then(wake::find_udp_socket);
+        // Before the first packet: our mark keeps it out of an exit's tunnel.
+        if let Some(Err(error)) = udp_socket.map(veilmesh_transport::sockets::mark_new_socket) {
+            tracing::debug!(%error, "toxcore's UDP socket not marked");
+        }
+        let udp = match (info.udp_port, udp_socket) {
+            (Some(port), None) => {
+                tracing::warn!(
+                    port,
+                    "toxcore's UDP socket not found: packets are seen every {} ms while they flow",
+                    BUSY_ITERATION.as_millis()
+                );
+                None
+            }
+            // SAFETY: toxcore keeps the socket open until `tox_kill`, and
+            // Drop takes it out of the reactor before that.
+            (Some(port), Some(fd)) => match unsafe {
+                AsyncFd::register_with_interest(ToxcoreSocket(fd), tokio::io::Interest::READABLE)
+            } {
+                Ok(udp) => {
+                    tracing::debug!(port, "waiting on toxcore's UDP socket");
+                    Some(udp)
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        port,
+                        %error,
+                        "cannot wait on toxcore's UDP socket: packets are seen every {} ms while they flow",
+                        BUSY_ITERATION.as_millis()
+                    );
+                    None
+                }
+            },
+            (None, _) => None,
+        };
+        let mut transport = ToxTransport {
+            tox,
+            state: Box::new(State {
+                allowed: HashSet::new(),
+                relayed: HashSet::new(),
+                network: None,
+                friends: HashMap::new(),
+                counters: ToxCounters::default(),
+                inbox: Inbox::default(),
+                state_changed: true,
+                last_traffic: Instant::now() - BUSY_FOR,
+            }),
+            udp,
+            next_iteration: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            friend_numbers: HashMap::new(),
+            pacers: HashMap::new(),
+            packet: Box::new([0u8; ffi::MAX_CUSTOM_PACKET_SIZE]),
+            state_file: config.state_file.clone(),
             info,
-            thread: Some(thread),
-        })
+        };
+        // SAFETY: `tox` is live until Drop; the callbacks' user_data is
+        // always `state` (see `iterate`).
+        unsafe {
+            ffi::tox_callback_friend_request(tox, on_friend_request);
+            ffi::tox_callback_friend_connection_status(tox, on_friend_connection);
+            ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
+            ffi::tox_callback_self_connection_status(tox, on_self_connection);
+        }
+        bootstrap(tox, &config);
+        transport.befriend(&friends);
+        tracing::info!(tox_id = %transport.info.id, udp_port = ?transport.info.udp_port, "tox transport running");
+        Ok(transport)
     }
 
     pub fn info(&self) -> &ToxInfo {
@@ -374,8 +493,7 @@ impl ToxTransport {
     }
 
     pub fn friend_state(&self, public_key: &ToxPublicKey) -> FriendState {
-        let shared = lock(&self.shared);
-        shared
+        self.state
             .friends
             .get(&public_key.0)
             .copied()
@@ -383,19 +501,142 @@ impl ToxTransport {
     }
 
     pub fn counters(&self) -> ToxCounters {
-        lock(&self.shared).counters.clone()
+        self.state.counters.clone()
+    }
+
+    /// Makes `friends` the only friends: others are deleted (a friend
+    /// connection shows the friend our IP address, and a removed peer must
+    /// lose it), new ones get a friend request; the state is saved if that
+    /// changed it.
+    fn befriend(&mut self, friends: &[ToxId]) {
+        self.state.allow(friends);
+        delete_unallowed_friends(self.tox, &mut self.state);
+        // Friend numbers of deleted friends are reused.
+        self.friend_numbers.clear();
+        let allowed = &self.state.allowed;
+        self.pacers.retain(|pk, _| allowed.contains(pk));
+        add_friends(self.tox, friends, &mut self.state);
+        self.save_if_changed();
+    }
+
+    fn save_if_changed(&mut self) {
+        if std::mem::take(&mut self.state.state_changed) {
+            save(self.tox, &self.state_file);
+        }
+    }
+
+    /// Runs toxcore once (what it received lands in the inbox), then sets
+    /// the timer for the next iteration it asks for.
+    fn iterate(&mut self) {
+        let state: *mut State = &mut *self.state;
+        // SAFETY: live instance; `state` outlives the call and nothing else
+        // touches it meanwhile (we hold &mut self).
+        unsafe { ffi::tox_iterate(self.tox, state.cast::<c_void>()) };
+        self.save_if_changed();
+        // SAFETY: live instance.
+        let interval =
+            Duration::from_millis(u64::from(unsafe { ffi::tox_iteration_interval(self.tox) }));
+        let busy = self.state.last_traffic.elapsed() < BUSY_FOR;
+        // Packets from a TCP-relayed friend arrive on connections the loop
+        // does not wait on: while traffic flows, toxcore iterates often.
+        let polling = busy && (self.udp.is_none() || !self.state.relayed.is_empty());
+        let wait = if polling {
+            interval.min(BUSY_ITERATION)
+        } else {
+            interval
+        };
+        // A zero interval must not spin the loop.
+        let wait = wait.max(Duration::from_micros(100));
+        self.next_iteration
+            .as_mut()
+            .reset(tokio::time::Instant::now() + wait);
+    }
+
+    /// Whether toxcore should iterate now: a packet reached its socket, or
+    /// the iteration it asked for is due. Otherwise `cx` is woken for both.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut due = false;
+        if let Some(udp) = &self.udp {
+            if let Poll::Ready(ready) = udp.poll_read_ready(cx) {
+                match ready {
+                    // Cleared before toxcore reads: a packet that arrives
+                    // after its last read is a new readiness.
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot wait on toxcore's UDP socket any more: polling");
+                        self.udp = None;
+                    }
+                }
+                due = true;
+            }
+        }
+        if self.next_iteration.as_mut().poll(cx).is_ready() {
+            due = true;
+        }
+        due
+    }
+
+    /// Whether an iteration is due, without a task to wake: the timer ran
+    /// out or toxcore's socket holds a packet (one poll(2) with no wait).
+    fn due_now(&self) -> bool {
+        if self.next_iteration.deadline() <= tokio::time::Instant::now() {
+            return true;
+        }
+        let Some(udp) = &self.udp else { return false };
+        let mut fd = libc::pollfd {
+            fd: udp.get_ref().0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; no wait.
+        unsafe { libc::poll(&mut fd, 1, 0) == 1 && fd.revents & libc::POLLIN != 0 }
+    }
+
+    /// The next received packet into `buf`.
+    fn deliver(&mut self, buf: &mut [u8]) -> Option<Received> {
+        let (from, datagram) = self.state.inbox.pop()?;
+        let len = datagram.len();
+        // The daemon's buffer fits every legal datagram; a shorter one
+        // (never the daemon's) loses the packet, not the order.
+        let target = buf.get_mut(..len)?;
+        target.copy_from_slice(datagram);
+        Some(Received::one(PeerAddr::Tox(ToxPublicKey(from)), len))
+    }
+
+    /// Hands one datagram to toxcore, unless pacing holds it back; a
+    /// refusal is counted here (lossy packets are dropped, as on a full
+    /// UDP socket) and pauses that friend.
+    fn send_datagram(&mut self, pk: [u8; 32], datagram: &[u8]) {
+        let now = Instant::now();
+        self.state.last_traffic = now;
+        let relayed = self.state.relayed.contains(&pk);
+        let pacer = self.pacers.entry(pk).or_insert_with(|| Pacer::new(now));
+        if !pacer.admit(now, relayed) {
+            self.state.counters.paced_drops += 1;
+            return;
+        }
+        let ok = send_packet(
+            self.tox,
+            &mut self.friend_numbers,
+            &mut self.packet,
+            pk,
+            datagram,
+        );
+        if !ok {
+            self.state.counters.send_errors += 1;
+        }
+        pacer.sent(ok, now);
     }
 }
 
 impl Drop for ToxTransport {
     fn drop(&mut self) {
-        // Closing the command channel tells the thread to save and stop.
-        let (closed, _) = std_mpsc::sync_channel(0);
-        self.commands = closed;
-        self.bell.ring();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        save(self.tox, &self.state_file);
+        // Out of the reactor before toxcore closes the socket.
+        self.udp = None;
+        // SAFETY: last use of `tox`.
+        unsafe { ffi::tox_kill(self.tox) };
+        tracing::info!("tox transport stopped");
     }
 }
 
@@ -422,48 +663,34 @@ impl Transport for ToxTransport {
                 max: MAX_DATAGRAM,
             });
         }
-        match self.commands.try_send((pk.0, datagram.to_vec())) {
-            Ok(()) => {
-                self.bell.ring();
-                Ok(())
-            }
-            Err(TrySendError::Full(_)) => Err(SendError::Backpressure),
-            Err(TrySendError::Disconnected(_)) => Err(SendError::NotReady("tox thread stopped")),
-        }
+        self.send_datagram(pk.0, datagram);
+        Ok(())
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<Received>> {
-        for _ in 0..MAX_DISCARDS_PER_CALL {
-            let Some((pk, data)) = self.pending.next() else {
-                match self.inbound.poll_recv(cx) {
-                    Poll::Ready(Some(batch)) => self.pending = batch.into_iter(),
-                    // The thread is gone (logged there); nothing will come.
-                    Poll::Ready(None) | Poll::Pending => return Poll::Pending,
-                }
-                continue;
-            };
-            if let Some(received) = self.deliver(pk, &data, buf) {
+        for _ in 0..ITERATIONS_PER_POLL {
+            if let Some(received) = self.deliver(buf) {
                 return Poll::Ready(Ok(received));
             }
+            if !self.poll_due(cx) {
+                return Poll::Pending;
+            }
+            self.iterate();
+        }
+        if let Some(received) = self.deliver(buf) {
+            return Poll::Ready(Ok(received));
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
 
     fn try_recv(&mut self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        for _ in 0..MAX_DISCARDS_PER_CALL {
-            let Some((pk, data)) = self.pending.next() else {
-                match self.inbound.try_recv() {
-                    Ok(batch) => self.pending = batch.into_iter(),
-                    Err(_) => break,
-                }
-                continue;
-            };
-            if let Some(received) = self.deliver(pk, &data, buf) {
-                return Ok(Some(received));
-            }
+        if self.state.inbox.len() == 0 && self.due_now() {
+            // The event loop may be busy with the TUN: toxcore still
+            // iterates when it asked to, and reads what arrived.
+            self.iterate();
         }
-        Ok(None)
+        Ok(self.deliver(buf))
     }
 
     fn path_state(&self, to: &PeerAddr) -> Option<String> {
@@ -475,22 +702,22 @@ impl Transport for ToxTransport {
 
     /// Makes the Tox IDs among `contacts` the friends: new ones get a
     /// friend request, friends not among them are deleted (and the state
-    /// saved), and only their keys are accepted from now on. The Tox
-    /// thread picks the list up at its next iteration.
+    /// saved), and only their keys are accepted from now on.
     fn reconfigure(&mut self, contacts: &[Contact]) {
-        lock(&self.shared).new_friends = Some(friends_of(contacts));
-        self.bell.ring();
+        self.befriend(&friends_of(contacts));
     }
 
     fn health(&self) -> Health {
-        let shared = lock(&self.shared);
-        let network = shared.network.unwrap_or(FriendState::None);
-        let online = shared.friends_online();
+        let network = self.state.network.unwrap_or(FriendState::None);
+        let online = self.state.friends_online();
         let mut facts = vec![match network {
             FriendState::None => "not connected to the Tox network".to_owned(),
             state => format!("connected to the Tox network over {state}"),
         }];
-        facts.push(format!("{online}/{} friends online", shared.friends.len()));
+        facts.push(format!(
+            "{online}/{} friends online",
+            self.state.friends.len()
+        ));
         if let Some(port) = self.info.udp_port {
             facts.push(format!("udp port {port}"));
         }
@@ -501,40 +728,23 @@ impl Transport for ToxTransport {
     }
 
     fn describe(&self) -> String {
-        let shared = lock(&self.shared);
-        let online = shared.friends_online();
+        let state = &self.state;
+        let counters = &state.counters;
         format!(
-            "tox ID {} (udp port {}), {online}/{} friends online, {} friend requests ignored, \
+            "tox ID {} (udp port {}), {}/{} friends online, {} friend requests ignored, \
              {} friends deleted, {} packets from unallowed friends, {} send errors, {} paced drops, \
              {} received dropped (event loop behind)",
             self.info.id,
             self.info.udp_port.map_or("-".into(), |p| p.to_string()),
-            shared.friends.len(),
-            shared.counters.ignored_friend_requests,
-            shared.counters.friends_deleted,
-            shared.counters.unallowed_packets,
-            shared.counters.send_errors,
-            shared.counters.paced_drops,
-            shared.counters.inbound_dropped
+            state.friends_online(),
+            state.friends.len(),
+            counters.ignored_friend_requests,
+            counters.friends_deleted,
+            counters.unallowed_packets,
+            counters.send_errors,
+            counters.paced_drops,
+            counters.inbound_dropped
         )
-    }
-}
-
-impl ToxTransport {
-    /// A received packet into `buf`, unless its friend is no longer
-    /// allowed (deleted while the packet waited in the channel).
-    fn deliver(&self, pk: [u8; 32], data: &[u8], buf: &mut [u8]) -> Option<Received> {
-        self.inbound_queued.fetch_sub(1, Ordering::Relaxed);
-        {
-            let mut shared = lock(&self.shared);
-            if !shared.allowed.contains(&pk) {
-                shared.counters.unallowed_packets += 1;
-                return None;
-            }
-        }
-        let target = buf.get_mut(..data.len())?;
-        target.copy_from_slice(data);
-        Some(Received::one(PeerAddr::Tox(ToxPublicKey(pk)), data.len()))
     }
 }
 
@@ -561,58 +771,6 @@ fn read_state(path: &Path) -> Result<Option<Vec<u8>>, ToxError> {
     }
 }
 
-/// What the toxcore callbacks reach through `user_data`.
-struct CallbackContext {
-    allowed: HashSet<[u8; 32]>,
-    /// Friends connected through a TCP relay (paced), as the connection
-    /// callbacks said: checked per packet without the shared lock.
-    relayed: HashSet<[u8; 32]>,
-    /// What this `tox_iterate` received, for the event loop.
-    received: Vec<Packet>,
-    /// Whether this `tox_iterate` handed a packet over yet. The first goes
-    /// at once, not after toxcore's periodic work (DHT, onion, friends)
-    /// that follows its reading the socket.
-    handed_over: bool,
-    inbound: tokio_mpsc::UnboundedSender<Vec<Packet>>,
-    /// Received packets the event loop has not taken yet.
-    inbound_queued: Arc<AtomicUsize>,
-    shared: Arc<Mutex<Shared>>,
-    state_changed: bool,
-    last_traffic: Instant,
-}
-
-impl CallbackContext {
-    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        lock(&self.shared)
-    }
-
-    /// Hands what was received to the event loop in one message.
-    fn flush_received(&mut self) {
-        if self.received.is_empty() {
-            return;
-        }
-        let count = self.received.len();
-        if self.inbound_queued.load(Ordering::Relaxed) + count > QUEUE {
-            self.received.clear();
-            self.shared().counters.inbound_dropped += count as u64;
-            return;
-        }
-        let batch = std::mem::replace(&mut self.received, Vec::with_capacity(MAX_BATCH));
-        self.inbound_queued.fetch_add(count, Ordering::Relaxed);
-        if self.inbound.send(batch).is_err() {
-            // The transport is gone; the thread stops at its next command.
-            self.inbound_queued.fetch_sub(count, Ordering::Relaxed);
-        }
-    }
-
-    /// Makes `friends` the allowed keys, here and for the event loop.
-    fn allow(&mut self, friends: &[ToxId]) {
-        self.allowed = friends.iter().map(|id| id.public_key().0).collect();
-        let allowed = self.allowed.clone();
-        self.shared().allowed = allowed;
-    }
-}
-
 fn friend_key(tox: *const ffi::Tox, friend: u32) -> Option<[u8; 32]> {
     let mut pk = [0u8; 32];
     let mut err = 0;
@@ -622,6 +780,15 @@ fn friend_key(tox: *const ffi::Tox, friend: u32) -> Option<[u8; 32]> {
     ok.then_some(pk)
 }
 
+/// The `State` toxcore passes back to a callback.
+///
+/// # Safety
+/// `user_data` must be the `*mut State` given to `tox_iterate`.
+unsafe fn state_of<'a>(user_data: *mut c_void) -> &'a mut State {
+    // SAFETY: the caller's promise; `iterate` passes nothing else.
+    unsafe { &mut *(user_data as *mut State) }
+}
+
 unsafe extern "C" fn on_friend_request(
     tox: *mut ffi::Tox,
     public_key: *const u8,
@@ -629,22 +796,16 @@ unsafe extern "C" fn on_friend_request(
     _length: usize,
     user_data: *mut c_void,
 ) {
-    // SAFETY: user_data is the &mut CallbackContext given to tox_iterate, and
-    // public_key points to TOX_PUBLIC_KEY_SIZE bytes (tox.h).
-    let (ctx, pk) = unsafe {
-        (
-            &mut *(user_data as *mut CallbackContext),
-            *(public_key as *const [u8; 32]),
-        )
-    };
-    if ctx.allowed.contains(&pk) {
+    // SAFETY: see state_of; public_key points to TOX_PUBLIC_KEY_SIZE bytes (tox.h).
+    let (state, pk) = unsafe { (state_of(user_data), *(public_key as *const [u8; 32])) };
+    if state.allowed.contains(&pk) {
         let mut err = 0;
         // SAFETY: live instance, valid key pointer.
         unsafe { ffi::tox_friend_add_norequest(tox, pk.as_ptr(), &mut err) };
         tracing::info!(key = %hex(&pk[..4]), err, "accepted friend request from a configured peer");
-        ctx.state_changed = true;
+        state.state_changed = true;
     } else {
-        ctx.shared().counters.ignored_friend_requests += 1;
+        state.counters.ignored_friend_requests += 1;
         tracing::info!(key = %hex(&pk[..4]), "ignored friend request from a key that is not a configured peer");
     }
 }
@@ -654,11 +815,11 @@ unsafe extern "C" fn on_self_connection(
     status: ffi::Tox_Connection,
     user_data: *mut c_void,
 ) {
-    // SAFETY: see on_friend_request.
-    let ctx = unsafe { &mut *(user_data as *mut CallbackContext) };
-    let state = FriendState::from_ffi(status);
-    tracing::info!(%state, "connection to the Tox network");
-    ctx.shared().network = Some(state);
+    // SAFETY: see state_of.
+    let state = unsafe { state_of(user_data) };
+    let connection = FriendState::from_ffi(status);
+    tracing::info!(state = %connection, "connection to the Tox network");
+    state.network = Some(connection);
 }
 
 unsafe extern "C" fn on_friend_connection(
@@ -667,17 +828,17 @@ unsafe extern "C" fn on_friend_connection(
     status: ffi::Tox_Connection,
     user_data: *mut c_void,
 ) {
-    // SAFETY: see on_friend_request.
-    let ctx = unsafe { &mut *(user_data as *mut CallbackContext) };
+    // SAFETY: see state_of.
+    let state = unsafe { state_of(user_data) };
     if let Some(pk) = friend_key(tox, friend) {
-        let state = FriendState::from_ffi(status);
-        tracing::info!(friend = %hex(&pk[..4]), %state, "tox friend connection");
-        if state == FriendState::Tcp {
-            ctx.relayed.insert(pk);
+        let connection = FriendState::from_ffi(status);
+        tracing::info!(friend = %hex(&pk[..4]), state = %connection, "tox friend connection");
+        if connection == FriendState::Tcp {
+            state.relayed.insert(pk);
         } else {
-            ctx.relayed.remove(&pk);
+            state.relayed.remove(&pk);
         }
-        ctx.shared().friends.insert(pk, state);
+        state.friends.insert(pk, connection);
     }
 }
 
@@ -688,53 +849,43 @@ unsafe extern "C" fn on_lossy_packet(
     length: usize,
     user_data: *mut c_void,
 ) {
-    // SAFETY: see on_friend_request; data points to `length` bytes.
-    let (ctx, data) = unsafe {
+    // SAFETY: see state_of; data points to `length` bytes.
+    let (state, data) = unsafe {
         (
-            &mut *(user_data as *mut CallbackContext),
+            state_of(user_data),
             std::slice::from_raw_parts(data, length),
         )
     };
     let Some((&PACKET_ID, datagram)) = data.split_first() else {
-        ctx.shared().counters.foreign_packets += 1;
+        state.counters.foreign_packets += 1;
         return;
     };
     let Some(pk) = friend_key(tox, friend) else {
         return;
     };
-    if !ctx.allowed.contains(&pk) {
+    if !state.allowed.contains(&pk) {
         // Deleted at start and on reload; a packet can still be on its way.
-        ctx.shared().counters.unallowed_packets += 1;
+        state.counters.unallowed_packets += 1;
         return;
     }
-    ctx.last_traffic = Instant::now();
-    ctx.received.push((pk, datagram.to_vec()));
-    if !ctx.handed_over || ctx.received.len() >= MAX_BATCH {
-        ctx.flush_received();
-        ctx.handed_over = true;
+    if state.inbox.len() >= INBOX_PACKETS {
+        state.counters.inbound_dropped += 1;
+        return;
     }
-}
-
-/// The Tox thread's ends of what ties it to the transport.
-struct ThreadLinks {
-    commands: std_mpsc::Receiver<([u8; 32], Vec<u8>)>,
-    bell: Arc<wake::Bell>,
-    inbound: tokio_mpsc::UnboundedSender<Vec<Packet>>,
-    inbound_queued: Arc<AtomicUsize>,
-    shared: Arc<Mutex<Shared>>,
-    ready: std_mpsc::Sender<Result<ToxInfo, ToxError>>,
+    state.last_traffic = Instant::now();
+    state.inbox.push(pk, datagram);
 }
 
 /// The fallback where the binary does not export memlock.rs's stand-ins:
-/// the Tox thread gives up CAP_IPC_LOCK (its own effective set; a daemon
-/// that dropped to its user has none) and the process's soft
+/// the calling thread (the event loop's) gives up CAP_IPC_LOCK (its own
+/// effective set; a daemon that dropped to its user has none) and the process's soft
 /// RLIMIT_MEMLOCK becomes 0 (the daemon locks no memory), so toxcore's
 /// per-packet mlock fails at once (it ignores that), though the madvise
 /// and munlock calls around it stay.
 fn forgo_memory_locking() {
     use caps::{CapSet, Capability};
     if let Err(error) = caps::drop(None, CapSet::Effective, Capability::CAP_IPC_LOCK) {
-        tracing::debug!(%error, "cannot drop CAP_IPC_LOCK on the Tox thread");
+        tracing::debug!(%error, "cannot drop CAP_IPC_LOCK on the event loop's thread");
     }
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -749,153 +900,6 @@ fn forgo_memory_locking() {
     };
     if !set {
         tracing::debug!(error = %io::Error::last_os_error(), "cannot lower RLIMIT_MEMLOCK");
-    }
-}
-
-/// The Tox thread: owns the instance from `tox_new` to `tox_kill`.
-fn run_tox(config: ToxConfig, friends: Vec<ToxId>, state: Option<Vec<u8>>, links: ThreadLinks) {
-    let ThreadLinks {
-        commands,
-        bell,
-        inbound,
-        inbound_queued,
-        shared,
-        ready,
-    } = links;
-    if memlock::in_effect() {
-        tracing::debug!("toxcore's per-packet memory locking reaches veilmesh's stand-ins");
-    } else {
-        tracing::debug!(
-            "this binary does not export sodium_mlock: toxcore's calls fail at once instead"
-        );
-        forgo_memory_locking();
-    }
-    let tox = match new_tox(&config, state.as_deref()) {
-        Ok(tox) => tox,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    let mut ctx = CallbackContext {
-        allowed: HashSet::new(),
-        relayed: HashSet::new(),
-        received: Vec::with_capacity(MAX_BATCH),
-        handed_over: false,
-        inbound,
-        inbound_queued,
-        shared,
-        state_changed: true,
-        last_traffic: Instant::now() - BUSY_FOR,
-    };
-    ctx.allow(&friends);
-    // SAFETY: `tox` stays valid until tox_kill below, and is only used on
-    // this thread.
-    unsafe {
-        ffi::tox_callback_friend_request(tox, on_friend_request);
-        ffi::tox_callback_friend_connection_status(tox, on_friend_connection);
-        ffi::tox_callback_friend_lossy_packet(tox, on_lossy_packet);
-        ffi::tox_callback_self_connection_status(tox, on_self_connection);
-    }
-    let info = self_info(tox);
-    let udp_socket = info.udp_port.and_then(wake::find_udp_socket);
-    // Before the first packet: our mark keeps it out of an exit's tunnel.
-    if let Some(Err(error)) = udp_socket.map(veilmesh_transport::sockets::mark_new_socket) {
-        tracing::debug!(%error, "toxcore's UDP socket not marked");
-    }
-    connect(tox, &config, &friends, &mut ctx);
-    match (info.udp_port, udp_socket) {
-        (Some(port), None) => tracing::warn!(
-            port,
-            "toxcore's UDP socket not found: packets are seen every {} ms while they flow",
-            BUSY_ITERATION.as_millis()
-        ),
-        (Some(port), Some(_)) => tracing::debug!(port, "waiting on toxcore's UDP socket"),
-        (None, _) => {}
-    }
-    let _ = ready.send(Ok(info));
-
-    let mut friend_numbers: HashMap<[u8; 32], u32> = HashMap::new();
-    let mut pacers: HashMap<[u8; 32], Pacer> = HashMap::new();
-    loop {
-        let new_friends = ctx.shared().new_friends.take();
-        if let Some(friends) = new_friends {
-            ctx.allow(&friends);
-            delete_unallowed_friends(tox, &mut ctx);
-            // Friend numbers of deleted friends are reused.
-            friend_numbers.clear();
-            pacers.retain(|pk, _| ctx.allowed.contains(pk));
-            add_friends(tox, &friends, &mut ctx);
-        }
-        ctx.handed_over = false;
-        // SAFETY: as above; ctx outlives the call.
-        unsafe { ffi::tox_iterate(tox, &mut ctx as *mut CallbackContext as *mut c_void) };
-        ctx.flush_received();
-        if ctx.state_changed {
-            save(tox, &config.state_file);
-            ctx.state_changed = false;
-        }
-        let busy = ctx.last_traffic.elapsed() < BUSY_FOR;
-        // Packets from a TCP-relayed friend arrive on connections the
-        // thread does not wait on: while traffic flows, it iterates often.
-        let polling = busy && (udp_socket.is_none() || !ctx.relayed.is_empty());
-        // SAFETY: as above.
-        let interval =
-            Duration::from_millis(u64::from(unsafe { ffi::tox_iteration_interval(tox) }));
-        let wait = if polling {
-            interval.min(BUSY_ITERATION)
-        } else {
-            interval
-        };
-        let deadline = Instant::now() + wait;
-        // Send what is queued; sleep until a packet arrives (iterate at
-        // once), the event loop queues more, or the next iteration is due.
-        let mut next = None;
-        loop {
-            loop {
-                let command = match next.take() {
-                    Some(command) => Ok(command),
-                    None => commands.try_recv(),
-                };
-                match command {
-                    Ok((pk, datagram)) => {
-                        let now = Instant::now();
-                        ctx.last_traffic = now;
-                        let relayed = ctx.relayed.contains(&pk);
-                        let pacer = pacers.entry(pk).or_insert_with(|| Pacer::new(now));
-                        if pacer.admit(now, relayed) {
-                            let ok = send_packet(tox, &mut friend_numbers, &ctx, pk, &datagram);
-                            pacer.sent(ok, now);
-                        } else {
-                            ctx.shared().counters.paced_drops += 1;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        save(tox, &config.state_file);
-                        // SAFETY: last use of `tox`.
-                        unsafe { ffi::tox_kill(tox) };
-                        tracing::info!("tox transport stopped");
-                        return;
-                    }
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let woken = bell.sleep(udp_socket, left, || match commands.try_recv() {
-                Ok(command) => {
-                    next = Some(command);
-                    true
-                }
-                Err(TryRecvError::Empty) => false,
-                Err(TryRecvError::Disconnected) => true,
-            });
-            if woken == wake::Woken::Packet {
-                break;
-            }
-        }
     }
 }
 
@@ -950,17 +954,9 @@ fn new_tox(config: &ToxConfig, state: Option<&[u8]>) -> Result<*mut ffi::Tox, To
     }
 }
 
-/// Bootstrap nodes, relays and friend requests to every configured peer;
-/// friends in the saved state that are not (any more) are deleted first.
-fn connect(tox: *mut ffi::Tox, config: &ToxConfig, friends: &[ToxId], ctx: &mut CallbackContext) {
-    bootstrap(tox, config);
-    delete_unallowed_friends(tox, ctx);
-    add_friends(tox, friends, ctx);
-}
-
 /// Deletes every friend whose key is not allowed: a friend connection
 /// shows the friend our IP address, and a removed peer must lose it.
-fn delete_unallowed_friends(tox: *mut ffi::Tox, ctx: &mut CallbackContext) {
+fn delete_unallowed_friends(tox: *mut ffi::Tox, state: &mut State) {
     // SAFETY: live instance; the list has the size toxcore reports.
     let numbers = unsafe {
         let mut numbers = vec![0u32; ffi::tox_self_get_friend_list_size(tox)];
@@ -971,20 +967,17 @@ fn delete_unallowed_friends(tox: *mut ffi::Tox, ctx: &mut CallbackContext) {
         let Some(pk) = friend_key(tox, number) else {
             continue;
         };
-        if ctx.allowed.contains(&pk) {
+        if state.allowed.contains(&pk) {
             continue;
         }
         let mut err = 0;
         // SAFETY: live instance, a friend number toxcore just listed.
         if unsafe { ffi::tox_friend_delete(tox, number, &mut err) } {
             tracing::info!(friend = %hex(&pk[..4]), "deleted a Tox friend that is not a peer allowed Tox");
-            {
-                ctx.relayed.remove(&pk);
-                let mut shared = ctx.shared();
-                shared.friends.remove(&pk);
-                shared.counters.friends_deleted += 1;
-            }
-            ctx.state_changed = true;
+            state.relayed.remove(&pk);
+            state.friends.remove(&pk);
+            state.counters.friends_deleted += 1;
+            state.state_changed = true;
         } else {
             tracing::warn!(friend = %hex(&pk[..4]), err, "tox_friend_delete failed");
         }
@@ -1029,7 +1022,7 @@ fn bootstrap(tox: *mut ffi::Tox, config: &ToxConfig) {
 }
 
 /// A friend request to each configured peer that is not a friend yet.
-fn add_friends(tox: *mut ffi::Tox, friends: &[ToxId], ctx: &mut CallbackContext) {
+fn add_friends(tox: *mut ffi::Tox, friends: &[ToxId], state: &mut State) {
     for id in friends {
         let mut err = 0;
         // SAFETY: live instance; id has TOX_ADDRESS_SIZE bytes; message is valid.
@@ -1043,11 +1036,11 @@ fn add_friends(tox: *mut ffi::Tox, friends: &[ToxId], ctx: &mut CallbackContext)
             )
         };
         match err {
-            ffi::ERR_OK => ctx.state_changed = true,
+            ffi::ERR_OK => state.state_changed = true,
             ffi::ERR_FRIEND_ADD_ALREADY_SENT => {}
             other => tracing::warn!(friend = %id, err = other, "tox_friend_add failed"),
         }
-        ctx.shared()
+        state
             .friends
             .entry(id.public_key().0)
             .or_insert(FriendState::None);
@@ -1075,11 +1068,12 @@ fn self_info(tox: *mut ffi::Tox) -> ToxInfo {
     }
 }
 
-/// Hands one datagram to toxcore; false if it was refused.
+/// Hands one datagram to toxcore, built in `packet` behind our id byte;
+/// false if it was refused (no such friend, not connected, queue full).
 fn send_packet(
     tox: *mut ffi::Tox,
     friend_numbers: &mut HashMap<[u8; 32], u32>,
-    ctx: &CallbackContext,
+    packet: &mut [u8; ffi::MAX_CUSTOM_PACKET_SIZE],
     pk: [u8; 32],
     datagram: &[u8],
 ) -> bool {
@@ -1090,7 +1084,6 @@ fn send_packet(
             // SAFETY: live instance, 32-byte key.
             let n = unsafe { ffi::tox_friend_by_public_key(tox, pk.as_ptr(), &mut err) };
             if err != ffi::ERR_OK {
-                ctx.shared().counters.send_errors += 1;
                 return false;
             }
             friend_numbers.insert(pk, n);
@@ -1098,9 +1091,7 @@ fn send_packet(
         }
     };
     // `send` checked the size; a longer one would be refused by toxcore.
-    let mut buf = [0u8; ffi::MAX_CUSTOM_PACKET_SIZE];
-    let Some(packet) = buf.get_mut(..datagram.len() + 1) else {
-        ctx.shared().counters.send_errors += 1;
+    let Some(packet) = packet.get_mut(..datagram.len() + 1) else {
         return false;
     };
     packet[0] = PACKET_ID;
@@ -1111,7 +1102,6 @@ fn send_packet(
         ffi::tox_friend_send_lossy_packet(tox, friend, packet.as_ptr(), packet.len(), &mut err)
     };
     if !ok {
-        ctx.shared().counters.send_errors += 1;
         tracing::trace!(err, "tox lossy send failed");
     }
     ok
