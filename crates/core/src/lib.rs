@@ -57,6 +57,10 @@ const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Without a live direct path, endpoints are re-announced (and so punched
 /// again) this often.
 const REPUNCH_INTERVAL: Duration = Duration::from_secs(30);
+/// An announcement the peer did not answer (lost on a lossy path such as a
+/// paced Tox TCP relay) is repeated after this long, doubling up to
+/// `REPUNCH_INTERVAL`: the peer's answer is what lets our full probes go.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(2);
 /// Two nodes meeting through the DHT each read the other's endpoints
 /// within one poll interval of the other (see `rendezvous`); full packets
 /// wait that long plus slack, so both NATs are open when they arrive.
@@ -672,6 +676,7 @@ impl Node {
                     // A fresh session: measure every path, swap endpoints.
                     peer.paths.probe_all_now(now);
                     peer.announce_at = Some(now);
+                    peer.announce_retry = ANNOUNCE_RETRY;
                     self.timers.fire_by(Timer::Paths, now);
                 }
                 peer.select_path(now);
@@ -853,6 +858,14 @@ impl Node {
                 // An answer to our announcement comes after the peer's
                 // short-TTL probes: its NAT is open to us.
                 peer.paths.announced(&usable, now, !reply);
+                if !reply {
+                    // Answered: no more retries; the next punch, if this
+                    // one fails, comes at the usual interval.
+                    peer.announce_retry = ANNOUNCE_RETRY;
+                    if peer.announce_at.is_some() {
+                        peer.announce_at = Some(now + REPUNCH_INTERVAL);
+                    }
+                }
                 // Open our NAT now, before answering: our answer tells the
                 // peer it may probe in full.
                 self.send_probes(id, now);
@@ -1046,19 +1059,25 @@ impl Node {
     }
 
     /// Sends our UDP endpoints to a peer, never to one restricted away
-    /// from UDP: they carry our IP addresses.
+    /// from UDP: they carry our IP addresses. `reply`: the peer is asked
+    /// to answer, and is asked again (sooner than the next punch) until it
+    /// does; an answer to the peer's announcement changes no schedule.
     fn announce(&mut self, id: PeerId, reply: bool, now: Instant) {
         let endpoints = self.own.announced();
         let Some(peer) = self.peers.slots[id].as_mut() else {
             return;
         };
-        peer.announce_at = None;
+        if reply {
+            peer.announce_at = None;
+        }
         if !peer.spec.allows(TransportKind::Udp) || endpoints.is_empty() {
             return;
         }
         let Some(path) = peer.path() else { return };
-        if !peer.paths.has_live(TransportKind::Udp, now) {
-            peer.announce_at = Some(now + REPUNCH_INTERVAL);
+        if reply && !peer.paths.has_live(TransportKind::Udp, now) {
+            let wait = peer.announce_retry.clamp(ANNOUNCE_RETRY, REPUNCH_INTERVAL);
+            peer.announce_retry = (wait * 2).min(REPUNCH_INTERVAL);
+            peer.announce_at = Some(now + wait);
         }
         tracing::debug!(peer = %peer.spec.name, %path, count = endpoints.len(), "announcing endpoints");
         self.send_peer_message(

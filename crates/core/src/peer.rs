@@ -40,6 +40,9 @@ pub(crate) struct Peer {
     pub(crate) paths: PathSet,
     /// When to announce our UDP endpoints to the peer next.
     pub(crate) announce_at: Option<Instant>,
+    /// How long the next announcement waits for the peer's answer before
+    /// it is repeated (see `ANNOUNCE_RETRY`).
+    pub(crate) announce_retry: Duration,
     /// The last handshake initiation sent to punch without a session.
     pub(crate) last_punch_handshake: Option<Instant>,
     /// Handshake initiations answered since the peer last sent data: how
@@ -103,6 +106,7 @@ impl Peer {
         Peer {
             paths: PathSet::new(configured_paths(&spec), now),
             announce_at: None,
+            announce_retry: Duration::ZERO,
             last_punch_handshake: None,
             initiations: None,
             last_active: None,

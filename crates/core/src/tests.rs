@@ -685,6 +685,14 @@ struct PathSim {
     tox: [PeerAddr; 2],
     udp: [SocketAddr; 2],
     udp_blocked: bool,
+    /// Node 0 behind a symmetric NAT: its own endpoint (the one it
+    /// announces, as a STUN server saw it) admits nothing; toward node 1
+    /// it appears from this mapping, open once a packet to node 1 left.
+    sym_nat_0: Option<(SocketAddr, bool)>,
+    /// Data messages (not handshakes) node 1 sends over Tox are lost until
+    /// then, as on a paced Tox TCP relay; counted in `lost`.
+    tox_data_lost_from_1_until: Option<Instant>,
+    lost: usize,
     now: Instant,
     buf: Vec<u8>,
     delivered_to_tun: [usize; 2],
@@ -694,7 +702,8 @@ struct PathSim {
 trait Sim {
     fn nodes(&mut self) -> &mut [Node];
     fn clock(&mut self) -> &mut Instant;
-    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]);
+    /// `ttl`: the IP TTL the datagram was sent with, if not the default.
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8], ttl: Option<u8>);
 
     /// Runs timers and delivers everything sent, for `duration`.
     fn run(&mut self, duration: Duration) {
@@ -710,7 +719,7 @@ trait Sim {
                 for i in 0..self.nodes().len() {
                     while let Some(t) = self.nodes()[i].poll_transmit() {
                         moved = true;
-                        self.deliver(i, &t.to, &t.payload);
+                        self.deliver(i, &t.to, &t.payload, t.ttl);
                     }
                 }
                 if !moved {
@@ -728,8 +737,19 @@ impl Sim for PathSim {
     fn clock(&mut self) -> &mut Instant {
         &mut self.now
     }
-    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
-        if let Some((receiver, from)) = self.route(sender, to) {
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8], ttl: Option<u8>) {
+        let data_message = payload.first() == Some(&4);
+        if sender == 1
+            && data_message
+            && matches!(to, PeerAddr::Tox(_))
+            && self
+                .tox_data_lost_from_1_until
+                .is_some_and(|t| self.now < t)
+        {
+            self.lost += 1;
+            return;
+        }
+        if let Some((receiver, from)) = self.route(sender, to, ttl) {
             let now = self.now;
             if let FromNetwork::ToTun(_) =
                 self.nodes[receiver].handle_datagram(&from, payload, &mut self.buf, now)
@@ -773,6 +793,9 @@ impl PathSim {
             tox: [PeerAddr::Tox(tox_keys[0]), PeerAddr::Tox(tox_keys[1])],
             udp,
             udp_blocked: false,
+            sym_nat_0: None,
+            tox_data_lost_from_1_until: None,
+            lost: 0,
             now,
             buf: vec![0u8; BUFFER_SIZE],
             delivered_to_tun: [0, 0],
@@ -780,14 +803,29 @@ impl PathSim {
     }
 
     /// Where a datagram to `to` lands, and who it appears to come from.
-    fn route(&self, sender: usize, to: &PeerAddr) -> Option<(usize, PeerAddr)> {
+    fn route(
+        &mut self,
+        sender: usize,
+        to: &PeerAddr,
+        ttl: Option<u8>,
+    ) -> Option<(usize, PeerAddr)> {
         let receiver = 1 - sender;
-        match to {
-            PeerAddr::Tox(_) if *to == self.tox[receiver] => {
+        match (to, &mut self.sym_nat_0) {
+            (PeerAddr::Tox(_), _) if *to == self.tox[receiver] => {
                 Some((receiver, self.tox[sender].clone()))
             }
-            PeerAddr::Udp(sa) if *sa == self.udp[receiver] && !self.udp_blocked => {
+            _ if self.udp_blocked => None,
+            (PeerAddr::Udp(sa), None) if *sa == self.udp[receiver] => {
                 Some((receiver, PeerAddr::Udp(self.udp[sender])))
+            }
+            // Any packet opens the mapping; one with a short TTL dies
+            // before node 1 (a full cone, which lets in anything).
+            (PeerAddr::Udp(sa), Some((mapping, open))) if sender == 0 && *sa == self.udp[1] => {
+                *open = true;
+                ttl.is_none().then(|| (1, PeerAddr::Udp(*mapping)))
+            }
+            (PeerAddr::Udp(sa), Some((mapping, true))) if sender == 1 && sa == mapping => {
+                Some((0, PeerAddr::Udp(self.udp[1])))
             }
             _ => None,
         }
@@ -807,7 +845,7 @@ impl PathSim {
             FromTun::Send { to, datagram } => (to, datagram.to_vec()),
             _ => return None,
         };
-        self.deliver(0, &to, &datagram);
+        self.deliver(0, &to, &datagram, None);
         Some(to)
     }
 
@@ -859,6 +897,32 @@ fn a_peer_first_reached_over_tox_is_moved_to_direct_udp_and_back() {
     sim.udp_blocked = false;
     sim.run(Duration::from_secs(3));
     assert_eq!(sim.in_use(0).as_deref(), Some(direct_b.as_str()));
+    assert_eq!(sim.ping(), Some(PeerAddr::Udp(sim.udp[1])));
+}
+
+/// A symmetric NAT meets a full cone over Tox, and the first exchange of
+/// endpoints is lost on the way (a paced TCP relay dropping data): the
+/// announcement is asked again within seconds, not at the next punch 30 s
+/// later, and the pair reaches direct UDP.
+#[test]
+fn a_lost_answer_to_an_announcement_is_asked_again_soon() {
+    let mut sim = PathSim::new();
+    sim.sym_nat_0 = Some(("192.0.2.1:50123".parse().unwrap(), false));
+    sim.tox_data_lost_from_1_until = Some(sim.now + Duration::from_secs(1));
+    let start = sim.now;
+    sim.ping();
+    let direct_b = format!("udp {}", sim.udp[1]);
+    let mut direct_after = None;
+    for _ in 0..200 {
+        sim.run(Duration::from_millis(100));
+        if sim.in_use(0).as_deref() == Some(direct_b.as_str()) {
+            direct_after = Some(sim.now - start);
+            break;
+        }
+    }
+    assert!(sim.lost > 0, "nothing was lost: the test tests nothing");
+    let after = direct_after.expect("no direct path within 20 s");
+    assert!(after <= Duration::from_secs(6), "direct after {after:?}");
     assert_eq!(sim.ping(), Some(PeerAddr::Udp(sim.udp[1])));
 }
 
@@ -1964,7 +2028,7 @@ impl RelaySim {
         match self.nodes[0].handle_tun_packet(&packet, limits, &mut out, self.now) {
             FromTun::Send { to, datagram } => {
                 let datagram = datagram.to_vec();
-                self.deliver(0, &to, &datagram);
+                self.deliver(0, &to, &datagram, None);
             }
             FromTun::Done(_) => {}
             FromTun::Reply(_) => panic!("unreachable"),
@@ -1985,7 +2049,7 @@ impl Sim for RelaySim {
     fn clock(&mut self) -> &mut Instant {
         &mut self.now
     }
-    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8]) {
+    fn deliver(&mut self, sender: usize, to: &PeerAddr, payload: &[u8], _ttl: Option<u8>) {
         let PeerAddr::Udp(sa) = to else {
             panic!("only UDP leaves a node, not {to}");
         };
