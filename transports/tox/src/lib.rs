@@ -404,7 +404,8 @@ unsafe impl Send for ToxTransport {}
 impl ToxTransport {
     /// Starts Tox, bootstraps and befriends the Tox IDs among `contacts`
     /// (deleting any other friend). Call it inside the event loop's tokio
-    /// runtime: the transport registers toxcore's socket and a timer there.
+    /// runtime, with I/O and time enabled: the transport registers
+    /// toxcore's socket and a timer there.
     pub fn start(config: ToxConfig, contacts: &[Contact]) -> Result<ToxTransport, ToxError> {
         tokio::runtime::Handle::try_current().map_err(|_| ToxError::NoRuntime)?;
         let friends = friends_of(contacts);
