@@ -199,6 +199,8 @@ private_key_file = "$work/rr.key"
 name = "veil2"
 listen_port = 51825
 relay = true
+# The data path, not the default per-peer limit (1 Gbit/s).
+relay_rate_mbit = 100000
 control_socket = "$work/rr.sock"
 hosts_file = ""
 [[peer]]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::core::PeerSpec;
+use crate::core::{PeerSpec, DEFAULT_RELAY_RATE};
 use crate::identity::{PrivateKey, PublicKey};
 use veilmesh_i2p::{I2pConfig, SessionOptions};
 use veilmesh_tox::{ToxConfig, ToxId, ToxNode};
@@ -23,6 +23,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 /// The firewall mark of veilmesh's own sockets and the number of the
 /// routing table an exit's default route goes in ("vm").
 pub const DEFAULT_FWMARK: u32 = 0x766d;
+/// `relay_rate_mbit` at most (100 Gbit/s): no limit a link could reach.
+const MAX_RELAY_RATE_MBIT: u64 = 100_000;
 /// 1500 minus the outer IPv6 (40) + UDP (8) + WireGuard data (32) headers.
 pub const DEFAULT_MTU: u16 = 1420;
 /// IPv6 requires every link to carry 1280-byte packets.
@@ -85,6 +87,7 @@ struct RawInterface {
     offload: Option<bool>,
     fwmark: Option<u32>,
     relay: Option<bool>,
+    relay_rate_mbit: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +250,8 @@ pub struct InterfaceConfig {
     pub fwmark: u32,
     /// Forward sealed datagrams between our own peers.
     pub relay: bool,
+    /// What a relay forwards for one peer at most, in bytes per second.
+    pub relay_rate: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -700,6 +705,22 @@ impl Validator<'_> {
             }
             Some(mark) => mark,
         };
+        let relay = raw.relay.unwrap_or(false);
+        let relay_rate =
+            match raw.relay_rate_mbit {
+                None => DEFAULT_RELAY_RATE,
+                Some(_) if !relay => return Err(self.err(
+                    "interface.relay_rate_mbit",
+                    "limits a relay, and this node offers none (set relay = true, or remove it)",
+                )),
+                Some(mbit @ 1..=MAX_RELAY_RATE_MBIT) => mbit * 125_000,
+                Some(_) => {
+                    return Err(self.err(
+                        "interface.relay_rate_mbit",
+                        format!("Mbit/s per peer, from 1 to {MAX_RELAY_RATE_MBIT}"),
+                    ))
+                }
+            };
         let hosts_file = match raw.hosts_file {
             None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
             Some(p) if p.as_os_str().is_empty() => None,
@@ -718,7 +739,8 @@ impl Validator<'_> {
             control_socket,
             offload: raw.offload.unwrap_or(true),
             fwmark,
-            relay: raw.relay.unwrap_or(false),
+            relay,
+            relay_rate,
         })
     }
 
@@ -1416,6 +1438,27 @@ pub(crate) mod tests {
             "cannot relay",
         );
         expect_error(&text(""), "peer[0] \"r\".relay", "no way to reach the peer");
+    }
+
+    #[test]
+    fn a_relay_limits_each_peer_to_its_rate() {
+        let relay = |extra: &str| format!("[interface]\nprivate_key = \"{KEY_A}\"\n{extra}\n");
+        let cfg = parse(&relay("relay = true")).unwrap();
+        assert_eq!(cfg.interface.relay_rate, DEFAULT_RELAY_RATE);
+        let cfg = parse(&relay("relay = true\nrelay_rate_mbit = 400")).unwrap();
+        assert_eq!(cfg.interface.relay_rate, 50_000_000);
+        for bad in ["0", "100001"] {
+            expect_error(
+                &relay(&format!("relay = true\nrelay_rate_mbit = {bad}")),
+                "interface.relay_rate_mbit",
+                "from 1 to 100000",
+            );
+        }
+        expect_error(
+            &relay("relay_rate_mbit = 400"),
+            "interface.relay_rate_mbit",
+            "offers none",
+        );
     }
 
     #[test]

@@ -41,9 +41,10 @@ use candidates::OwnEndpoints;
 use identify::Gate;
 use packet::{IpInfo, Unreachable};
 use paths::PathStatus;
+pub use peer::DEFAULT_RELAY_RATE;
 use peer::{
     initiation_repeated, local_address_allowed, needs_address_check, path_allowed, Peer, PeerTable,
-    SessionKeys, MAX_PEERS,
+    Rate, SessionKeys, MAX_PEERS, REJECTIONS,
 };
 use peer_messages::PeerMessage;
 use presence::Presence;
@@ -290,8 +291,9 @@ pub struct Node {
     last_now: Instant,
     scratch: Vec<u8>,
     message_buf: Vec<u8>,
-    /// We forward between our peers (`[interface] relay`).
-    relay_service: bool,
+    /// We forward between our peers (`[interface] relay`), at most this
+    /// for each sender.
+    relay_service: Option<Rate>,
 }
 
 /// Room for the largest datagram any transport carries plus Noise overhead.
@@ -342,7 +344,7 @@ impl Node {
             last_now: now,
             scratch: vec![0u8; BUFFER_SIZE],
             message_buf: Vec::with_capacity(512),
-            relay_service: false,
+            relay_service: None,
         };
         node.timers.set(Timer::Tick, Some(now));
         node.timers.set(Timer::Paths, Some(now));
@@ -756,7 +758,7 @@ impl Node {
         if let Some(refused @ (accept::Verdict::Reject | accept::Verdict::Drop)) = verdict {
             peer.counters.not_accepted += 1;
             tracing::trace!(peer = %peer.spec.name, "packet refused by the peer's accept rules");
-            if refused == accept::Verdict::Reject && peer.rejections.take(1, now) {
+            if refused == accept::Verdict::Reject && peer.rejections.take(1, REJECTIONS, now) {
                 let to = from.clone();
                 self.answer_prohibited(id, to, packet);
             }
@@ -1361,9 +1363,10 @@ impl Node {
         }
     }
 
-    /// Offers (or stops offering) to relay between our peers.
-    pub fn set_relay_service(&mut self, on: bool) {
-        self.relay_service = on;
+    /// Offers to relay between our peers, at most `bytes_per_second` for
+    /// each sender; None: stops offering it.
+    pub fn set_relay_service(&mut self, bytes_per_second: Option<u64>) {
+        self.relay_service = bytes_per_second.map(Rate::bytes_per_second);
     }
 
     /// What a path carries: a relay path, what the relay's own path
@@ -1500,23 +1503,22 @@ impl Node {
 
     /// We are the relay: peer `from_id` asks us to forward `datagram` to
     /// our peer `to`. Only between configured peers that may use UDP, only
-    /// to a peer we reach directly, at most `RELAY_BYTES_PER_SECOND` per
-    /// sender.
+    /// to a peer we reach directly, at most the configured rate per sender.
     fn forward_relayed(&mut self, from_id: PeerId, to: [u8; 32], datagram: &[u8], now: Instant) {
         let refuse = |counters: &mut NodeCounters, why: &str| {
             counters.relay_refused += 1;
             tracing::trace!(why, "relay request refused");
         };
-        if !self.relay_service {
+        let Some(rate) = self.relay_service else {
             return refuse(&mut self.counters, "this node offers no relay");
-        }
+        };
         let Some(origin) = self.peers.slots[from_id].as_mut() else {
             return;
         };
         if origin.spec.is_anonymous() {
             return refuse(&mut self.counters, "the sender is anonymous");
         }
-        if !origin.relay_budget.take(datagram.len() as u64, now) {
+        if !origin.relay_budget.take(datagram.len() as u64, rate, now) {
             return refuse(&mut self.counters, "the sender's relay rate is used up");
         }
         let origin_key = origin.spec.public_key.0;

@@ -64,34 +64,68 @@ pub(crate) struct Peer {
     pub(crate) relay_budget: Budget,
 }
 
-/// A per-second allowance, refilled whole each second (bursts of a full
-/// second's worth): ICMP answers to refused packets (a peer flooding
-/// refused ports gets no flood back), bytes relayed for a peer.
+/// How fast a `Budget` refills, and how much it saves up at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u64,
+    pub burst: u64,
+}
+
+impl Rate {
+    /// `per_second`, with a tenth of a second's worth (at least one 64 KB
+    /// datagram) saved up at most.
+    pub fn bytes_per_second(per_second: u64) -> Rate {
+        Rate {
+            per_second,
+            burst: (per_second / 10).max(65_536),
+        }
+    }
+}
+
+/// A token bucket, refilled continuously: ICMP answers to refused packets
+/// (a peer flooding refused ports gets no flood back), bytes relayed for a
+/// peer. Past its burst it admits exactly its rate, with no pause: a relay
+/// that emptied a whole second's allowance at once and then dropped
+/// everything for the rest of the second made TCP through it collapse.
 #[derive(Debug)]
 pub(crate) struct Budget {
-    per_second: u64,
     left: u64,
     refilled: Instant,
 }
 
-const REJECTIONS_PER_SECOND: u64 = 10;
-/// What a relay forwards for one peer at most: 50 MB/s (400 Mbit/s).
-pub(crate) const RELAY_BYTES_PER_SECOND: u64 = 50_000_000;
+pub(crate) const REJECTIONS: Rate = Rate {
+    per_second: 10,
+    burst: 10,
+};
+/// What a relay forwards for one peer at most, unless configured: 125 MB/s
+/// (1 Gbit/s).
+pub const DEFAULT_RELAY_RATE: u64 = 125_000_000;
 
 impl Budget {
-    pub(crate) fn new(per_second: u64, now: Instant) -> Budget {
+    pub(crate) fn new(rate: Rate, now: Instant) -> Budget {
         Budget {
-            per_second,
-            left: per_second,
+            left: rate.burst,
             refilled: now,
         }
     }
 
-    /// Takes `amount` if that much is left this second.
-    pub(crate) fn take(&mut self, amount: u64, now: Instant) -> bool {
-        if now.saturating_duration_since(self.refilled) >= Duration::from_secs(1) {
-            self.left = self.per_second;
-            self.refilled = now;
+    /// Takes `amount` if that much is left at `rate`.
+    pub(crate) fn take(&mut self, amount: u64, rate: Rate, now: Instant) -> bool {
+        const NANOS: u128 = 1_000_000_000;
+        // A rate lowered since the last call saves up no more than it says.
+        self.left = self.left.min(rate.burst);
+        let elapsed = now.saturating_duration_since(self.refilled).as_nanos();
+        let earned = elapsed * u128::from(rate.per_second) / NANOS;
+        if earned > 0 {
+            let left = (u128::from(self.left) + earned).min(u128::from(rate.burst));
+            if left == u128::from(rate.burst) {
+                self.refilled = now;
+            } else {
+                // The part of a token not yet earned counts next time.
+                let spent = earned * NANOS / u128::from(rate.per_second);
+                self.refilled += Duration::from_nanos(spent.min(u128::from(u64::MAX)) as u64);
+            }
+            self.left = left as u64;
         }
         let granted = self.left >= amount;
         if granted {
@@ -116,8 +150,8 @@ impl Peer {
             firewall: spec.accept.clone().map(Firewall::new),
             spec,
             counters: PeerCounters::default(),
-            rejections: Budget::new(REJECTIONS_PER_SECOND, now),
-            relay_budget: Budget::new(RELAY_BYTES_PER_SECOND, now),
+            rejections: Budget::new(REJECTIONS, now),
+            relay_budget: Budget::new(Rate::bytes_per_second(DEFAULT_RELAY_RATE), now),
         }
     }
 
@@ -388,4 +422,45 @@ pub(crate) fn path_allowed(spec: &PeerSpec, path: &PeerAddr) -> bool {
             PeerAddr::Tox(_) | PeerAddr::I2p(_) | PeerAddr::Relay(_) => spec.paths.contains(path),
             PeerAddr::Unattributed(_) => false,
         }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_refills_continuously_up_to_its_burst() {
+        let rate = Rate {
+            per_second: 1000,
+            burst: 100,
+        };
+        let start = Instant::now();
+        let mut budget = Budget::new(rate, start);
+        assert!(budget.take(100, rate, start));
+        assert!(!budget.take(1, rate, start));
+        // No pause until the next second: 10 ms earn 10.
+        let at = start + Duration::from_millis(10);
+        assert!(budget.take(10, rate, at));
+        assert!(!budget.take(1, rate, at));
+        // Fractions are kept: four half-tokens are two.
+        let mut at = at;
+        let mut got = 0;
+        for _ in 0..4 {
+            at += Duration::from_micros(500);
+            got += (0..3).filter(|_| budget.take(1, rate, at)).count();
+        }
+        assert_eq!(got, 2);
+        // An hour idle saves up the burst, no more.
+        let later = at + Duration::from_secs(3600);
+        assert!(budget.take(100, rate, later));
+        assert!(!budget.take(1, rate, later));
+        // A lower rate caps what was saved.
+        let later = later + Duration::from_secs(10);
+        let lower = Rate {
+            per_second: 10,
+            burst: 5,
+        };
+        assert!(!budget.take(6, lower, later));
+        assert!(budget.take(5, lower, later));
+    }
 }

@@ -2009,7 +2009,7 @@ impl RelaySim {
             Node::new(&keys[1], peers_of(1, &[2]), now).unwrap(),
             Node::new(&keys[2], peers_of(2, &[]), now).unwrap(),
         ];
-        nodes[2].set_relay_service(relay_service);
+        nodes[2].set_relay_service(relay_service.then_some(DEFAULT_RELAY_RATE));
         RelaySim {
             nodes,
             udp,
@@ -2034,6 +2034,30 @@ impl RelaySim {
             FromTun::Reply(_) => panic!("unreachable"),
         }
         self.run(Duration::from_millis(100));
+    }
+
+    /// `count` pings from a to b at this instant, then the relay's
+    /// forwards delivered; how many reached b.
+    fn ping_burst(&mut self, count: usize) -> usize {
+        let before = self.delivered_to_tun[1];
+        let src = self.nodes[0].mesh_address();
+        let dst = self.nodes[1].mesh_address();
+        let mut out = vec![0u8; BUFFER_SIZE];
+        let packet = ipv6_echo(src, dst, 8);
+        for _ in 0..count {
+            if let FromTun::Send { to, datagram } =
+                self.nodes[0].handle_tun_packet(&packet, limits, &mut out, self.now)
+            {
+                let datagram = datagram.to_vec();
+                self.deliver(0, &to, &datagram, None);
+            }
+        }
+        for i in 0..3 {
+            while let Some(t) = self.nodes[i].poll_transmit() {
+                self.deliver(i, &t.to, &t.payload, t.ttl);
+            }
+        }
+        self.delivered_to_tun[1] - before
     }
 
     fn path(&self, node: usize, peer: &str) -> Option<String> {
@@ -2070,13 +2094,19 @@ impl Sim for RelaySim {
     }
 }
 
-#[test]
-fn peers_that_cannot_reach_each_other_talk_through_a_relay() {
+/// a and b, each using the path through r to the other.
+fn relayed_pair() -> RelaySim {
     let mut sim = RelaySim::new(true);
     sim.ping();
     sim.run(Duration::from_secs(3));
     assert_eq!(sim.path(0, "b").as_deref(), Some("relay via r"));
     assert_eq!(sim.path(1, "a").as_deref(), Some("relay via r"));
+    sim
+}
+
+#[test]
+fn peers_that_cannot_reach_each_other_talk_through_a_relay() {
+    let mut sim = relayed_pair();
     let before = sim.delivered_to_tun[1];
     sim.ping();
     assert_eq!(sim.delivered_to_tun[1], before + 1, "the ping arrived");
@@ -2092,6 +2122,26 @@ fn peers_that_cannot_reach_each_other_talk_through_a_relay() {
         ("live", "relay via r")
     );
     assert!(relay_path.rtt_ms.is_some());
+}
+
+#[test]
+fn a_relay_forwards_at_most_its_rate_for_each_peer() {
+    let mut sim = relayed_pair();
+    // 10 KB/s, with a burst of 64 KB.
+    sim.nodes[2].set_relay_service(Some(10_000));
+    let refused = sim.nodes[2].counters().relay_refused;
+    let burst = sim.ping_burst(2000);
+    let refused = sim.nodes[2].counters().relay_refused - refused;
+    assert!(burst > 100 && burst < 2000, "{burst}");
+    assert_eq!(burst as u64 + refused, 2000);
+    // A second later, a second's worth: 10 KB of the burst's 64 KB.
+    sim.now += Duration::from_secs(1);
+    let next = sim.ping_burst(2000) as f64;
+    let expected = burst as f64 * 10_000.0 / 65_536.0;
+    assert!(
+        (next - expected).abs() <= 2.0,
+        "{next} after 1 s, expected {expected:.1}"
+    );
 }
 
 #[test]
