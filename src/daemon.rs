@@ -228,7 +228,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// Order: everything that needs root (control socket, TUN, routes, the UDP
 /// socket, the metrics listener, the hosts file) is set up without running
 /// any task, then privileges are dropped; only then do the network-facing
-/// parts start (Tox and the DHT on their threads, the I2P tasks, the event
+/// parts start (Tox, the DHT on its thread, the I2P tasks, the event
 /// loop), so none of them ever runs as root.
 pub async fn run_with<T: Tun>(
     config: Config,
