@@ -248,10 +248,9 @@ pub struct InterfaceConfig {
     pub offload: bool,
     /// Mark of our own sockets, and the table of an exit's default route.
     pub fwmark: u32,
-    /// Forward sealed datagrams between our own peers.
-    pub relay: bool,
-    /// What a relay forwards for one peer at most, in bytes per second.
-    pub relay_rate: u64,
+    /// Forward sealed datagrams between our own peers, at most this many
+    /// bytes per second for each sender; None: no relay service.
+    pub relay: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -706,21 +705,22 @@ impl Validator<'_> {
             Some(mark) => mark,
         };
         let relay = raw.relay.unwrap_or(false);
-        let relay_rate =
-            match raw.relay_rate_mbit {
-                None => DEFAULT_RELAY_RATE,
-                Some(_) if !relay => return Err(self.err(
+        if raw.relay_rate_mbit.is_some() && !relay {
+            return Err(self.err(
+                "interface.relay_rate_mbit",
+                "limits a relay, and this node offers none (set relay = true, or remove it)",
+            ));
+        }
+        let relay_rate = match raw.relay_rate_mbit {
+            None => DEFAULT_RELAY_RATE,
+            Some(mbit @ 1..=MAX_RELAY_RATE_MBIT) => mbit * 125_000,
+            Some(_) => {
+                return Err(self.err(
                     "interface.relay_rate_mbit",
-                    "limits a relay, and this node offers none (set relay = true, or remove it)",
-                )),
-                Some(mbit @ 1..=MAX_RELAY_RATE_MBIT) => mbit * 125_000,
-                Some(_) => {
-                    return Err(self.err(
-                        "interface.relay_rate_mbit",
-                        format!("Mbit/s per peer, from 1 to {MAX_RELAY_RATE_MBIT}"),
-                    ))
-                }
-            };
+                    format!("Mbit/s per peer, from 1 to {MAX_RELAY_RATE_MBIT}"),
+                ))
+            }
+        };
         let hosts_file = match raw.hosts_file {
             None => Some(PathBuf::from(DEFAULT_HOSTS_FILE)),
             Some(p) if p.as_os_str().is_empty() => None,
@@ -739,8 +739,7 @@ impl Validator<'_> {
             control_socket,
             offload: raw.offload.unwrap_or(true),
             fwmark,
-            relay,
-            relay_rate,
+            relay: relay.then_some(relay_rate),
         })
     }
 
@@ -1408,7 +1407,7 @@ pub(crate) mod tests {
             )
         };
         let cfg = parse(&text("endpoint = \"198.51.100.7:51820\"")).unwrap();
-        assert!(cfg.interface.relay && cfg.peers[0].relay);
+        assert!(cfg.interface.relay.is_some() && cfg.peers[0].relay);
         let specs = cfg.peer_specs();
         let relay_paths = |i: usize| -> Vec<PeerAddr> {
             specs[i]
@@ -1444,9 +1443,9 @@ pub(crate) mod tests {
     fn a_relay_limits_each_peer_to_its_rate() {
         let relay = |extra: &str| format!("[interface]\nprivate_key = \"{KEY_A}\"\n{extra}\n");
         let cfg = parse(&relay("relay = true")).unwrap();
-        assert_eq!(cfg.interface.relay_rate, DEFAULT_RELAY_RATE);
+        assert_eq!(cfg.interface.relay, Some(DEFAULT_RELAY_RATE));
         let cfg = parse(&relay("relay = true\nrelay_rate_mbit = 400")).unwrap();
-        assert_eq!(cfg.interface.relay_rate, 50_000_000);
+        assert_eq!(cfg.interface.relay, Some(50_000_000));
         for bad in ["0", "100001"] {
             expect_error(
                 &relay(&format!("relay = true\nrelay_rate_mbit = {bad}")),

@@ -245,8 +245,8 @@ pub async fn run_with<T: Tun>(
     let now = Instant::now();
     let mut node = Node::new(&iface.private_key, config.peer_specs(), now)?;
     node.set_punch_ttl(config.udp.punch_ttl);
-    node.set_relay_service(iface.relay.then_some(iface.relay_rate));
-    if iface.relay {
+    node.set_relay_service(iface.relay);
+    if iface.relay.is_some() {
         tracing::info!("relaying between this node's peers that may use UDP");
     }
     node.set_tunnel_addresses(iface.addresses.iter().map(|net| net.addr()));
@@ -668,8 +668,7 @@ impl<T: Tun> DataPath<T> {
         };
         self.device.sync_routes(new.peer_subnets().collect())?;
         let report = self.node.reconfigure(new.peer_specs(), Instant::now())?;
-        self.node
-            .set_relay_service(new_if.relay.then_some(new_if.relay_rate));
+        self.node.set_relay_service(new_if.relay);
         if let Some(udp) = udp {
             self.transports.add(Box::new(udp));
         } else if !udp_wanted(&new) && self.transports.remove(TransportKind::Udp) {
